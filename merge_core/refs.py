@@ -1,0 +1,69 @@
+"""Model references: a local folder, or a Hub id with an optional `@revision`."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from merge_core.errors import MergeInputError
+
+# Only what a merge needs; skips e.g. pickled duplicates and training state in a repo.
+HUB_PATTERNS = ["*.json", "*.safetensors", "*.model", "*.txt", "*.tiktoken"]
+PICKLE_PATTERNS = ["*.bin", "*.pt"]
+
+
+@dataclass(frozen=True)
+class ModelRef:
+    """What a config names: `path/to/folder`, `org/name` or `org/name@revision`."""
+
+    name: str
+    revision: str | None = None
+
+    @classmethod
+    def parse(cls, text: str) -> ModelRef:
+        """Split `org/name@rev` into its parts; a local path keeps any `@` it has."""
+        text = str(text).strip()
+        if not text:
+            raise MergeInputError("empty model reference")
+        if Path(text).expanduser().exists() or "@" not in text:
+            return cls(text)
+        name, _, revision = text.rpartition("@")
+        return cls(name, revision or None)
+
+    def __str__(self) -> str:
+        return f"{self.name}@{self.revision}" if self.revision else self.name
+
+
+def resolve(ref: ModelRef | str, allow_pickle: bool = False) -> Path:
+    """A local folder holding the model: the folder itself or its Hub snapshot."""
+    if isinstance(ref, str):
+        ref = ModelRef.parse(ref)
+    local = Path(ref.name).expanduser()
+    if local.is_dir():
+        return local.resolve()
+    if local.exists():
+        raise MergeInputError(f"model {ref}: {local} is a file, expected a model folder")
+    looks_like_path = ref.name.startswith((".", "/", "~")) or ref.name.count("/") != 1
+    if looks_like_path:
+        raise MergeInputError(f"model {ref}: no such folder (and not a Hub id of the form org/name)")
+    return _hub_snapshot(ref, allow_pickle)
+
+
+def _hub_snapshot(ref: ModelRef, allow_pickle: bool) -> Path:
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError, RepositoryNotFoundError
+
+    patterns = HUB_PATTERNS + (PICKLE_PATTERNS if allow_pickle else [])
+    offline = os.environ.get("HF_HUB_OFFLINE", "").lower() in {"1", "true", "yes", "on"}
+    try:
+        path = snapshot_download(ref.name, revision=ref.revision, allow_patterns=patterns, local_files_only=offline)
+    except LocalEntryNotFoundError:
+        hint = "HF_HUB_OFFLINE is set; download it first or unset it" if offline else "check the name and network"
+        raise MergeInputError(f"model {ref}: not in the local Hugging Face cache ({hint})") from None
+    except RepositoryNotFoundError:
+        raise MergeInputError(f"model {ref}: no such repository on the Hugging Face Hub") from None
+    except (HfHubHTTPError, OSError, ValueError) as exc:
+        first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise MergeInputError(f"model {ref}: cannot fetch from the Hub ({first_line})") from None
+    return Path(path)

@@ -1,0 +1,87 @@
+"""SLERP as mergekit computes it, split into a per-study geometry and a per-candidate pass.
+
+theta depends only on the two parents, so `geometry` runs once per tensor per study;
+a candidate is then `slerp_into`: one bandwidth-bound pass that reads v0 and v1 and
+writes the result.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+DOT_THRESHOLD = 0.9995
+EPS = 1e-8
+# mergekit bounds its full-precision scratch to chunks of this many elements.
+CHUNK_ELEMENTS = 1024 * 1024
+
+
+@dataclass(frozen=True)
+class Geometry:
+    """The angle between two parent tensors, or that they are (anti)parallel."""
+
+    theta: float
+    linear: bool
+
+
+def _compute_dtype(v: torch.Tensor) -> torch.dtype:
+    return torch.float64 if v.dtype == torch.float64 else torch.float32
+
+
+@torch.no_grad()
+def geometry(v0: torch.Tensor, v1: torch.Tensor) -> Geometry:
+    """theta = arccos of the normalised dot product over the whole flattened tensors."""
+    dtype = _compute_dtype(v0)
+    a, b = v0.reshape(-1), v1.reshape(-1)
+    if a.numel() == 0:
+        return Geometry(0.0, True)
+    norms_a, norms_b = [], []
+    for start in range(0, a.numel(), CHUNK_ELEMENTS):
+        norms_a.append(torch.linalg.vector_norm(a[start : start + CHUNK_ELEMENTS].to(dtype)))
+        norms_b.append(torch.linalg.vector_norm(b[start : start + CHUNK_ELEMENTS].to(dtype)))
+    norm_a = torch.linalg.vector_norm(torch.stack(norms_a))
+    norm_b = torch.linalg.vector_norm(torch.stack(norms_b))
+    norm_a = torch.where(norm_a > EPS, norm_a, 1)
+    norm_b = torch.where(norm_b > EPS, norm_b, 1)
+    parts = []
+    for start in range(0, a.numel(), CHUNK_ELEMENTS):
+        x = a[start : start + CHUNK_ELEMENTS].to(dtype) / norm_a
+        y = b[start : start + CHUNK_ELEMENTS].to(dtype) / norm_b
+        parts.append((x * y).sum())
+    dot = torch.stack(parts).sum().clamp(-1, 1)
+    if dot.abs() > DOT_THRESHOLD:
+        return Geometry(0.0, True)
+    return Geometry(float(torch.acos(dot)), False)
+
+
+def coefficients(geom: Geometry, t: float, dtype: torch.dtype = torch.float32) -> tuple[float, float]:
+    """(s0, s1) with result = s0 * v0 + s1 * v1, computed in the merge's working precision."""
+    t_ = torch.tensor(t, dtype=dtype)
+    if geom.linear:
+        return float(1 - t_), float(t_)
+    theta = torch.tensor(geom.theta, dtype=dtype)
+    sin_theta = torch.sin(theta)
+    return float(torch.sin((1 - t_) * theta) / sin_theta), float(torch.sin(t_ * theta) / sin_theta)
+
+
+@torch.no_grad()
+def slerp_into(out: torch.Tensor, v0: torch.Tensor, v1: torch.Tensor, s0: float, s1: float) -> torch.Tensor:
+    """Write s0 * v0 + s1 * v1 into `out` (same shape and dtype as v0 and v1).
+
+    s0 * v0 + s1 * v1 is a scaled lerp: (s0 + s1) * lerp(v0, v1, s1 / (s0 + s1)). torch.lerp
+    on half tensors runs near copy bandwidth and rounds once; the scale is a second cheap pass.
+    """
+    total = s0 + s1
+    if total == 0.0:  # antipodal corner case: nothing to scale
+        return torch.add(v0.mul(s0), v1, alpha=s1, out=out)
+    torch.lerp(v0, v1, s1 / total, out=out)
+    if abs(total - 1.0) > 1e-7:  # the linear branch sums to 1 up to float32 rounding
+        out.mul_(total)
+    return out
+
+
+def slerp(t: float, v0: torch.Tensor, v1: torch.Tensor) -> torch.Tensor:
+    """SLERP of two tensors in one call (geometry + pass); v0 is the base, t = 0 gives v0."""
+    s0, s1 = coefficients(geometry(v0, v1), t, _compute_dtype(v0))
+    return slerp_into(torch.empty_like(v0), v0, v1, s0, s1)

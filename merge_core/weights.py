@@ -1,0 +1,146 @@
+"""Lazy, memory-mapped access to a model folder's weights (safetensors; pickle on opt-in)."""
+
+from __future__ import annotations
+
+import json
+import mmap
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from merge_core.errors import MergeInputError
+
+SAFETENSORS_DTYPES = {
+    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+    "BOOL": torch.bool,
+}
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    """Where one tensor lives on disk and what it is."""
+
+    file: Path
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+    start: int  # byte offset of the data in the file
+    end: int
+
+
+class ModelWeights:
+    """Tensors of one model folder, memory-mapped on first use and never copied.
+
+    `get(name)` returns a tensor that views the file's pages: several reads share them,
+    so two parents and a live model cost three models of RAM, not more.
+    """
+
+    def __init__(self, folder: Path, allow_pickle: bool = False):
+        self.folder = Path(folder)
+        self.config = read_config(self.folder)
+        self._maps: dict[Path, mmap.mmap] = {}
+        self._pickled: dict[str, torch.Tensor] = {}
+        files = _weight_files(self.folder, allow_pickle)
+        if files[0].suffix == ".safetensors":
+            self.index = {name: info for f in files for name, info in _read_header(f).items()}
+        else:
+            self.index = {}
+            for f in files:
+                for name, tensor in _load_pickled(f).items():
+                    self._pickled[name] = tensor
+                    self.index[name] = TensorInfo(f, tensor.dtype, tuple(tensor.shape), 0, 0)
+
+    def names(self) -> list[str]:
+        """All tensor names, in file order."""
+        return list(self.index)
+
+    def get(self, name: str) -> torch.Tensor:
+        """The tensor `name` as a read-only view of the mapped file."""
+        if name in self._pickled:
+            return self._pickled[name]
+        info = self.index[name]
+        if info.end == info.start:
+            return torch.empty(info.shape, dtype=info.dtype)
+        buffer = self._maps.get(info.file)
+        if buffer is None:
+            with open(info.file, "rb") as handle:
+                # ACCESS_COPY: a writable (copy-on-write) map, which torch.frombuffer needs;
+                # pages stay shared with the page cache as long as nobody writes.
+                buffer = self._maps[info.file] = mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_COPY)
+        raw = torch.frombuffer(buffer, dtype=torch.uint8, count=info.end - info.start, offset=info.start)
+        return raw.view(info.dtype).reshape(info.shape)
+
+    def close(self) -> None:
+        """Drop the file maps (tensors returned by get() must not be used afterwards)."""
+        self._maps.clear()
+        self._pickled.clear()
+
+
+def read_config(folder: Path) -> dict:
+    """The model's config.json as a dict, with a clear error when missing or broken."""
+    path = Path(folder) / "config.json"
+    if not path.is_file():
+        raise MergeInputError(f"model folder {folder}: no config.json")
+    try:
+        return json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise MergeInputError(f"{path}: not valid JSON ({exc})") from None
+
+
+def _weight_files(folder: Path, allow_pickle: bool) -> list[Path]:
+    index = folder / "model.safetensors.index.json"
+    if index.is_file():
+        try:
+            weight_map = json.loads(index.read_text())["weight_map"]
+        except (json.JSONDecodeError, KeyError, TypeError) as exc:
+            raise MergeInputError(f"{index}: not a safetensors index ({exc})") from None
+        files = sorted({folder / f for f in weight_map.values()})
+        missing = [f.name for f in files if not f.is_file()]
+        if missing:
+            raise MergeInputError(f"{index}: lists missing shard {missing[0]}")
+        return files
+    files = sorted(folder.glob("*.safetensors"))
+    if files:
+        return files
+    pickled = sorted(folder.glob("pytorch_model*.bin")) or sorted(folder.glob("*.bin"))
+    if pickled and not allow_pickle:
+        raise MergeInputError(
+            f"model folder {folder}: only pickled .bin weights, which can run code when loaded; "
+            "convert to safetensors or pass --allow-pickle if you trust the source"
+        )
+    if pickled:
+        return pickled
+    raise MergeInputError(f"model folder {folder}: no .safetensors weights")
+
+
+def _read_header(path: Path) -> dict[str, TensorInfo]:
+    with open(path, "rb") as handle:
+        head = handle.read(8)
+        if len(head) < 8:
+            raise MergeInputError(f"{path}: not a safetensors file (too short)")
+        (length,) = struct.unpack("<Q", head)
+        try:
+            header = json.loads(handle.read(length))
+        except (json.JSONDecodeError, UnicodeDecodeError, MemoryError, OverflowError):
+            raise MergeInputError(f"{path}: not a safetensors file (bad header)") from None
+    base = 8 + length
+    tensors = {}
+    for name, meta in header.items():
+        if name == "__metadata__":
+            continue
+        dtype = SAFETENSORS_DTYPES.get(meta["dtype"])
+        if dtype is None:
+            raise MergeInputError(f"{path}: tensor {name} has unsupported dtype {meta['dtype']}")
+        start, end = meta["data_offsets"]
+        tensors[name] = TensorInfo(path, dtype, tuple(meta["shape"]), base + start, base + end)
+    return tensors
+
+
+def _load_pickled(path: Path) -> dict[str, torch.Tensor]:
+    # weights_only refuses arbitrary objects; mmap keeps the tensors on disk until used.
+    try:
+        return torch.load(path, map_location="cpu", mmap=True, weights_only=True)
+    except Exception as exc:  # torch raises many types for a bad pickle
+        raise MergeInputError(f"{path}: cannot load pickled weights ({type(exc).__name__})") from None

@@ -1,0 +1,78 @@
+"""Shared fixtures: tiny real transformers models saved as folders, and a CLI runner."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+REPO = Path(__file__).resolve().parent.parent
+WORDS = ["the", "a", "cat", "dog", "sat", "on", "mat", "ran", "to", "home", "is", "big", "small", "red", "blue"]
+
+
+def save_tokenizer(folder: Path) -> None:
+    """A small word-level tokenizer, saved the way transformers loads it offline."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"<unk>": 0, "<eos>": 1} | {w: i + 2 for i, w in enumerate(WORDS)}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", eos_token="<eos>", pad_token="<eos>")
+    fast.save_pretrained(folder)
+
+
+ARCHS = {
+    "phi": ("PhiConfig", "PhiForCausalLM", dict(partial_rotary_factor=0.5)),
+    "llama": ("LlamaConfig", "LlamaForCausalLM", dict(num_key_value_heads=2, tie_word_embeddings=False)),
+    "qwen2": ("Qwen2Config", "Qwen2ForCausalLM", dict(num_key_value_heads=2, tie_word_embeddings=True)),
+}
+
+
+def build_tiny_model(folder: Path, arch: str = "phi", seed: int = 0, layers: int = 4, hidden: int = 32,
+                     intermediate: int = 64, dtype: str = "float32", max_shard_size: str | None = None,
+                     safe: bool = True) -> Path:
+    """Save a random tiny causal LM of `arch` (with tokenizer) to `folder`."""
+    import torch
+    import transformers
+
+    config_cls, model_cls, extra = ARCHS[arch]
+    config = getattr(transformers, config_cls)(
+        vocab_size=len(WORDS) + 2, hidden_size=hidden, intermediate_size=intermediate, num_hidden_layers=layers,
+        num_attention_heads=4, max_position_embeddings=64, **extra,
+    )
+    torch.manual_seed(seed)
+    model = getattr(transformers, model_cls)(config).to(getattr(torch, dtype))
+    with torch.no_grad():  # random norms too, so every tensor pair takes the SLERP branch
+        for name, param in model.named_parameters():
+            if "norm" in name and name.endswith("weight"):
+                param.add_(torch.randn_like(param) * 0.1)
+    kwargs = {"max_shard_size": max_shard_size} if max_shard_size else {}
+    model.save_pretrained(folder, safe_serialization=safe, **kwargs)
+    save_tokenizer(folder)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def tiny_models(tmp_path_factory) -> dict[str, Path]:
+    """Pairs of tiny models per architecture: `{arch}_a`, `{arch}_b` (same shapes, other seeds)."""
+    root = tmp_path_factory.mktemp("models")
+    out = {}
+    for arch in ("phi", "llama"):
+        out[f"{arch}_a"] = build_tiny_model(root / f"{arch}_a", arch, seed=1)
+        out[f"{arch}_b"] = build_tiny_model(root / f"{arch}_b", arch, seed=2, max_shard_size="20KB")
+    return out
+
+
+def run_cli(*args: str, cwd: Path | None = None, env: dict | None = None, timeout: int = 600):
+    """Run the `search` CLI in a subprocess, as a user would."""
+    full_env = dict(os.environ, **(env or {}))
+    return subprocess.run([sys.executable, "-m", "search.cli", *args], capture_output=True, text=True,
+                          cwd=cwd or REPO, env=full_env, timeout=timeout)
