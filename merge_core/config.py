@@ -113,7 +113,7 @@ class SlerpConfig(_Strict):
                 raise ValueError(f"base_model {self.base_model!r} must be one of the merged models {model_pair}")
             if model_pair[0] == model_pair[1]:
                 raise ValueError("slerp needs two different models")
-        if self.parameters is None and any(s.parameters is None for s in self.slices or [None]):
+        if self.parameters is None and (self.models is not None or any(s.parameters is None for s in self.slices)):
             raise ValueError("parameters.t is required")
         return self
 

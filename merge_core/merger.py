@@ -48,6 +48,8 @@ class MergePlan:
         self.other = ModelWeights(resolve(config.other_model(), allow_pickle), allow_pickle)
         _check_compatible(config, self.base, self.other)
         self.outputs, self.num_layers = _plan_outputs(config, self.base, self.other)
+        if config.parameters is not None or config.slices:
+            self.t_values()  # a filter list that misses a tensor fails now, not mid-merge
 
     def t_scopes(self, t: TSetting | None) -> list[list]:
         """Per slice, the t settings to try in order: the slice's own, then the global one."""

@@ -55,7 +55,11 @@ def build_tiny_model(folder: Path, arch: str = "phi", seed: int = 0, layers: int
             if "norm" in name and name.endswith("weight"):
                 param.add_(torch.randn_like(param) * 0.1)
     kwargs = {"max_shard_size": max_shard_size} if max_shard_size else {}
-    model.save_pretrained(folder, safe_serialization=safe, **kwargs)
+    model.save_pretrained(folder, **kwargs)
+    if not safe:  # transformers 5 writes safetensors only; make the legacy pickled layout by hand
+        torch.save(model.state_dict(), folder / "pytorch_model.bin")
+        for f in folder.glob("model*.safetensors*"):
+            f.unlink()
     save_tokenizer(folder)
     return folder
 

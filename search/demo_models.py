@@ -1,0 +1,207 @@
+"""Two tiny fine-tunes of one tiny base, built on CPU in minutes, for the offline demo study.
+
+The base learns to copy a short string of letters or digits. Parent A learns to shift letters one
+step along the alphabet ("shift : c f k q = d g l r"), parent B learns to double digits mod 10
+("double : 3 5 1 7 = 6 0 2 4"). Each parent may change only the early MLPs and late attention
+(A) or the early attention and late MLPs (B), so a merge keeps both skills only if its
+self_attn and mlp gradients run the opposite way to the classic hand-written SLERP gradient.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import random
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+from tokenizers import Tokenizer, models, pre_tokenizers
+from transformers import PhiConfig, PhiForCausalLM, PreTrainedTokenizerFast
+
+ProgressCallback = Callable[[str, int, int], None]
+
+LETTERS = "abcdefghijklmnopqrstuvwxyz"
+DIGITS = "0123456789"
+SPECIALS = ["<pad>", "<unk>", "<eos>"]
+VOCAB = SPECIALS + ["copy", "shift", "double", ":", "="] + list(LETTERS) + list(DIGITS)
+# skill name -> (symbols, rule); "copy" is what the base knows, the others are the parents' skills
+SKILLS: dict[str, tuple[str, Callable[[str], str]]] = {
+    "copy_letters": (LETTERS, lambda c: c),
+    "copy_digits": (DIGITS, lambda c: c),
+    "shift": (LETTERS, lambda c: LETTERS[(LETTERS.index(c) + 1) % 26]),
+    "double": (DIGITS, lambda c: str(2 * int(c) % 10)),
+}
+TASKS = {"demo_letters": "shift", "demo_digits": "double"}
+DATA_SEED = 1234
+ITEMS_PER_TASK = 400
+
+
+@dataclass(frozen=True)
+class DemoRecipe:
+    """Everything that decides the demo models' weights; its hash names a finished build."""
+
+    hidden: int = 128
+    layers: int = 6
+    heads: int = 4
+    length: int = 4
+    batch: int = 128
+    base_steps: int = 300
+    base_lr: float = 3e-3
+    parent_steps: int = 150
+    parent_lr: float = 1e-3
+    replay: float = 0.25
+    seed: int = 0
+    version: int = 1
+
+    def digest(self) -> str:
+        """A short stable hash of the recipe."""
+        return hashlib.sha256(json.dumps(asdict(self), sort_keys=True).encode()).hexdigest()[:16]
+
+
+def example(skill: str, rng: random.Random, length: int) -> tuple[str, str]:
+    """One (prompt, answer) pair of a skill, e.g. ("shift : a b c d =", "b c d e")."""
+    symbols, rule = SKILLS[skill]
+    source = [rng.choice(symbols) for _ in range(length)]
+    word = skill.split("_")[0]
+    return f"{word} : {' '.join(source)} =", " ".join(rule(c) for c in source)
+
+
+def task_items(task: str, n: int = ITEMS_PER_TASK, length: int = 4) -> list[dict]:
+    """The multiple-choice items of a demo task; deterministic and independent of any model."""
+    skill = TASKS[task]
+    symbols = SKILLS[skill][0]
+    rng = random.Random(f"{DATA_SEED}-{task}")
+    items, seen = [], set()
+    while len(items) < n:
+        prompt, answer = example(skill, rng, length)
+        if prompt in seen:
+            continue
+        seen.add(prompt)
+        # each wrong choice differs from the answer in one symbol, so a choice is won symbol by symbol
+        choices = {answer}
+        while len(choices) < 4:
+            wrong = answer.split()
+            pos = rng.randrange(length)
+            wrong[pos] = rng.choice([s for s in symbols if s != wrong[pos]])
+            choices.add(" ".join(wrong))
+        choices = sorted(choices)
+        items.append({"query": prompt, "choices": choices, "label": choices.index(answer)})
+    return items
+
+
+def write_task_data(data_dir: Path) -> dict[str, Path]:
+    """Write one JSONL file per demo task into data_dir; returns task name -> file."""
+    data_dir.mkdir(parents=True, exist_ok=True)
+    paths = {}
+    for task in TASKS:
+        path = data_dir / f"{task}.jsonl"
+        path.write_text("".join(json.dumps(item) + "\n" for item in task_items(task)))
+        paths[task] = path
+    return paths
+
+
+def make_tokenizer() -> PreTrainedTokenizerFast:
+    """A word-level tokenizer over VOCAB that splits on whitespace and punctuation."""
+    tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(VOCAB)}, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok, unk_token="<unk>", pad_token="<pad>", eos_token="<eos>", bos_token="<eos>"
+    )
+
+
+def _batch(skills: list[str], weights: list[float], rng: random.Random, recipe: DemoRecipe,
+           held_out: set[str]) -> tuple[torch.Tensor, torch.Tensor]:
+    ids, labels = [], []
+    index = {w: i for i, w in enumerate(VOCAB)}
+    while len(ids) < recipe.batch:
+        prompt, answer = example(rng.choices(skills, weights)[0], rng, recipe.length)
+        if prompt in held_out:
+            continue
+        p, a = [index[w] for w in prompt.split()], [index[w] for w in answer.split()]
+        ids.append(p + a)
+        # the prompt symbols are random, so only the answer carries a learnable signal
+        labels.append([-100] * len(p) + a)
+    return torch.tensor(ids), torch.tensor(labels)
+
+
+def _train(model: PhiForCausalLM, trainable: list[str] | None, skills: list[str], weights: list[float],
+           steps: int, lr: float, seed: int, recipe: DemoRecipe, held_out: set[str],
+           report: Callable[[int], None]) -> None:
+    params = []
+    for name, p in model.named_parameters():
+        p.requires_grad_(trainable is None or any(t in name for t in trainable))
+        if p.requires_grad:
+            params.append(p)
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / 20) * (1 - s / steps))
+    rng = random.Random(seed)
+    model.train()
+    for step in range(steps):
+        ids, labels = _batch(skills, weights, rng, recipe, held_out)
+        model(input_ids=ids, labels=labels).loss.backward()
+        opt.step()
+        sched.step()
+        opt.zero_grad()
+        report(step + 1)
+    model.eval()
+
+
+def _parent_modules(recipe: DemoRecipe, early: str, late: str) -> list[str]:
+    half = recipe.layers // 2
+    return [f"layers.{i}.{early}." for i in range(half)] + [
+        f"layers.{i}.{late}." for i in range(half, recipe.layers)
+    ]
+
+
+def build_demo_models(out_dir: Path, progress: ProgressCallback | None = None,
+                      recipe: DemoRecipe | None = None) -> dict[str, Path]:
+    """Build (or reuse) the demo base and its two parents; returns {"base", "parent_a", "parent_b"}."""
+    recipe = recipe or DemoRecipe()
+    out_dir = Path(out_dir)
+    paths = {name: out_dir / name for name in ("base", "parent_a", "parent_b")}
+    marker = out_dir / "BUILD"
+    if marker.exists() and marker.read_text().strip() == recipe.digest():
+        if all((p / "model.safetensors").exists() for p in paths.values()):
+            return paths
+    total = recipe.base_steps + 2 * recipe.parent_steps
+    done = 0
+
+    def report(stage: str) -> Callable[[int], None]:
+        start = done
+        return lambda step: progress and progress(stage, start + step, total)
+
+    held_out = {item["query"] for task in TASKS for item in task_items(task, length=recipe.length)}
+    tokenizer = make_tokenizer()
+    config = PhiConfig(
+        vocab_size=len(VOCAB), hidden_size=recipe.hidden, intermediate_size=4 * recipe.hidden,
+        num_hidden_layers=recipe.layers, num_attention_heads=recipe.heads, max_position_embeddings=64,
+        resid_pdrop=0.0, embd_pdrop=0.0, attention_dropout=0.0, partial_rotary_factor=0.5,
+        pad_token_id=0, bos_token_id=2, eos_token_id=2,
+    )
+    marker.unlink(missing_ok=True)
+    with torch.random.fork_rng():
+        torch.manual_seed(recipe.seed)
+        base = PhiForCausalLM(config)
+        _train(base, None, ["copy_letters", "copy_digits"], [1, 1], recipe.base_steps, recipe.base_lr,
+               recipe.seed, recipe, held_out, report("pretraining base"))
+        done += recipe.base_steps
+        base.save_pretrained(paths["base"])
+        tokenizer.save_pretrained(paths["base"])
+        base_state = {k: v.clone() for k, v in base.state_dict().items()}
+        r = recipe.replay
+        plans = {
+            "parent_a": ("shift", _parent_modules(recipe, "mlp", "self_attn")),
+            "parent_b": ("double", _parent_modules(recipe, "self_attn", "mlp")),
+        }
+        for i, (name, (skill, trainable)) in enumerate(plans.items()):
+            base.load_state_dict(base_state)
+            _train(base, trainable, [skill, "copy_letters", "copy_digits"], [1 - r, r / 2, r / 2],
+                   recipe.parent_steps, recipe.parent_lr, recipe.seed + 1 + i, recipe, held_out,
+                   report(f"fine-tuning {name} on {skill}"))
+            done += recipe.parent_steps
+            base.save_pretrained(paths[name])
+            tokenizer.save_pretrained(paths[name])
+    marker.write_text(recipe.digest() + "\n")
+    return paths
