@@ -137,12 +137,19 @@ class SlerpConfig(_Strict):
         return yaml.safe_dump(self.model_dump(exclude_none=True, mode="json"), sort_keys=False)
 
 
-def t_setting(value: TSetting) -> float | list[float] | list[FilterValue]:
-    """A config's t in the form merge_core.gradient evaluates."""
-    if isinstance(value, list) and value and isinstance(value[0], ConditionalValue):
-        return [
-            FilterValue(tuple(v.value) if isinstance(v.value, list) else v.value, v.filter) for v in value
-        ]
+def t_setting(value) -> float | list[float] | list[FilterValue]:
+    """Any accepted form of t (number, anchors, `{filter, value}` dicts or models) in gradient's form."""
+    if isinstance(value, dict | ConditionalValue | FilterValue):
+        value = [value]
+    if isinstance(value, list) and value and not isinstance(value[0], int | float):
+        entries = []
+        for entry in value:
+            if isinstance(entry, dict):
+                entry = ConditionalValue.model_validate(entry)
+            if isinstance(entry, ConditionalValue):
+                entry = FilterValue(tuple(entry.value) if isinstance(entry.value, list) else entry.value, entry.filter)
+            entries.append(entry)
+        return entries
     return value
 
 

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 
@@ -202,7 +201,8 @@ def _plan_outputs(config: SlerpConfig, base: ModelWeights, other: ModelWeights) 
         for i in range(count):
             p = gradient.position(i, count)
             for name in by_layer.get(b0 + i, []):
-                outputs.append(OutputTensor(with_layer(name, out_layer), name, with_layer(name, o0 + i), p, slice_index))
+                source_other = with_layer(name, o0 + i)
+                outputs.append(OutputTensor(with_layer(name, out_layer), name, source_other, p, slice_index))
             out_layer += 1
     outputs += [OutputTensor(n, n, n, 0.0, None) for n in post]
 

@@ -7,14 +7,16 @@ writes the result.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
 
 DOT_THRESHOLD = 0.9995
 EPS = 1e-8
-# mergekit bounds its full-precision scratch to chunks of this many elements.
-CHUNK_ELEMENTS = 1024 * 1024
+# Full-precision scratch per step stays small (a few MB) whatever the tensor size.
+CHUNK_ELEMENTS = 256 * 1024
+MERGEKIT_CHUNK_ELEMENTS = 1024 * 1024
 
 
 @dataclass(frozen=True)
@@ -32,27 +34,46 @@ def _compute_dtype(v: torch.Tensor) -> torch.dtype:
 @torch.no_grad()
 def geometry(v0: torch.Tensor, v1: torch.Tensor) -> Geometry:
     """theta = arccos of the normalised dot product over the whole flattened tensors."""
-    dtype = _compute_dtype(v0)
     a, b = v0.reshape(-1), v1.reshape(-1)
     if a.numel() == 0:
         return Geometry(0.0, True)
-    norms_a, norms_b = [], []
+    if v0.dtype in (torch.float32, torch.float64):
+        cos = _cosine_as_mergekit(a, b, _compute_dtype(v0))
+    else:
+        cos = _cosine_fused(a, b)
+    if abs(cos) > DOT_THRESHOLD:
+        return Geometry(0.0, True)
+    return Geometry(float(torch.acos(torch.tensor(cos, dtype=_compute_dtype(v0)))), False)
+
+
+def _cosine_fused(a: torch.Tensor, b: torch.Tensor) -> float:
+    # One pass: dot(a, b) / (|a| |b|) with float64 sums across float32 chunks. It differs from
+    # mergekit's order of operations by float32 rounding, which half outputs cannot show.
+    dot = sq_a = sq_b = 0.0
     for start in range(0, a.numel(), CHUNK_ELEMENTS):
-        norms_a.append(torch.linalg.vector_norm(a[start : start + CHUNK_ELEMENTS].to(dtype)))
-        norms_b.append(torch.linalg.vector_norm(b[start : start + CHUNK_ELEMENTS].to(dtype)))
-    norm_a = torch.linalg.vector_norm(torch.stack(norms_a))
-    norm_b = torch.linalg.vector_norm(torch.stack(norms_b))
+        x = a[start : start + CHUNK_ELEMENTS].float()
+        y = b[start : start + CHUNK_ELEMENTS].float()
+        dot += float(torch.inner(x, y))
+        sq_a += float(torch.inner(x, x))
+        sq_b += float(torch.inner(y, y))
+    norm_a, norm_b = math.sqrt(sq_a), math.sqrt(sq_b)
+    cos = dot / ((norm_a if norm_a > EPS else 1.0) * (norm_b if norm_b > EPS else 1.0))
+    return min(1.0, max(-1.0, cos))
+
+
+def _cosine_as_mergekit(a: torch.Tensor, b: torch.Tensor, dtype: torch.dtype) -> float:
+    # Full-precision outputs show float32 rounding, so follow mergekit's exact order:
+    # chunked norms, then normalise before multiplying, in its chunk size.
+    chunk = MERGEKIT_CHUNK_ELEMENTS
+    norm_a = torch.linalg.vector_norm(torch.stack([
+        torch.linalg.vector_norm(a[s : s + chunk].to(dtype)) for s in range(0, a.numel(), chunk)]))
+    norm_b = torch.linalg.vector_norm(torch.stack([
+        torch.linalg.vector_norm(b[s : s + chunk].to(dtype)) for s in range(0, b.numel(), chunk)]))
     norm_a = torch.where(norm_a > EPS, norm_a, 1)
     norm_b = torch.where(norm_b > EPS, norm_b, 1)
-    parts = []
-    for start in range(0, a.numel(), CHUNK_ELEMENTS):
-        x = a[start : start + CHUNK_ELEMENTS].to(dtype) / norm_a
-        y = b[start : start + CHUNK_ELEMENTS].to(dtype) / norm_b
-        parts.append((x * y).sum())
-    dot = torch.stack(parts).sum().clamp(-1, 1)
-    if dot.abs() > DOT_THRESHOLD:
-        return Geometry(0.0, True)
-    return Geometry(float(torch.acos(dot)), False)
+    parts = [((a[s : s + chunk].to(dtype) / norm_a) * (b[s : s + chunk].to(dtype) / norm_b)).sum()
+             for s in range(0, a.numel(), chunk)]
+    return float(torch.stack(parts).sum().clamp(-1, 1))
 
 
 def coefficients(geom: Geometry, t: float, dtype: torch.dtype = torch.float32) -> tuple[float, float]:

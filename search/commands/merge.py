@@ -19,7 +19,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     """Plan, merge and write the folder, with progress bars."""
     from merge_core.config import load_config
-    from merge_core.merger import Merger, MergePlan
+    from merge_core.merger import MergePlan, Merger
     from merge_core.refs import resolve
     from merge_core.writer import prepare_output, write_model
     from search.devices import check_device

@@ -40,7 +40,8 @@ def pair(tiny_models):
 def test_missing_model(tmp_path, pair):
     config = config_for(pair[0], tmp_path / "nowhere", "one_slice", 0.5, "float16")
     out = tmp_path / "out"
-    assert_refused(run_cli("merge", str(write_config(tmp_path, config)), str(out)), "nowhere", "no such folder", out=out)
+    result = run_cli("merge", str(write_config(tmp_path, config)), str(out))
+    assert_refused(result, "nowhere", "no such folder", out=out)
 
 
 def test_missing_config_json(tmp_path, pair):

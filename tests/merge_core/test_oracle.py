@@ -11,7 +11,7 @@ import yaml
 from safetensors.torch import load_file
 
 from merge_core.config import parse_config
-from merge_core.merger import Merger, MergePlan
+from merge_core.merger import MergePlan, Merger
 from tests.conftest import run_cli
 
 PHIGMENT_T = [
