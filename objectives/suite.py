@@ -126,6 +126,13 @@ class Suite:
         """Number of items in a split ("search" or "holdout")."""
         return len(self._items[_check_split(split)])
 
+    def doc_ids(self, split: str = "search") -> dict[str, list[int]]:
+        """Per leaf task, the indices (in its evaluation docs) of the items in a split, sorted."""
+        out: dict[str, list[int]] = {}
+        for item in self._items[_check_split(split)]:
+            out.setdefault(item.doc.leaf, []).append(item.doc.index)
+        return {leaf: sorted(ids) for leaf, ids in out.items()}
+
     def run(self, model: Any, split: str = "search", batch_size: int = 16) -> SuiteRun:
         """Score `model` item by item; iterate the returned SuiteRun to get ItemScores."""
         return SuiteRun(self, model, _check_split(split), batch_size)
@@ -218,6 +225,14 @@ class SuiteRun:
             responses.append(resps)
         self.engine_seconds += time.perf_counter() - t0
         return responses
+
+    def item_metrics(self) -> dict[str, dict[int, dict[str, Any]]]:
+        """Per leaf task and doc index, lm-eval's per-document metric values of the items scored so far."""
+        out: dict[str, dict[int, dict[str, Any]]] = {}
+        for per_doc in self._per_doc:
+            for (leaf, index), values in per_doc.items():
+                out.setdefault(leaf, {})[index] = {f"{m},{f}": v for (m, f), v in values.items()}
+        return out
 
     def result(self) -> SuiteResult:
         """lm-eval's aggregated metrics over the items scored so far, and the weighted score."""
