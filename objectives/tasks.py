@@ -204,6 +204,8 @@ def _load_error(name: str, manager: TaskManager, exc: Exception) -> str:
         "TRUE",
         "true",
     ) or os.environ.get("HF_HUB_OFFLINE", "") in ("1", "ON", "YES", "TRUE", "true")
+    if isinstance(exc, FileNotFoundError) and message.startswith("Unable to find"):
+        return f"task '{name}': {message[0].lower()}{message[1:]}; fix the data_files in its YAML"
     missing = isinstance(exc, (ConnectionError, FileNotFoundError)) or "offline" in message.lower()
     if offline and missing:
         dataset = _dataset_named(message) or _dataset_path(name, manager) or name

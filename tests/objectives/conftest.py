@@ -66,7 +66,9 @@ def _mc_docs(rng: random.Random) -> list[dict]:
             wrong = rng.sample([f for f in FOODS if f != FOODS[i]], 3)
             choices = [f"{f}." if k % 2 else f"some {f}." for k, f in enumerate([FOODS[i], *wrong])]
             order = rng.sample(range(4), 4)
-            docs.append({"query": t.format(a=animal), "choices": [choices[k] for k in order], "label": order.index(0)})
+            docs.append(
+                {"query": t.format(a=animal), "choices": [choices[k] for k in order], "label": order.index(0)}
+            )
     return docs
 
 
@@ -98,7 +100,10 @@ def _mc2_docs(rng: random.Random) -> list[dict]:
     docs = []
     for i, animal in enumerate(ANIMALS):
         true = [f"The {animal} eats {FOODS[i]}.", f"It eats {FOODS[i]}."][: rng.randint(1, 2)]
-        false = [f"The {animal} eats {f}." for f in rng.sample([f for f in FOODS if f != FOODS[i]], rng.randint(2, 4))]
+        false = [
+            f"The {animal} eats {f}."
+            for f in rng.sample([f for f in FOODS if f != FOODS[i]], rng.randint(2, 4))
+        ]
         docs.append(
             {
                 "question": f"What does the {animal} eat?",
@@ -112,7 +117,8 @@ def _gen_docs(rng: random.Random) -> list[dict]:
     pairs = [(a, b) for a in range(10) for b in range(10)]
     rng.shuffle(pairs)
     return [
-        {"question": f"What is {a} plus {b}?", "answer": f"{a} plus {b} is {a + b}.\n#### {a + b}"} for a, b in pairs
+        {"question": f"What is {a} plus {b}?", "answer": f"{a} plus {b} is {a + b}.\n#### {a + b}"}
+        for a, b in pairs
     ]
 
 

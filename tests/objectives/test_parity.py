@@ -116,7 +116,9 @@ def test_random_subset_and_holdout_match_lm_eval_samples(model, tokenizer, model
         ref = simple_evaluate(
             model_dir, task_dir, ["tiny_mc"], num_fewshot=2, samples={"tiny_mc": ids}, log_samples=False
         )
-        assert_same(suite.evaluate(model, split=split).metrics["tiny_mc"], lm_eval_metrics(ref, "tiny_mc"), "tiny_mc")
+        assert_same(
+            suite.evaluate(model, split=split).metrics["tiny_mc"], lm_eval_metrics(ref, "tiny_mc"), "tiny_mc"
+        )
 
 
 def test_scores_are_real_numbers(ours):
