@@ -77,6 +77,7 @@ def tiny_models(tmp_path_factory) -> dict[str, Path]:
 
 def run_cli(*args: str, cwd: Path | None = None, env: dict | None = None, timeout: int = 600):
     """Run the `search` CLI in a subprocess, as a user would."""
-    full_env = dict(os.environ, **(env or {}))
+    # One torch thread: tiny models gain nothing from more, and tests may share the cores.
+    full_env = dict(os.environ, OMP_NUM_THREADS="1", **(env or {}))
     return subprocess.run([sys.executable, "-m", "search.cli", *args], capture_output=True, text=True,
                           cwd=cwd or REPO, env=full_env, timeout=timeout)

@@ -1,0 +1,81 @@
+"""`search start STUDY.yaml`: run or resume the study, then show baseline against best."""
+
+from __future__ import annotations
+
+import argparse
+
+from search.commands._common import add_study_arguments, locate, positive_float, positive_int
+from search.study_config import SAMPLERS
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    """Add the `start` sub-command."""
+    parser = sub.add_parser("start", help="run (or resume) a merge search study")
+    add_study_arguments(parser, file_required=True)
+    parser.add_argument("--n-trials", type=positive_int, help="total finished trials wanted (counts earlier ones)")
+    parser.add_argument("--timeout", type=positive_float, help="stop starting trials after S seconds")
+    parser.add_argument("--sampler", choices=SAMPLERS, help="override study.sampler")
+    parser.add_argument("--seed", type=int, help="override study.seed")
+    parser.add_argument("--device", help="override merge.device (cpu, cuda, cuda:N)")
+    parser.add_argument("--heartbeat", type=positive_int, default=30,
+                        help="seconds between worker heartbeats on RDB storages (default 30)")
+    parser.add_argument("--dry-run", action="store_true", help="validate and print the plan; load nothing")
+    parser.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    """Validate, set up once, run the trials with a progress bar, print the final table."""
+    from search.devices import check_device
+    from search.runner import RunOptions
+    from search.storage import mask
+
+    study_file, storage, name = locate(args)
+    s = study_file.study
+    options = RunOptions(storage=storage, study_name=name, n_trials=args.n_trials or s.n_trials,
+                         timeout=args.timeout or s.timeout, sampler=args.sampler or s.sampler,
+                         seed=s.seed if args.seed is None else args.seed,
+                         device=args.device or study_file.merge.device, heartbeat=args.heartbeat)
+    if args.dry_run:
+        from search.report_text import print_plan
+
+        print_plan(study_file, options, mask(storage))
+        return 0
+    options.device = check_device(options.device)
+    return _run_study(study_file, options)
+
+
+def _run_study(study_file, options) -> int:
+    from rich.console import Console
+
+    from search import results
+    from search.progress import progress_bar
+    from search.report_text import print_final_table
+    from search.runner import Candidates, StudyRunner
+
+    with progress_bar(transient=True) as bar:
+        task = bar.add_task("loading parents + geometry", total=None)
+        candidates = Candidates(study_file, options.device,
+                                progress=lambda _, done, total: bar.update(task, completed=done, total=total))
+    runner = StudyRunner(study_file, options, candidates)
+    study = runner.open_study()
+    done_before = results.n_finished(study)
+    with progress_bar() as bar:
+        task = bar.add_task(_trial_text(study), total=options.n_trials, completed=done_before)
+
+        def after_trial(study, _trial):
+            bar.update(task, completed=results.n_finished(study), description=_trial_text(study))
+
+        runner.optimize(study, callbacks=[after_trial])
+    runner.ensure_holdout(study)
+    print_final_table(study, Console())
+    return 0
+
+
+def _trial_text(study) -> str:
+    from search import results
+
+    best, base = results.best_trial(study), results.baseline_trial(study)
+    if best is None or base is None:
+        return "trials"
+    delta = best.user_attrs["score"] - base.user_attrs["score"]
+    return f"trials  best {best.user_attrs['score']:.3f} ({delta:+.3f} vs baseline)"

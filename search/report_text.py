@@ -1,0 +1,68 @@
+"""Rich tables for the terminal: the dry-run plan and the baseline-against-best table."""
+
+from __future__ import annotations
+
+import optuna
+from rich.console import Console
+from rich.table import Table
+
+from search import results
+from search.space import space_of
+
+
+def print_plan(study_file, options, storage_shown: str, console: Console | None = None) -> None:
+    """What `search start --dry-run` shows: models, parameters, tasks, items per trial."""
+    console = console or Console()
+    merge = study_file.merge
+    console.print(f"[bold]study[/] {options.study_name}  storage {storage_shown}  sampler {options.sampler} "
+                  f"(seed {options.seed})  n_trials {options.n_trials}  device {options.device}")
+    other = next(m for m in merge.models if m != merge.base_model)
+    layers = f"layers {list(merge.layer_range)}" if merge.layer_range else (
+        f"{len(merge.slices)} slices" if merge.slices else "all layers")
+    console.print(f"[bold]merge[/] slerp  v0 (base) {merge.base_model}  v1 {other}  {layers}  {merge.dtype}")
+    params = Table(title="search space")
+    for col in ("parameter", "low", "high"):
+        params.add_column(col)
+    for name, dist in space_of(study_file).distributions().items():
+        params.add_row(name, f"{dist.low:g}", f"{dist.high:g}")
+    for name, entry in study_file.search_space.items():
+        if entry.value is not None:
+            params.add_row(f"t.{name}", "fixed", str(entry.value))
+    console.print(params)
+    tasks = Table(title="objectives")
+    for col in ("task", "weight", "metric", "shots", "search items", "held-out items"):
+        tasks.add_column(col)
+    for t in study_file.objectives.tasks:
+        tasks.add_row(t.name, f"{t.weight:g}", t.metric or "(task default)",
+                      "default" if t.num_fewshot is None else str(t.num_fewshot),
+                      "all" if t.search_items is None else f"{t.search_items} ({t.subset})", str(t.holdout_items))
+    console.print(tasks)
+    per_trial = [t.search_items for t in study_file.objectives.tasks]
+    total = "all items" if None in per_trial else f"{sum(per_trial)} items"
+    console.print(f"each trial: one in-memory merge + {total}; pruner {study_file.pruner.type}")
+
+
+def print_final_table(study: optuna.Study, console: Console) -> None:
+    """Baseline and best, per task, on search items and on held-out items."""
+    base, best = results.baseline_trial(study), results.best_trial(study)
+    counts = results.counts(study)
+    console.print(f"study {study.study_name}: {counts['n_complete']} complete, {counts['n_pruned']} pruned, "
+                  f"{counts['n_failed']} failed")
+    if base is None or best is None:
+        console.print("no fully scored trial yet")
+        return
+    table = Table(title=f"baseline (trial {base.number}) against best (trial {best.number})")
+    for col in ("task", "baseline search", "best search", "baseline held-out", "best held-out"):
+        table.add_column(col, justify="right" if col != "task" else "left")
+    hb, hx = results.holdout_of(study, base) or {}, results.holdout_of(study, best) or {}
+    for name in base.user_attrs.get("task_scores", {}):
+        table.add_row(name, _fmt(base.user_attrs["task_scores"].get(name)),
+                      _fmt(best.user_attrs["task_scores"].get(name)),
+                      _fmt((hb.get("task_scores") or {}).get(name)), _fmt((hx.get("task_scores") or {}).get(name)))
+    table.add_row("[bold]weighted", _fmt(base.user_attrs["score"]), _fmt(best.user_attrs["score"]),
+                  _fmt(hb.get("score")), _fmt(hx.get("score")))
+    console.print(table)
+
+
+def _fmt(value) -> str:
+    return "-" if value is None else f"{value:.4f}"

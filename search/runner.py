@@ -1,0 +1,200 @@
+"""The trial loop: parents' geometry once per study, then build -> score -> prune per trial."""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import optuna
+
+from search import results
+from search.errors import StudyError
+from search.samplers import make_sampler
+from search.space import Recipe, SearchSpace, baseline_recipe, merge_config, space_of
+from search.storage import open_storage
+from search.study_config import StudyFile
+
+
+class CandidateFailed(RuntimeError):
+    """A candidate that cannot be scored (NaN/Inf outputs); its trial ends as FAIL."""
+
+
+@dataclass
+class RunOptions:
+    """Command-line overrides of a study file."""
+
+    storage: str
+    study_name: str
+    n_trials: int
+    timeout: float | None
+    sampler: str
+    seed: int
+    device: str
+    heartbeat: int | None = 30
+
+
+class Candidates:
+    """Everything built once per study: the merger with the parents' geometry, a live model, the suite."""
+
+    def __init__(self, study: StudyFile, device: str, progress: Callable[[str, int, int], None] | None = None):
+        import transformers
+
+        from merge_core.merger import MergePlan, Merger
+        from merge_core.refs import resolve
+        from objectives import Suite, TaskSpec
+
+        self.study = study
+        self.space: SearchSpace = space_of(study)
+        self.baseline: Recipe = baseline_recipe(study)
+        self.space.params_of(self.baseline)  # the baseline must be a point of the space
+        self.plan = MergePlan(merge_config(study, self.baseline), allow_pickle=study.merge.allow_pickle)
+        probe = self.space.recipe({n: (d.low + d.high) / 2 for n, d in self.space.distributions().items()})
+        try:
+            self.plan.t_values(probe)
+        except Exception as exc:
+            raise StudyError(f"search_space: {exc}; add a `default` entry") from None
+        tokenizer_dir = self.plan.base.folder
+        if study.merge.tokenizer_source not in (None, "base"):
+            tokenizer_dir = resolve(study.merge.tokenizer_source, study.merge.allow_pickle)
+        tokenizer = transformers.AutoTokenizer.from_pretrained(str(tokenizer_dir))
+        specs = [TaskSpec(**t.model_dump()) for t in study.objectives.tasks]
+        include = [str(Path(p)) for p in study.objectives.include_path]
+        self.suite = Suite.build(specs, tokenizer, include, max_length=study.objectives.max_length)
+        on_tensor = (lambda done, total: progress("geometry", done, total)) if progress else None
+        self.merger = Merger(self.plan, device, progress=on_tensor)
+        self.model = self.merger.new_model()
+        self.batch_size = study.objectives.batch_size
+
+    def build(self, recipe: Recipe) -> float:
+        """Write the candidate into the live model; returns seconds taken."""
+        start = time.perf_counter()
+        self.merger.build_into(self.model, recipe)
+        return time.perf_counter() - start
+
+    def mergekit_yaml(self, recipe: Recipe) -> str:
+        """The exact mergekit YAML of a candidate."""
+        return self.plan.config.with_t(recipe).to_yaml()
+
+
+class StudyRunner:
+    """Runs (or resumes) one Optuna study of a study file."""
+
+    def __init__(self, study: StudyFile, options: RunOptions, candidates: Candidates):
+        self.study_file = study
+        self.options = options
+        self.c = candidates
+        self.multi = options.sampler == "nsga2"
+        self.task_names = [t.name for t in study.objectives.tasks]
+
+    def open_study(self) -> optuna.Study:
+        """Create or load the study; a new one gets the baseline enqueued as trial 0."""
+        storage = open_storage(self.options.storage, self.options.heartbeat)
+        directions = ["maximize"] * (len(self.task_names) if self.multi else 1)
+        pruner = self._pruner()
+        existing = optuna.study.get_all_study_names(storage) if hasattr(optuna.study, "get_all_study_names") else []
+        is_new = self.options.study_name not in existing
+        n_done = 0 if is_new else len(optuna.load_study(study_name=self.options.study_name, storage=storage).trials)
+        sampler = make_sampler(self.options.sampler, self.options.seed + n_done)
+        study = optuna.create_study(study_name=self.options.study_name, storage=storage, sampler=sampler,
+                                    pruner=pruner, directions=directions, load_if_exists=True)
+        if list(study.directions) != [optuna.study.StudyDirection.MAXIMIZE] * len(directions):
+            raise StudyError(f"study {self.options.study_name!r} has {len(study.directions)} objective(s); "
+                             f"sampler {self.options.sampler} needs {len(directions)}; use another --study-name")
+        if is_new:
+            study.set_metric_names(self.task_names if self.multi else ["weighted score"])
+            study.set_user_attr("baseline_recipe", self.c.baseline)
+            study.set_user_attr("task_names", self.task_names)
+            study.enqueue_trial(self.c.space.params_of(self.c.baseline), user_attrs={"baseline": True})
+        return study
+
+    def _pruner(self) -> optuna.pruners.BasePruner:
+        cfg = self.study_file.pruner
+        if cfg.type == "none" or self.multi:
+            return optuna.pruners.NopPruner()
+        return optuna.pruners.WilcoxonPruner(p_threshold=cfg.p_threshold, n_startup_steps=cfg.n_startup_steps)
+
+    def remaining(self, study: optuna.Study) -> int:
+        """Trials still to run: the budget counts finished (COMPLETE + PRUNED) trials already there."""
+        return max(0, self.options.n_trials - results.n_finished(study))
+
+    def optimize(self, study: optuna.Study, callbacks: list | None = None) -> None:
+        """Run trials until n_trials are finished (across all workers) or the timeout."""
+        budget = optuna.study.MaxTrialsCallback(
+            self.options.n_trials, states=(optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED))
+        n = self.remaining(study)
+        if n == 0:
+            return
+        study.optimize(self.objective, n_trials=n, timeout=self.options.timeout, catch=(Exception,),
+                       callbacks=[budget, *(callbacks or [])], gc_after_trial=False)
+
+    def objective(self, trial: optuna.Trial) -> float | list[float]:
+        """Build the candidate, score it item by item, prune, and record everything on the trial."""
+        try:
+            return self._objective(trial)
+        except Exception as exc:
+            trial.set_user_attr("fail_reason", f"{type(exc).__name__}: {str(exc)[:500]}")
+            raise
+
+    def _objective(self, trial: optuna.Trial) -> float | list[float]:
+        is_baseline = bool(trial.user_attrs.get("baseline"))
+        recipe = self.c.space.suggest(trial)
+        if is_baseline:
+            recipe = self.c.baseline
+        trial.set_user_attr("recipe", recipe)
+        trial.set_user_attr("mergekit_yaml", self.c.mergekit_yaml(recipe))
+        trial.set_user_attr("merge_seconds", round(self.c.build(recipe), 4))
+
+        start = time.perf_counter()
+        run = self.c.suite.run(self.c.model, "search", self.c.batch_size)
+        values: list[float] = []
+        pruned = False
+        for item in run:
+            if not math.isfinite(item.value):
+                raise CandidateFailed(f"non-finite score on {item.task} item {item.step}: NaN/Inf in the merge")
+            values.append(item.value)
+            if self.multi:
+                continue
+            trial.report(item.value, item.step)
+            if not is_baseline and trial.should_prune():
+                pruned = True
+                break
+        result = run.result()
+        trial.set_user_attr("scoring_seconds", round(time.perf_counter() - start, 4))
+        trial.set_user_attr("items_scored", len(values))
+        trial.set_user_attr("pruned", pruned)
+        trial.set_user_attr("metrics", result.metrics)
+        trial.set_user_attr("task_scores", result.task_scores)
+        trial.set_user_attr("score", result.score)
+        if not math.isfinite(result.score):
+            raise CandidateFailed("non-finite suite score: NaN/Inf in the merge")
+        if pruned:
+            # Optuna's advice for WilcoxonPruner: finish with the running mean rather than raise TrialPruned.
+            return sum(values) / len(values)
+        if is_baseline or result.score > results.best_score(trial.study):
+            self._score_holdout(trial)
+        if self.multi:
+            return [result.task_scores[name] for name in self.task_names]
+        return result.score
+
+    def _score_holdout(self, trial: optuna.Trial) -> None:
+        if self.c.suite.n_items("holdout") == 0:
+            return
+        start = time.perf_counter()
+        held = self.c.suite.evaluate(self.c.model, "holdout", self.c.batch_size)
+        trial.set_user_attr("holdout_score", held.score)
+        trial.set_user_attr("holdout_task_scores", held.task_scores)
+        trial.set_user_attr("holdout_metrics", held.metrics)
+        trial.set_user_attr("holdout_seconds", round(time.perf_counter() - start, 4))
+
+    def ensure_holdout(self, study: optuna.Study) -> None:
+        """Score held-out items for the baseline and the best if a race left them without."""
+        for trial in (results.baseline_trial(study), results.best_trial(study)):
+            if trial is None or results.holdout_of(study, trial) is not None or self.c.suite.n_items("holdout") == 0:
+                continue
+            self.c.build(trial.user_attrs["recipe"])
+            held = self.c.suite.evaluate(self.c.model, "holdout", self.c.batch_size)
+            study.set_user_attr(f"holdout.{trial.number}", {"score": held.score, "task_scores": held.task_scores,
+                                                            "metrics": held.metrics})

@@ -1,0 +1,79 @@
+"""Optuna storages from a URL or a journal file path; passwords never shown."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import optuna
+
+from search.errors import StudyError
+
+JOURNAL_SUFFIXES = (".journal", ".log", ".jsonl")
+
+
+def mask(url: str) -> str:
+    """The URL with any password replaced by ***."""
+    return re.sub(r"(://[^:/@]+:)[^@]*@", r"\1***@", url)
+
+
+def default_storage(study_name: str, runs_dir: Path = Path("runs")) -> str:
+    """sqlite:///runs/<name>.db, creating runs/ when needed."""
+    runs_dir.mkdir(parents=True, exist_ok=True)
+    return f"sqlite:///{runs_dir / study_name}.db"
+
+
+def is_journal(url: str) -> bool:
+    """A plain file path (or journal:PATH) means Optuna's journal storage, e.g. on NFS."""
+    return url.startswith("journal:") or ("://" not in url and url.endswith(JOURNAL_SUFFIXES))
+
+
+def check_url(url: str) -> None:
+    """Reject a malformed storage URL before anything is created."""
+    if is_journal(url):
+        path = Path(url.removeprefix("journal:"))
+        if not path.parent.is_dir():
+            raise StudyError(f"--storage {url}: folder {path.parent} does not exist")
+        return
+    match = re.match(r"^([a-z0-9+]+)://", url)
+    if not match:
+        raise StudyError(f"--storage {mask(url)}: not a storage URL (sqlite:///file.db, postgresql://..., "
+                         "or a file path ending in .journal)")
+    dialect = match.group(1).split("+")[0]
+    if dialect not in {"sqlite", "postgresql", "postgres", "mysql", "mariadb", "oracle", "mssql"}:
+        raise StudyError(f"--storage {mask(url)}: unknown database {dialect!r} (use sqlite, postgresql or mysql)")
+    if dialect == "sqlite":
+        path = url.split(":///", 1)[-1]
+        if path and path != ":memory:" and not Path(path).parent.is_dir():
+            raise StudyError(f"--storage {url}: folder {Path(path).parent} does not exist")
+
+
+def quiet_optuna() -> None:
+    """Optuna's per-trial log lines and experimental-feature warnings are noise on our progress bar."""
+    import warnings
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
+    warnings.filterwarnings("ignore", category=FutureWarning, module="optuna")
+
+
+def open_storage(url: str, heartbeat_interval: int | None = 30) -> optuna.storages.BaseStorage:
+    """An Optuna storage; RDB storages get heartbeats so a dead worker's trial is failed and retried."""
+    check_url(url)
+    quiet_optuna()
+    if is_journal(url):
+        from optuna.storages.journal import JournalFileBackend, JournalStorage
+
+        return JournalStorage(JournalFileBackend(url.removeprefix("journal:")))
+    kwargs = {}
+    if heartbeat_interval:
+        kwargs = dict(heartbeat_interval=heartbeat_interval, grace_period=2 * heartbeat_interval,
+                      heartbeat_stale_trial_callback=optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=2))
+    engine_kwargs = {"connect_args": {"timeout": 60}} if url.startswith("sqlite") else {"pool_pre_ping": True}
+    try:
+        return optuna.storages.RDBStorage(url, engine_kwargs=engine_kwargs, **kwargs)
+    except ModuleNotFoundError as exc:
+        raise StudyError(f"--storage {mask(url)}: database driver {exc.name!r} is not installed") from None
+    except Exception as exc:  # sqlalchemy raises many types; the user needs the first line only
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise StudyError(f"--storage {mask(url)}: cannot open ({mask(first)[:200]})") from None

@@ -1,0 +1,195 @@
+"""Study files (studies/*.yaml): the schema, validated with errors that name the field."""
+
+from __future__ import annotations
+
+import difflib
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from merge_core.config import ConditionalValue, Slice
+from search.errors import StudyError
+
+SAMPLERS = ("tpe", "cmaes", "nsga2", "gp", "random")
+DEFAULT_FILTER = "default"  # the search-space entry that becomes the filter-less `{value: ...}`
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class StudySection(_Strict):
+    """Name, storage and budget of the Optuna study."""
+
+    name: str = Field(min_length=1, pattern=r"^[A-Za-z0-9_.\-]+$")
+    storage: str | None = None  # default: sqlite:///runs/<name>.db
+    sampler: Literal["tpe", "cmaes", "nsga2", "gp", "random"] = "tpe"
+    seed: int = 0
+    n_trials: int = Field(default=40, gt=0)
+    timeout: float | None = Field(default=None, gt=0)
+
+
+class MergeSection(_Strict):
+    """The two parents and how they line up; t comes from the search space."""
+
+    models: list[str] = Field(min_length=2, max_length=2)
+    base_model: str
+    layer_range: tuple[int, int] | None = None
+    slices: list[Slice] | None = None
+    dtype: Literal["float16", "bfloat16", "float32"] = "float16"
+    device: str = "cpu"
+    tokenizer_source: str | None = None
+    allow_pickle: bool = False
+
+    @model_validator(mode="after")
+    def _consistent(self):
+        if self.base_model not in self.models:
+            raise ValueError(f"base_model {self.base_model!r} must be one of models {self.models}")
+        if self.models[0] == self.models[1]:
+            raise ValueError("models: the two parents must differ")
+        if self.layer_range is not None and self.slices is not None:
+            raise ValueError("give layer_range or slices, not both")
+        if self.layer_range is not None and not 0 <= self.layer_range[0] < self.layer_range[1]:
+            raise ValueError(f"layer_range must be [start, end) with 0 <= start < end, got {list(self.layer_range)}")
+        return self
+
+
+class SpaceEntry(_Strict):
+    """One filter's t: K anchors searched in [low, high], or a fixed value."""
+
+    anchors: int | None = Field(default=None, ge=1, le=32)
+    low: float = 0.0
+    high: float = 1.0
+    value: float | list[float] | None = None
+
+    @model_validator(mode="after")
+    def _searched_or_fixed(self):
+        if (self.anchors is None) == (self.value is None):
+            raise ValueError("give either anchors (searched) or value (fixed)")
+        if self.low > self.high:
+            raise ValueError(f"low ({self.low}) must not exceed high ({self.high})")
+        if isinstance(self.value, list) and not self.value:
+            raise ValueError("value: a gradient needs at least one anchor")
+        return self
+
+
+class TaskEntry(_Strict):
+    """One lm-eval task of the objective."""
+
+    name: str = Field(min_length=1)
+    weight: float = Field(default=1.0, gt=0)
+    metric: str | None = None
+    num_fewshot: int | None = Field(default=None, ge=0)
+    fewshot_seed: int = 1234
+    search_items: int | None = Field(default=None, gt=0)
+    holdout_items: int = Field(default=0, ge=0)
+    subset: Literal["first", "random"] = "random"
+    seed: int = 0
+
+
+class ObjectivesSection(_Strict):
+    """The tasks that score a candidate, and how to run them."""
+
+    tasks: list[TaskEntry] = Field(min_length=1)
+    include_path: list[str] = []
+    batch_size: int = Field(default=16, gt=0)
+    max_length: int = Field(default=2048, gt=0)
+
+
+class PrunerSection(_Strict):
+    """Stop a candidate early when its items are significantly worse than the best's."""
+
+    type: Literal["wilcoxon", "none"] = "wilcoxon"
+    p_threshold: float = Field(default=0.1, gt=0, lt=1)
+    n_startup_steps: int = Field(default=20, ge=0)
+
+
+class ExportSection(_Strict):
+    """What `search export` writes by default."""
+
+    top_k: int = Field(default=3, gt=0)
+    dir: str | None = None  # default: runs/<name>/export
+
+
+class StudyFile(_Strict):
+    """A whole study file."""
+
+    study: StudySection
+    merge: MergeSection
+    search_space: dict[str, SpaceEntry] = Field(min_length=1)
+    baseline: list[ConditionalValue] | float | list[float]
+    objectives: ObjectivesSection
+    pruner: PrunerSection = PrunerSection()
+    export: ExportSection = ExportSection()
+
+    @field_validator("search_space")
+    @classmethod
+    def _default_last(cls, value):
+        if DEFAULT_FILTER in value and list(value)[-1] != DEFAULT_FILTER:
+            raise ValueError(f"the {DEFAULT_FILTER!r} entry must come last (filters are tried in order)")
+        return value
+
+
+def load_study_file(path: str | Path) -> StudyFile:
+    """Read and validate a study YAML; every error is one line naming the file and field."""
+    path = Path(path)
+    try:
+        data = yaml.safe_load(path.read_text())
+    except FileNotFoundError:
+        raise StudyError(f"{path}: no such study file") from None
+    except (IsADirectoryError, PermissionError, UnicodeDecodeError) as exc:
+        raise StudyError(f"{path}: cannot read ({type(exc).__name__})") from None
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}" if mark else ""
+        raise StudyError(f"{path}: malformed YAML{where}: {getattr(exc, 'problem', None) or 'syntax error'}") from None
+    if not isinstance(data, dict):
+        raise StudyError(f"{path}: expected a mapping with sections study, merge, search_space, baseline, objectives")
+    try:
+        return StudyFile.model_validate(data)
+    except ValidationError as exc:
+        raise StudyError(f"{path}: {describe(exc, data)}") from None
+
+
+def describe(exc: ValidationError, data: Any) -> str:
+    """The first validation error as `field.path: what is wrong`, with a did-you-mean for typos."""
+    err = exc.errors()[0]
+    loc = [p for p in err["loc"] if not (isinstance(p, str) and ("[" in p or p in {"float", "int", "str"}))]
+    field = ".".join(str(p) for p in loc)
+    message = err["msg"].removeprefix("Value error, ")
+    if err["type"] == "extra_forbidden":
+        message = "unknown key" + _did_you_mean(str(loc[-1]), _known_keys(loc[:-1], data))
+    elif err["type"] == "literal_error":
+        message = f"must be one of {err.get('ctx', {}).get('expected', '')}"
+    elif err["type"] == "missing":
+        message = "required"
+    return f"{field}: {message}" if field else message
+
+
+def _did_you_mean(word: str, choices: list[str]) -> str:
+    close = difflib.get_close_matches(word, choices, n=1)
+    return f" (did you mean {close[0]!r}?)" if close else f" (known: {', '.join(choices)})" if choices else ""
+
+
+def _known_keys(parent: list, data: Any) -> list[str]:
+    model: Any = StudyFile
+    for part in parent:
+        if isinstance(part, int) or model is None:
+            continue
+        field = model.model_fields.get(part) if hasattr(model, "model_fields") else None
+        if field is None:
+            return []
+        model = _model_in(field.annotation)
+    return list(model.model_fields) if model is not None and hasattr(model, "model_fields") else []
+
+
+def _model_in(annotation: Any) -> Any:
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return annotation
+    for arg in getattr(annotation, "__args__", ()):
+        found = _model_in(arg)
+        if found is not None:
+            return found
+    return None
