@@ -1,6 +1,6 @@
 """Candidate build speed and memory: our in-memory SLERP against the bandwidth floor and mergekit.
 
-    .venv/bin/python benchmarks/merge_speed.py [--layers 4] [--repeats 5]
+    .venv/bin/python benchmarks/merge_speed.py [--layers 8] [--repeats 5]
 
 Builds a phi-2-shaped pair (hidden 2560, intermediate 10240, vocab 51200, float16, random weights)
 in a temporary folder, then measures in one run:
@@ -92,7 +92,7 @@ def measure_mergekit_memory(config_path: Path, repeats: int) -> float:
     from mergekit.architecture import get_architecture_info
     from mergekit.config import MergeConfiguration
     from mergekit.graph import Executor
-    from mergekit.io.tasks import LoaderCache
+    from mergekit.io.tasks import LoaderCache, ReturnTensor
     from mergekit.options import MergeOptions
     from mergekit.plan import MergePlanner
 
@@ -105,7 +105,12 @@ def measure_mergekit_memory(config_path: Path, repeats: int) -> float:
     params = dict(model.named_parameters())
 
     def build():
-        tasks = MergePlanner(config, arch, options, base_cfg).plan_in_memory()
+        # MergePlanner.plan_in_memory() as mergekit-evolve calls it; mergekit 0.1.5's ReturnTensor fails
+        # pydantic validation of its generic Task field, so construct the same tasks without validating.
+        planner = MergePlanner(config, arch, options, base_cfg)
+        planner._plan()
+        tasks = [ReturnTensor.model_construct(weight_info=w, tensor_task=t, dtype=w.force_dtype or config.out_dtype)
+                 for w, t in planner._tensors]
         for task, value in Executor(tasks, math_device="cpu", storage_device="cpu").run(quiet=True):
             params[task.weight_info.name].data.copy_(value)
 
@@ -114,7 +119,7 @@ def measure_mergekit_memory(config_path: Path, repeats: int) -> float:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--layers", type=int, default=4)
+    parser.add_argument("--layers", type=int, default=8)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--child", help=argparse.SUPPRESS)
     args = parser.parse_args()

@@ -155,7 +155,8 @@ def load_study_file(path: str | Path) -> StudyFile:
 
 def describe(exc: ValidationError, data: Any) -> str:
     """The first validation error as `field.path: what is wrong`, with a did-you-mean for typos."""
-    err = exc.errors()[0]
+    # An unknown key usually explains a "missing" one (a typo), so report it first.
+    err = sorted(exc.errors(), key=lambda e: e["type"] != "extra_forbidden")[0]
     loc = [p for p in err["loc"] if not (isinstance(p, str) and ("[" in p or p in {"float", "int", "str"}))]
     field = ".".join(str(p) for p in loc)
     message = err["msg"].removeprefix("Value error, ")
