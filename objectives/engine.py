@@ -1,16 +1,23 @@
 """The fast LM side: batched log-likelihood and greedy generation on a live transformers model.
 
-Requests arrive tokenised (objectives.requests). Work is organised as a prefix tree of at most
-three levels, each run once and extended through the KV cache:
+Requests arrive tokenised (objectives.requests). The work is a prefix tree, and each shared
+prefix is run once:
 
-    shared prefix of a task split  (e.g. a fixed few-shot block; once per run)
-      -> prefix of one item        (the context its choices share; once per item)
-        -> remainder of a request  (the tokens that differ: a choice, or a decoding step)
+    shared prefix of a task split  (a fixed few-shot block or primer: once per run, KV-cached)
+      -> prefix of one item        (the context its choices share: once per item)
+        -> remainder of a request  (a choice's tokens, or a generated token)
 
-Rows are right-padded. A level's attention mask is the cached mask of the level below (zeros at
-its padding) followed by ones: valid tokens never see later padding under the causal mask, and
-padding queries always see themselves, so no row is fully masked. Positions are explicit, so a
-row continues at its own length however much padding the cache holds.
+Loglikelihood: one row per item, packed as [item prefix | choice 1 | choice 2 | ...] with a 4D
+attention mask in which each choice sees the prefix and itself only, and explicit positions (a
+choice continues at the prefix length). One forward pass scores every choice of the item.
+
+Generation: each item's prompt tail is run as its own row on top of the shared prefix, then the
+batch's caches are repacked into ONE row [shared | tail 1 | tail 2 | ...]. Each decoding step
+appends one token per live item to that row; the mask lets a token see the shared prefix, its
+own tail and its own earlier tokens. Decoding is memory-bound, and this way the shared prefix is
+read once per step instead of once per item; finished items just stop adding tokens.
+
+Masks are additive floats (0 or the dtype's minimum), which both sdpa and eager attention take.
 """
 
 from __future__ import annotations
@@ -24,8 +31,11 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from transformers.cache_utils import DynamicLayer
 
 from objectives.requests import GenRequest, LLRequest, postprocess
+
+SUPPORTED_ATTENTION = ("sdpa", "eager")  # implementations that accept arbitrary 4D masks
 
 
 @dataclass(frozen=True)
@@ -47,24 +57,69 @@ class GenItem:
     request: GenRequest
 
 
-class _Past:
-    """A KV cache and, per row, which cached positions hold real tokens."""
+class _RoomyLayer(DynamicLayer):
+    """A DynamicLayer that appends into reserved room instead of re-allocating on every update.
 
-    def __init__(self, cache: Any, mask: torch.Tensor) -> None:
-        self.cache = cache
-        self.mask = mask
+    DynamicLayer.update concatenates the whole cache with each new token, which dominates greedy
+    decoding; here `keys`/`values` are views of a buffer with spare room for the tokens to come.
+    """
 
-    def select(self, index: torch.Tensor, config: Any) -> _Past:
-        """A new cache holding the given rows (repeats allowed); self stays usable."""
-        from transformers import DynamicCache
+    is_croppable = False
 
-        data = [(layer.keys[index], layer.values[index]) for layer in self.cache.layers]
-        return _Past(DynamicCache(ddp_cache_data=data, config=config), self.mask[index])
+    def __init__(self, keys: torch.Tensor, values: torch.Tensor, room: int) -> None:
+        super().__init__()
+        n = keys.shape[-2]
+        self._k = keys.new_empty((*keys.shape[:-2], n + room, keys.shape[-1]))
+        self._v = values.new_empty((*values.shape[:-2], n + room, values.shape[-1]))
+        self._k[..., :n, :] = keys
+        self._v[..., :n, :] = values
+        self._n = n
+        self.dtype, self.device = keys.dtype, keys.device
+        self.is_initialized = True
+        self._views()
 
-    def keep(self, index: torch.Tensor) -> None:
-        """Drop all rows but the given ones, in place."""
-        self.cache.batch_select_indices(index)
-        self.mask = self.mask[index]
+    def _views(self) -> None:
+        self.keys = self._k[..., : self._n, :]
+        self.values = self._v[..., : self._n, :]
+
+    def update(
+        self, key_states: torch.Tensor, value_states: torch.Tensor, *args: Any, **kwargs: Any
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Append new keys/values; returns all of them, as DynamicLayer.update does."""
+        new = key_states.shape[-2]
+        if self._n + new > self._k.shape[-2]:  # out of room: grow (rare, room is reserved up front)
+            grown = _RoomyLayer(self.keys, self.values, room=max(new, self._n))
+            self._k, self._v = grown._k, grown._v
+        self._k[..., self._n : self._n + new, :] = key_states
+        self._v[..., self._n : self._n + new, :] = value_states
+        self._n += new
+        self._views()
+        return self.keys, self.values
+
+    def get_seq_length(self) -> int:
+        """Number of cached positions."""
+        return self._n
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        """Keep only the given rows."""
+        self._k, self._v = self._k[indices], self._v[indices]
+        self._views()
+
+
+def _empty_cache() -> Any:
+    """A plain DynamicCache for the model to fill."""
+    from transformers import DynamicCache
+
+    return DynamicCache()
+
+
+def _cache(pieces: list[tuple[torch.Tensor, torch.Tensor]], room: int) -> Any:
+    """A DynamicCache of roomy layers holding the given per-layer keys and values."""
+    from transformers import DynamicCache
+
+    cache = DynamicCache()
+    cache.layers = [_RoomyLayer(k, v, room) for k, v in pieces]
+    return cache
 
 
 class Engine:
@@ -73,34 +128,32 @@ class Engine:
     def __init__(self, model: Any, tokenizer: Any, batch_size: int = 16) -> None:
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        attention = getattr(model.config, "_attn_implementation", None) or "eager"
+        if attention not in SUPPORTED_ATTENTION:
+            raise ValueError(
+                f"attention implementation {attention!r} unsupported; load the model with sdpa or eager"
+            )
         self.model = model
         self.tokenizer = tokenizer
         self.batch_size = batch_size
-        self.device = next(model.parameters()).device
+        first = next(model.parameters())
+        self.device = first.device
+        self._min = torch.finfo(first.dtype if first.is_floating_point() else torch.float32).min
+        self._mask_dtype = first.dtype if first.is_floating_point() else torch.float32
         self._keep_logits = "logits_to_keep" in inspect.signature(model.forward).parameters
         eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
         self._eos = set(eos if isinstance(eos, (list, tuple)) else [] if eos is None else [eos])
-        self._shared: dict[Hashable, _Past] = {}
+        self._shared: dict[Hashable, list[tuple[torch.Tensor, torch.Tensor]]] = {}
         self.forward_seconds = 0.0
         self.forward_calls = 0
 
     # -- model calls -------------------------------------------------------------------------
-    def _forward(self, past: _Past | None, rows: Sequence[Sequence[int]], keep: int) -> tuple[Any, _Past]:
-        """Extend `past` by one right-padded row per sequence, logits of the last `keep` columns (0: all)."""
-        width = max(len(r) for r in rows)
-        ids = torch.zeros((len(rows), width), dtype=torch.long)
-        valid = torch.zeros((len(rows), width), dtype=torch.long)
-        for i, row in enumerate(rows):
-            ids[i, : len(row)] = torch.as_tensor(row, dtype=torch.long)
-            valid[i, : len(row)] = 1
-        ids, valid = ids.to(self.device), valid.to(self.device)
-        ones = torch.ones_like(valid)
-        if past is None:
-            start = torch.zeros((len(rows), 1), dtype=torch.long, device=self.device)
-            attention = ones
-        else:
-            start = past.mask.sum(dim=1, keepdim=True)
-            attention = torch.cat([past.mask, ones], dim=1)
+    def _forward(
+        self, ids: torch.Tensor, positions: torch.Tensor, allowed: torch.Tensor, cache: Any, keep: int
+    ) -> Any:
+        """One forward pass with explicit positions and a boolean [rows, queries, keys] visibility mask."""
+        mask = torch.zeros(allowed.shape, dtype=self._mask_dtype, device=self.device)
+        mask.masked_fill_(~allowed, self._min)
         kwargs: dict[str, Any] = {}
         if keep and self._keep_logits:
             kwargs["logits_to_keep"] = keep
@@ -109,27 +162,36 @@ class Engine:
         t0 = time.perf_counter()
         out = self.model(
             input_ids=ids,
-            attention_mask=attention,
-            position_ids=start + torch.arange(width, device=self.device),
-            past_key_values=None if past is None else past.cache,
-            use_cache=True,
+            attention_mask=mask[:, None],
+            position_ids=positions,
+            past_key_values=cache,
+            use_cache=cache is not None,
             **kwargs,
         )
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
         self.forward_seconds += time.perf_counter() - t0
         self.forward_calls += 1
-        mask = valid if past is None else torch.cat([past.mask, valid], dim=1)
-        logits = out.logits if not keep or self._keep_logits else out.logits[:, -keep:]
-        return logits, _Past(out.past_key_values, mask)
+        return out if not keep or self._keep_logits else _Sliced(out, keep)
 
-    def _shared_past(self, key: Hashable, tokens: tuple[int, ...], rows: int) -> _Past | None:
-        if not tokens:
-            return None
+    def _shared_kv(self, key: Hashable, tokens: tuple[int, ...]) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """Per-layer keys/values of a shared prefix (batch 1), computed once per run."""
         if key not in self._shared:
-            self._shared[key] = self._forward(None, [tokens], keep=1)[1]
-        index = torch.zeros(rows, dtype=torch.long, device=self.device)
-        return self._shared[key].select(index, self.model.config)
+            n = len(tokens)
+            ids = torch.as_tensor([tokens], device=self.device)
+            positions = torch.arange(n, device=self.device)[None]
+            allowed = torch.ones((n, n), dtype=torch.bool, device=self.device).tril()[None]
+            cache = _empty_cache()
+            self._forward(ids, positions, allowed, cache, keep=1)
+            self._shared[key] = [(layer.keys, layer.values) for layer in cache.layers]
+        return self._shared[key]
+
+    def _past(self, key: Hashable, shared: tuple[int, ...], rows: int, room: int) -> Any:
+        """A cache holding the shared prefix once per row (None without a shared prefix)."""
+        if not shared:
+            return None
+        kv = self._shared_kv(key, shared)
+        return _cache([(k.expand(rows, -1, -1, -1), v.expand(rows, -1, -1, -1)) for k, v in kv], room)
 
     # -- loglikelihood -----------------------------------------------------------------------
     @torch.inference_mode()
@@ -140,57 +202,73 @@ class Engine:
         for i, item in enumerate(items):
             by_key[item.shared_key].append(i)
         for idxs in by_key.values():
-            # Length buckets: longest item prefixes first, so padding within a batch stays small.
-            idxs.sort(key=lambda i: (items[i].prefix, len(items[i].requests)), reverse=True)
+            # Length buckets: longest packed rows first, so padding within a batch stays small.
+            idxs.sort(key=lambda i: _packed_length(items[i]), reverse=True)
             for batch in _batches(idxs, [len(items[i].requests) for i in idxs], self.batch_size):
                 for i, res in zip(batch, self._ll_batch([items[i] for i in batch]), strict=True):
                     out[i] = res
         return out
 
     def _ll_batch(self, items: list[LLItem]) -> list[list[tuple[float, bool]]]:
-        shared = items[0].shared
-        past = self._shared_past(items[0].shared_key, shared, len(items))
-        level1 = [it.requests[0].feed[len(shared) : it.prefix] for it in items]
-        if any(level1):
-            past = self._forward(past, level1, keep=1)[1]
-        reqs = [(p, r) for p, it in enumerate(items) for r in it.requests]
-        results: list[tuple[float, bool]] = []
-        for lo in range(0, len(reqs), self.batch_size):
-            chunk = reqs[lo : lo + self.batch_size]
-            parents = torch.as_tensor([p for p, _ in chunk], device=self.device)
-            rows = [r.feed[items[p].prefix :] for p, r in chunk]
-            starts = [r.scored_from - items[p].prefix for p, r in chunk]
-            width = max(len(r) for r in rows)
-            keep = width - min(starts)  # logits only from the first scored column on
-            sub = past.select(parents, self.model.config) if past is not None else None
-            logits = self._forward(sub, rows, keep=keep)[0]
-            results.extend(self._score(logits, chunk, starts, width - keep))
-        out: list[list[tuple[float, bool]]] = [[] for _ in items]
-        for (p, _), res in zip(reqs, results, strict=True):
-            out[p].append(res)
+        n_shared = len(items[0].shared)
+        rows, groups, positions, spans = [], [], [], []
+        for it in items:
+            head = list(it.requests[0].feed[n_shared : it.prefix])
+            row, group, pos = head, [0] * len(head), list(range(n_shared, it.prefix))
+            item_spans = []
+            for j, req in enumerate(it.requests, start=1):
+                rest = req.feed[it.prefix :]
+                first = len(row) + req.scored_from - it.prefix  # row column whose logits score target 0
+                item_spans.append((first, req))
+                row, group, pos = (
+                    row + list(rest),
+                    group + [j] * len(rest),
+                    pos + list(range(it.prefix, it.prefix + len(rest))),
+                )
+            rows.append(row)
+            groups.append(group)
+            positions.append(pos)
+            spans.append(item_spans)
+        width = max(len(r) for r in rows)
+        ids, pos_t, allowed = self._pack(rows, groups, positions, width)
+        cache = self._past(items[0].shared_key, items[0].shared, len(items), width)
+        if cache is not None:
+            past = torch.ones((len(items), width, n_shared), dtype=torch.bool, device=self.device)
+            allowed = torch.cat([past, allowed], dim=2)
+        first_scored = min(first for item_spans in spans for first, _ in item_spans)
+        keep = width - first_scored
+        logits = self._forward(ids, pos_t, allowed, cache, keep=keep).logits
+        offset = width - keep
+        chunk = [(r, first - offset, req) for r, item_spans in enumerate(spans) for first, req in item_spans]
+        scored = _score(logits, chunk, self.device)
+        out, pos = [], 0
+        for it in items:
+            out.append(scored[pos : pos + len(it.requests)])
+            pos += len(it.requests)
         return out
 
-    def _score(
-        self, logits: torch.Tensor, chunk: list[tuple[int, LLRequest]], starts: list[int], offset: int
-    ) -> list[tuple[float, bool]]:
-        row_ix, col_ix, targets = [], [], []
-        for j, ((_, req), start) in enumerate(zip(chunk, starts, strict=True)):
-            row_ix += [j] * req.n_cont
-            col_ix += range(start - offset, start - offset + req.n_cont)
-            targets += req.tokens[-req.n_cont :]
-        picked = logits[
-            torch.as_tensor(row_ix, device=self.device), torch.as_tensor(col_ix, device=self.device)
-        ]
-        target = torch.as_tensor(targets, device=self.device)
-        # Same arithmetic as HFLM: log_softmax in the logits' dtype, summed per request in that dtype.
-        token_ll = F.log_softmax(picked, dim=-1).gather(1, target[:, None]).squeeze(1)
-        greedy = picked.argmax(dim=-1) == target
-        res, pos = [], 0
-        for _, req in chunk:
-            seg = slice(pos, pos + req.n_cont)
-            res.append((float(token_ll[seg].sum()), bool(greedy[seg].all())))
-            pos += req.n_cont
-        return res
+    def _pack(
+        self, rows: list[list[int]], groups: list[list[int]], positions: list[list[int]], width: int
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Right-padded ids and positions, and the visibility mask of a packed tree per row.
+
+        A token sees earlier tokens of group 0 (the shared stem) and of its own group; padding
+        (group -1) sees only itself, so that no query row is fully masked.
+        """
+        n = len(rows)
+        ids = torch.zeros((n, width), dtype=torch.long)
+        pos = torch.zeros((n, width), dtype=torch.long)
+        grp = torch.full((n, width), -1, dtype=torch.long)
+        for i, (row, group, p) in enumerate(zip(rows, groups, positions, strict=True)):
+            ids[i, : len(row)] = torch.as_tensor(row, dtype=torch.long)
+            pos[i, : len(row)] = torch.as_tensor(p, dtype=torch.long)
+            grp[i, : len(row)] = torch.as_tensor(group, dtype=torch.long)
+        ids, pos, grp = ids.to(self.device), pos.to(self.device), grp.to(self.device)
+        causal = torch.ones((width, width), dtype=torch.bool, device=self.device).tril()
+        gq, gk = grp[:, :, None], grp[:, None, :]
+        allowed = causal & (gk >= 0) & ((gk == 0) | (gk == gq))
+        allowed |= torch.eye(width, dtype=torch.bool, device=self.device) & (gq < 0)
+        return ids, pos, allowed
 
     # -- generation --------------------------------------------------------------------------
     @torch.inference_mode()
@@ -209,33 +287,73 @@ class Engine:
         return out
 
     def _gen_batch(self, items: list[GenItem]) -> list[str]:
-        shared = items[0].shared
-        past = self._shared_past(items[0].shared_key, shared, len(items))
-        level1 = [it.request.context[len(shared) : -1] for it in items]
-        if any(level1):
-            past = self._forward(past, level1, keep=1)[1]
+        n = len(items)
+        n_shared = len(items[0].shared)
+        tails = [list(it.request.context[n_shared:-1]) for it in items]
+        steps = max(it.request.max_gen_toks for it in items)
+        # Single packed row: shared prefix, then each item's prompt tail, then generated tokens.
+        owner = [-1] * n_shared
+        pieces = list(self._shared_kv(items[0].shared_key, items[0].shared)) if n_shared else []
+        if any(tails):
+            width = max(len(t) for t in tails)
+            ids, pos, allowed = self._pack(
+                tails,
+                [[0] * len(t) for t in tails],
+                [list(range(n_shared, n_shared + len(t))) for t in tails],
+                width,
+            )
+            cache = self._past(items[0].shared_key, items[0].shared, n, width)
+            if cache is None:
+                cache = _empty_cache()
+            else:
+                past = torch.ones((n, width, n_shared), dtype=torch.bool, device=self.device)
+                allowed = torch.cat([past, allowed], dim=2)
+            self._forward(ids, pos, allowed, cache, keep=1)
+            repacked = []
+            for li, layer in enumerate(cache.layers):
+                parts = [pieces[li][0]] if pieces else []
+                vparts = [pieces[li][1]] if pieces else []
+                for r, t in enumerate(tails):
+                    parts.append(layer.keys[r : r + 1, :, n_shared : n_shared + len(t)])
+                    vparts.append(layer.values[r : r + 1, :, n_shared : n_shared + len(t)])
+                repacked.append((torch.cat(parts, dim=2), torch.cat(vparts, dim=2)))
+            pieces = repacked
+            for r, t in enumerate(tails):
+                owner += [r] * len(t)
+        cache = _cache(pieces, room=n * steps) if pieces else None
+        lengths = [n_shared + len(t) for t in tails]  # next position of each item
+        owner_t = torch.as_tensor(owner, dtype=torch.long, device=self.device)
         generated: list[list[int]] = [[] for _ in items]
-        alive = list(range(len(items)))
+        alive = list(range(n))
         step_in = [it.request.context[-1] for it in items]
         while alive:
-            logits, past = self._forward(past, [[t] for t in step_in], keep=1)
-            chosen = logits[:, -1].argmax(dim=-1).tolist()
+            live = torch.as_tensor(alive, dtype=torch.long, device=self.device)
+            owner_t = torch.cat([owner_t, live])
+            # a token sees the shared prefix and whatever its own item wrote (tail, earlier tokens, itself)
+            allowed = (owner_t[None, :] == -1) | (owner_t[None, :] == live[:, None])
+            if cache is None:
+                cache = _empty_cache()
+            out = self._forward(
+                torch.as_tensor([step_in], device=self.device),
+                torch.as_tensor([[lengths[r] for r in alive]], device=self.device),
+                allowed[None],
+                cache,
+                keep=len(alive),
+            )
+            if not isinstance(cache.layers[0], _RoomyLayer):
+                cache = _cache([(lay.keys, lay.values) for lay in cache.layers], room=n * steps)
+            chosen = out.logits[0, -len(alive) :].argmax(dim=-1).tolist()
             still = []
-            for j, (row, token) in enumerate(zip(alive, chosen, strict=True)):
+            for row, token in zip(alive, chosen, strict=True):
                 req = items[row].request
                 generated[row].append(token)
-                if (
-                    token in self._eos
-                    or len(generated[row]) >= req.max_gen_toks
-                    or self._stopped(generated[row], req.until)
-                ):
+                lengths[row] += 1
+                if token in self._eos or len(generated[row]) >= req.max_gen_toks:
                     continue
-                still.append(j)
-            if len(still) < len(alive):
-                if not still:
-                    break
-                past.keep(torch.as_tensor(still, device=self.device))
-                alive = [alive[j] for j in still]
+                if self._stopped(generated[row], req.until):
+                    continue
+                still.append(row)
+            alive = still
             step_in = [generated[row][-1] for row in alive]
         return [
             postprocess(self.tokenizer.decode(toks, skip_special_tokens=True), it.request.until)
@@ -248,6 +366,40 @@ class Engine:
         window = max((len(u) for u in until), default=0) + 2
         tail = self.tokenizer.decode(tokens[-window:], skip_special_tokens=True)
         return any(u and u in tail for u in until)
+
+
+class _Sliced:
+    """Model output whose logits are cut to the last `keep` columns (models without logits_to_keep)."""
+
+    def __init__(self, out: Any, keep: int) -> None:
+        self.logits = out.logits[:, -keep:]
+        self.past_key_values = getattr(out, "past_key_values", None)
+
+
+def _score(
+    logits: torch.Tensor, chunk: list[tuple[int, int, LLRequest]], device: torch.device
+) -> list[tuple[float, bool]]:
+    """Sum of target log-probs and all-greedy flag per request; `chunk` holds (row, first column, request)."""
+    row_ix, col_ix, targets = [], [], []
+    for row, first, req in chunk:
+        row_ix += [row] * req.n_cont
+        col_ix += range(first, first + req.n_cont)
+        targets += req.tokens[-req.n_cont :]
+    picked = logits[torch.as_tensor(row_ix, device=device), torch.as_tensor(col_ix, device=device)]
+    target = torch.as_tensor(targets, device=device)
+    # Same arithmetic as HFLM: log_softmax in the logits' dtype, summed per request in that dtype.
+    token_ll = F.log_softmax(picked, dim=-1).gather(1, target[:, None]).squeeze(1)
+    greedy = picked.argmax(dim=-1) == target
+    res, pos = [], 0
+    for _, _, req in chunk:
+        seg = slice(pos, pos + req.n_cont)
+        res.append((float(token_ll[seg].sum()), bool(greedy[seg].all())))
+        pos += req.n_cont
+    return res
+
+
+def _packed_length(item: LLItem) -> int:
+    return item.prefix - len(item.shared) + sum(len(r.feed) - item.prefix for r in item.requests)
 
 
 def _batches(idxs: list[int], sizes: list[int], limit: int) -> list[list[int]]:
