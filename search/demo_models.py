@@ -19,6 +19,7 @@ from pathlib import Path
 import torch
 from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import PhiConfig, PhiForCausalLM, PreTrainedTokenizerFast
+from transformers.utils import logging as hf_logging
 
 ProgressCallback = Callable[[str, int, int], None]
 
@@ -42,14 +43,14 @@ ITEMS_PER_TASK = 400
 class DemoRecipe:
     """Everything that decides the demo models' weights; its hash names a finished build."""
 
-    hidden: int = 128
+    hidden: int = 64
     layers: int = 6
     heads: int = 4
     length: int = 4
     batch: int = 128
-    base_steps: int = 300
+    base_steps: int = 100
     base_lr: float = 3e-3
-    parent_steps: int = 150
+    parent_steps: int = 60
     parent_lr: float = 1e-3
     replay: float = 0.25
     seed: int = 0
@@ -155,6 +156,18 @@ def _parent_modules(recipe: DemoRecipe, early: str, late: str) -> list[str]:
     ]
 
 
+def _save(model: PhiForCausalLM, tokenizer: PreTrainedTokenizerFast, path: Path) -> None:
+    # save_pretrained draws its own tqdm bar; the caller owns the progress display
+    shown = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        model.save_pretrained(path)
+        tokenizer.save_pretrained(path)
+    finally:
+        if shown:
+            hf_logging.enable_progress_bar()
+
+
 def build_demo_models(out_dir: Path, progress: ProgressCallback | None = None,
                       recipe: DemoRecipe | None = None) -> dict[str, Path]:
     """Build (or reuse) the demo base and its two parents; returns {"base", "parent_a", "parent_b"}."""
@@ -187,8 +200,7 @@ def build_demo_models(out_dir: Path, progress: ProgressCallback | None = None,
         _train(base, None, ["copy_letters", "copy_digits"], [1, 1], recipe.base_steps, recipe.base_lr,
                recipe.seed, recipe, held_out, report("pretraining base"))
         done += recipe.base_steps
-        base.save_pretrained(paths["base"])
-        tokenizer.save_pretrained(paths["base"])
+        _save(base, tokenizer, paths["base"])
         base_state = {k: v.clone() for k, v in base.state_dict().items()}
         r = recipe.replay
         plans = {
@@ -201,7 +213,6 @@ def build_demo_models(out_dir: Path, progress: ProgressCallback | None = None,
                    recipe.parent_steps, recipe.parent_lr, recipe.seed + 1 + i, recipe, held_out,
                    report(f"fine-tuning {name} on {skill}"))
             done += recipe.parent_steps
-            base.save_pretrained(paths[name])
-            tokenizer.save_pretrained(paths[name])
+            _save(base, tokenizer, paths[name])
     marker.write_text(recipe.digest() + "\n")
     return paths

@@ -17,9 +17,21 @@ from search.space import Recipe, SearchSpace, baseline_recipe, merge_config, spa
 from search.storage import open_storage
 from search.study_config import StudyFile
 
+SLOT = "slot"  # user attr of the enqueued trials that make up the n_trials budget
+TrialState = optuna.trial.TrialState
+
 
 class CandidateFailed(RuntimeError):
     """A candidate that cannot be scored (NaN/Inf outputs); its trial ends as FAIL."""
+
+
+class BudgetReached(RuntimeError):
+    """A trial started after the budget was used up; it ends as FAIL and the worker stops."""
+
+
+def waiting(study: optuna.Study) -> list:
+    """Trial slots not yet taken by any worker."""
+    return study.get_trials(deepcopy=False, states=(TrialState.WAITING,))
 
 
 @dataclass
@@ -90,25 +102,42 @@ class StudyRunner:
         self.task_names = [t.name for t in study.objectives.tasks]
 
     def open_study(self) -> optuna.Study:
-        """Create or load the study; a new one gets the baseline enqueued as trial 0."""
+        """Create or load the study; its creator enqueues the baseline as trial 0. Tops up the budget."""
         storage = open_storage(self.options.storage, self.options.heartbeat)
         directions = ["maximize"] * (len(self.task_names) if self.multi else 1)
-        pruner = self._pruner()
-        existing = optuna.study.get_all_study_names(storage) if hasattr(optuna.study, "get_all_study_names") else []
-        is_new = self.options.study_name not in existing
-        n_done = 0 if is_new else len(optuna.load_study(study_name=self.options.study_name, storage=storage).trials)
-        sampler = make_sampler(self.options.sampler, self.options.seed + n_done)
-        study = optuna.create_study(study_name=self.options.study_name, storage=storage, sampler=sampler,
-                                    pruner=pruner, directions=directions, load_if_exists=True)
-        if list(study.directions) != [optuna.study.StudyDirection.MAXIMIZE] * len(directions):
+        try:
+            study = optuna.create_study(study_name=self.options.study_name, storage=storage, directions=directions)
+            created = True
+        except optuna.exceptions.DuplicatedStudyError:
+            study = optuna.load_study(study_name=self.options.study_name, storage=storage)
+            created = False
+        if len(study.directions) != len(directions):
             raise StudyError(f"study {self.options.study_name!r} has {len(study.directions)} objective(s); "
                              f"sampler {self.options.sampler} needs {len(directions)}; use another --study-name")
-        if is_new:
+        # Reseed per start, so that a resumed study does not replay the first run's random draws.
+        study.sampler = make_sampler(self.options.sampler, self.options.seed + len(study.trials))
+        study.pruner = self._pruner()
+        if created:
             study.set_metric_names(self.task_names if self.multi else ["weighted score"])
             study.set_user_attr("baseline_recipe", self.c.baseline)
             study.set_user_attr("task_names", self.task_names)
-            study.enqueue_trial(self.c.space.params_of(self.c.baseline), user_attrs={"baseline": True})
+            study.enqueue_trial(self.c.space.params_of(self.c.baseline), user_attrs={"baseline": True, SLOT: True})
+        self.top_up(study)
         return study
+
+    def top_up(self, study: optuna.Study) -> int:
+        """Enqueue empty trial slots so that finished + running + waiting = n_trials; returns how many.
+
+        Workers only run enqueued slots (popping one is atomic in the storage), which makes any
+        number of workers stop at exactly n_trials finished trials.
+        """
+        optuna.storages.fail_stale_trials(study)  # a dead worker's trial: FAIL, and retried as a new slot
+        live = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.PRUNED, TrialState.RUNNING,
+                                                        TrialState.WAITING))
+        missing = self.options.n_trials - len(live)
+        for _ in range(max(0, missing)):
+            study.enqueue_trial({}, user_attrs={SLOT: True})
+        return max(0, missing)
 
     def _pruner(self) -> optuna.pruners.BasePruner:
         cfg = self.study_file.pruner
@@ -116,19 +145,19 @@ class StudyRunner:
             return optuna.pruners.NopPruner()
         return optuna.pruners.WilcoxonPruner(p_threshold=cfg.p_threshold, n_startup_steps=cfg.n_startup_steps)
 
-    def remaining(self, study: optuna.Study) -> int:
-        """Trials still to run: the budget counts finished (COMPLETE + PRUNED) trials already there."""
-        return max(0, self.options.n_trials - results.n_finished(study))
-
     def optimize(self, study: optuna.Study, callbacks: list | None = None) -> None:
-        """Run trials until n_trials are finished (across all workers) or the timeout."""
-        budget = optuna.study.MaxTrialsCallback(
-            self.options.n_trials, states=(optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED))
-        n = self.remaining(study)
-        if n == 0:
+        """Run enqueued trial slots until none is left (across all workers) or the timeout."""
+
+        def stop_when_no_slot(study: optuna.Study, _trial) -> None:
+            if not waiting(study):
+                optuna.storages.fail_stale_trials(study)  # a dead worker's trial comes back as a slot
+                if not waiting(study):
+                    study.stop()
+
+        if not waiting(study):
             return
-        study.optimize(self.objective, n_trials=n, timeout=self.options.timeout, catch=(Exception,),
-                       callbacks=[budget, *(callbacks or [])], gc_after_trial=False)
+        study.optimize(self.objective, n_trials=None, timeout=self.options.timeout, catch=(Exception,),
+                       callbacks=[stop_when_no_slot, *(callbacks or [])], gc_after_trial=False)
 
     def objective(self, trial: optuna.Trial) -> float | list[float]:
         """Build the candidate, score it item by item, prune, and record everything on the trial."""
@@ -139,6 +168,12 @@ class StudyRunner:
             raise
 
     def _objective(self, trial: optuna.Trial) -> float | list[float]:
+        if not trial.user_attrs.get(SLOT):
+            # Another worker popped the last slot between our check and our ask: not part of the budget.
+            trial.study.stop()
+            raise BudgetReached("n_trials reached: another worker took the last trial slot")
+        if trial.user_attrs.get("fail_reason"):  # a retry carries the failed trial's attributes
+            trial.set_user_attr("fail_reason", None)
         is_baseline = bool(trial.user_attrs.get("baseline"))
         recipe = self.c.space.suggest(trial)
         if is_baseline:
@@ -158,7 +193,9 @@ class StudyRunner:
             if self.multi:
                 continue
             trial.report(item.value, item.step)
-            if not is_baseline and trial.should_prune():
+            if is_baseline or len(values) % self.study_file.pruner.check_every:
+                continue
+            if trial.should_prune():
                 pruned = True
                 break
         result = run.result()

@@ -104,6 +104,7 @@ class PrunerSection(_Strict):
     type: Literal["wilcoxon", "none"] = "wilcoxon"
     p_threshold: float = Field(default=0.1, gt=0, lt=1)
     n_startup_steps: int = Field(default=20, ge=0)
+    check_every: int = Field(default=5, gt=0)  # items between pruning checks (each reads the study)
 
 
 class ExportSection(_Strict):

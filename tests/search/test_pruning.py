@@ -1,0 +1,66 @@
+"""WilcoxonPruner stops clearly bad candidates early; pruned trials still carry a value."""
+
+from __future__ import annotations
+
+import json
+import random
+
+import optuna
+import torch
+from safetensors.torch import load_file, save_file
+
+from tests.conftest import WORDS, build_tiny_model, run_cli
+from tests.search.conftest import TASK_YAML, study_dict, write_study
+
+TOKEN = {w: i + 2 for i, w in enumerate(WORDS)}  # ids of the tests' word-level tokenizer
+
+
+def biased_parent(folder, seed: int, word: str):
+    """A tiny phi whose lm_head bias makes it answer `word` whatever the context."""
+    build_tiny_model(folder, "phi", seed=seed)
+    tensors = load_file(folder / "model.safetensors")
+    bias = torch.zeros_like(tensors["lm_head.bias"])
+    bias[TOKEN[word]] = 20.0
+    tensors["lm_head.bias"] = bias
+    save_file(tensors, folder / "model.safetensors", metadata={"format": "pt"})
+    return folder
+
+
+def test_wilcoxon_prunes_bad_candidates(tmp_path):
+    # parent_a answers "mat" (always right), parent_b answers "dog" (always a wrong choice):
+    # lm_head takes the `default` t, so candidates with t.default.0 well above 0.5 are clearly bad.
+    parts = {"a": biased_parent(tmp_path / "a", 1, "mat"), "b": biased_parent(tmp_path / "b", 2, "dog")}
+    tasks = tmp_path / "tasks"
+    tasks.mkdir()
+    rng = random.Random(0)
+    rows = []
+    for _ in range(80):
+        others = rng.sample([w for w in WORDS if w not in ("mat", "dog")], 2)
+        choices = rng.sample(["mat", "dog", *others], 4)
+        rows.append({"context": " ".join(rng.sample(WORDS, 4)), "choices": choices, "label": choices.index("mat")})
+    (tasks / "mat.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (tasks / "toy_mat.yaml").write_text(TASK_YAML.format(name="toy_mat", data=tasks / "mat.jsonl"))
+    parts["tasks"] = tasks
+
+    study = study_dict(parts, tmp_path, study={"sampler": "random", "n_trials": 12, "seed": 3},
+                       pruner={"type": "wilcoxon", "p_threshold": 0.1, "n_startup_steps": 5},
+                       search_space={"self_attn": {"value": 0.5}, "mlp": {"value": 0.5},
+                                     "default": {"anchors": 1}})
+    study["baseline"] = [{"filter": "self_attn", "value": 0.5}, {"filter": "mlp", "value": 0.5}, {"value": 0.1}]
+    study["objectives"]["tasks"] = [{"name": "toy_mat", "metric": "acc", "search_items": 60, "holdout_items": 10}]
+    path = write_study(tmp_path / "study.yaml", study)
+    result = run_cli("start", str(path))
+    assert result.returncode == 0, result.stderr[-3000:]
+
+    trials = optuna.load_study(study_name="toy", storage=f"sqlite:///{tmp_path / 'toy.db'}").trials
+    assert trials[0].user_attrs["baseline"] and trials[0].value == 1.0
+    pruned = [t for t in trials if t.user_attrs.get("pruned")]
+    bad = [t for t in trials if t.params["t.default.0"] > 0.7]
+    assert bad, "the seed should sample some clearly bad candidates"
+    assert {t.number for t in bad} <= {t.number for t in pruned}
+    for trial in pruned:
+        assert trial.state == optuna.trial.TrialState.COMPLETE and trial.value is not None
+        assert trial.user_attrs["items_scored"] < 60 / 2, "a clearly bad candidate stops within half the items"
+        assert 0 <= trial.value <= 1
+    status = json.loads(run_cli("status", str(path), "--json").stdout)
+    assert status["n_pruned"] == len(pruned) and status["n_complete"] == 12 - len(pruned)
