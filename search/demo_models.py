@@ -168,23 +168,15 @@ def _save(model: PhiForCausalLM, tokenizer: PreTrainedTokenizerFast, path: Path)
             hf_logging.enable_progress_bar()
 
 
-def build_demo_models(out_dir: Path, progress: ProgressCallback | None = None,
-                      recipe: DemoRecipe | None = None) -> dict[str, Path]:
-    """Build (or reuse) the demo base and its two parents; returns {"base", "parent_a", "parent_b"}."""
-    recipe = recipe or DemoRecipe()
-    out_dir = Path(out_dir)
-    paths = {name: out_dir / name for name in ("base", "parent_a", "parent_b")}
-    marker = out_dir / "BUILD"
-    if marker.exists() and marker.read_text().strip() == recipe.digest():
-        if all((p / "model.safetensors").exists() for p in paths.values()):
-            return paths
+def _build(recipe: DemoRecipe, paths: dict[str, Path], progress: ProgressCallback | None) -> None:
     total = recipe.base_steps + 2 * recipe.parent_steps
-    done = 0
+    offset = 0
 
     def report(stage: str) -> Callable[[int], None]:
-        start = done
-        return lambda step: progress and progress(stage, start + step, total)
+        start = offset
+        return lambda step: progress(stage, start + step, total) if progress else None
 
+    # the models never see an evaluation prompt, so a task score measures the skill, not memory
     held_out = {item["query"] for task in TASKS for item in task_items(task, length=recipe.length)}
     tokenizer = make_tokenizer()
     config = PhiConfig(
@@ -193,26 +185,52 @@ def build_demo_models(out_dir: Path, progress: ProgressCallback | None = None,
         resid_pdrop=0.0, embd_pdrop=0.0, attention_dropout=0.0, partial_rotary_factor=0.5,
         pad_token_id=0, bos_token_id=2, eos_token_id=2,
     )
+    torch.manual_seed(recipe.seed)
+    model = PhiForCausalLM(config)
+    _train(model, None, ["copy_letters", "copy_digits"], [1, 1], recipe.base_steps, recipe.base_lr,
+           recipe.seed, recipe, held_out, report("pretraining base"))
+    offset += recipe.base_steps
+    _save(model, tokenizer, paths["base"])
+    base_state = {k: v.clone() for k, v in model.state_dict().items()}
+    # A may touch only early MLPs and late attention, B the reverse: the classic gradient
+    # (attention from A early and from B late, MLP the other way) then keeps neither skill
+    plans = {
+        "parent_a": ("shift", _parent_modules(recipe, "mlp", "self_attn")),
+        "parent_b": ("double", _parent_modules(recipe, "self_attn", "mlp")),
+    }
+    r = recipe.replay
+    for i, (name, (skill, trainable)) in enumerate(plans.items()):
+        model.load_state_dict(base_state)
+        # replaying the base's copying keeps each parent's change inert outside its own skill
+        _train(model, trainable, [skill, "copy_letters", "copy_digits"], [1 - r, r / 2, r / 2],
+               recipe.parent_steps, recipe.parent_lr, recipe.seed + 1 + i, recipe, held_out,
+               report(f"fine-tuning {name} on {skill}"))
+        offset += recipe.parent_steps
+        _save(model, tokenizer, paths[name])
+
+
+def build_demo_models(out_dir: Path, progress: ProgressCallback | None = None,
+                      recipe: DemoRecipe | None = None) -> dict[str, Path]:
+    """Build (or reuse) the demo base and its two parents; returns {"base", "parent_a", "parent_b"}.
+
+    progress(stage, done, total) is called after every training step.
+    """
+    recipe = recipe or DemoRecipe()
+    out_dir = Path(out_dir)
+    paths = {name: out_dir / name for name in ("base", "parent_a", "parent_b")}
+    marker = out_dir / "BUILD"
+    if marker.exists() and marker.read_text().strip() == recipe.digest():
+        if all((p / "model.safetensors").exists() for p in paths.values()):
+            return paths
     marker.unlink(missing_ok=True)
-    with torch.random.fork_rng():
-        torch.manual_seed(recipe.seed)
-        base = PhiForCausalLM(config)
-        _train(base, None, ["copy_letters", "copy_digits"], [1, 1], recipe.base_steps, recipe.base_lr,
-               recipe.seed, recipe, held_out, report("pretraining base"))
-        done += recipe.base_steps
-        _save(base, tokenizer, paths["base"])
-        base_state = {k: v.clone() for k, v in base.state_dict().items()}
-        r = recipe.replay
-        plans = {
-            "parent_a": ("shift", _parent_modules(recipe, "mlp", "self_attn")),
-            "parent_b": ("double", _parent_modules(recipe, "self_attn", "mlp")),
-        }
-        for i, (name, (skill, trainable)) in enumerate(plans.items()):
-            base.load_state_dict(base_state)
-            _train(base, trainable, [skill, "copy_letters", "copy_digits"], [1 - r, r / 2, r / 2],
-                   recipe.parent_steps, recipe.parent_lr, recipe.seed + 1 + i, recipe, held_out,
-                   report(f"fine-tuning {name} on {skill}"))
-            done += recipe.parent_steps
-            _save(base, tokenizer, paths[name])
+    threads = torch.get_num_threads()
+    # ops this small gain nothing from threads; one thread makes the float sums, hence the
+    # weights, the same on every machine, and avoids spin-waiting on a busy shared CPU
+    torch.set_num_threads(1)
+    try:
+        with torch.random.fork_rng():
+            _build(recipe, paths, progress)
+    finally:
+        torch.set_num_threads(threads)
     marker.write_text(recipe.digest() + "\n")
     return paths
