@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -18,6 +19,7 @@ from search.storage import open_storage
 from search.study_config import StudyFile
 
 SLOT = "slot"  # user attr of the enqueued trials that make up the n_trials budget
+BUDGET = "n_trials"  # study user attr: slots enqueued so far
 TrialState = optuna.trial.TrialState
 
 
@@ -27,6 +29,26 @@ class CandidateFailed(RuntimeError):
 
 class BudgetReached(RuntimeError):
     """A trial started after the budget was used up; it ends as FAIL and the worker stops."""
+
+
+def add_slots(study: optuna.Study, count: int) -> None:
+    """Enqueue empty trial slots; workers run only slots, and popping one is atomic in the storage.
+
+    That is what makes any number of workers stop at exactly n_trials finished trials.
+    """
+    for _ in range(max(0, count)):
+        study.enqueue_trial({}, user_attrs={SLOT: True})
+
+
+def wait_for_budget(study: optuna.Study, patience: float = 60.0) -> int:
+    """The budget a study's creator recorded; its set-up marker, so joining workers wait for it."""
+    deadline = time.monotonic() + patience
+    while (budget := study.user_attrs.get(BUDGET)) is None:
+        if time.monotonic() > deadline:
+            raise StudyError(f"study {study.study_name!r} was never fully set up (its creator died?); "
+                             "use another study name")
+        time.sleep(0.2)
+    return budget
 
 
 def waiting(study: optuna.Study) -> list:
@@ -102,7 +124,7 @@ class StudyRunner:
         self.task_names = [t.name for t in study.objectives.tasks]
 
     def open_study(self) -> optuna.Study:
-        """Create or load the study; its creator enqueues the baseline as trial 0. Tops up the budget."""
+        """Create or load the study; its creator enqueues the baseline and the budget's trial slots."""
         storage = open_storage(self.options.storage, self.options.heartbeat)
         directions = ["maximize"] * (len(self.task_names) if self.multi else 1)
         try:
@@ -114,30 +136,25 @@ class StudyRunner:
         if len(study.directions) != len(directions):
             raise StudyError(f"study {self.options.study_name!r} has {len(study.directions)} objective(s); "
                              f"sampler {self.options.sampler} needs {len(directions)}; use another --study-name")
-        # Reseed per start, so that a resumed study does not replay the first run's random draws.
-        study.sampler = make_sampler(self.options.sampler, self.options.seed + len(study.trials))
+        # The creator uses the study's seed (a single worker is reproducible); a worker that joins or
+        # resumes mixes in its pid, so that workers started together do not draw the same parameters.
+        seed = self.options.seed if created else self.options.seed + len(study.trials) + 7919 * os.getpid()
+        study.sampler = make_sampler(self.options.sampler, seed % 2**32)
         study.pruner = self._pruner()
         if created:
             study.set_metric_names(self.task_names if self.multi else ["weighted score"])
             study.set_user_attr("baseline_recipe", self.c.baseline)
             study.set_user_attr("task_names", self.task_names)
             study.enqueue_trial(self.c.space.params_of(self.c.baseline), user_attrs={"baseline": True, SLOT: True})
-        self.top_up(study)
+            add_slots(study, self.options.n_trials - 1)
+            study.set_user_attr(BUDGET, self.options.n_trials)
+        else:
+            optuna.storages.fail_stale_trials(study)  # a dead worker's trial: FAIL, and retried as a new slot
+            budget = wait_for_budget(study)
+            if self.options.n_trials > budget:  # a bigger --n-trials on resume: add the difference
+                add_slots(study, self.options.n_trials - budget)
+                study.set_user_attr(BUDGET, self.options.n_trials)
         return study
-
-    def top_up(self, study: optuna.Study) -> int:
-        """Enqueue empty trial slots so that finished + running + waiting = n_trials; returns how many.
-
-        Workers only run enqueued slots (popping one is atomic in the storage), which makes any
-        number of workers stop at exactly n_trials finished trials.
-        """
-        optuna.storages.fail_stale_trials(study)  # a dead worker's trial: FAIL, and retried as a new slot
-        live = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.PRUNED, TrialState.RUNNING,
-                                                        TrialState.WAITING))
-        missing = self.options.n_trials - len(live)
-        for _ in range(max(0, missing)):
-            study.enqueue_trial({}, user_attrs={SLOT: True})
-        return max(0, missing)
 
     def _pruner(self) -> optuna.pruners.BasePruner:
         cfg = self.study_file.pruner
@@ -163,8 +180,16 @@ class StudyRunner:
         """Build the candidate, score it item by item, prune, and record everything on the trial."""
         try:
             return self._objective(trial)
-        except Exception as exc:
+        except BudgetReached as exc:
+            trial.set_user_attr("fail_reason", str(exc))
+            raise
+        except BaseException as exc:
             trial.set_user_attr("fail_reason", f"{type(exc).__name__}: {str(exc)[:500]}")
+            # The budget counts finished trials: a failed candidate's slot goes back, with fresh
+            # parameters (a NaN candidate would fail again), unless failures run away.
+            failed = trial.study.get_trials(deepcopy=False, states=(TrialState.FAIL,))
+            if len(failed) < self.options.n_trials:
+                add_slots(trial.study, 1)
             raise
 
     def _objective(self, trial: optuna.Trial) -> float | list[float]:

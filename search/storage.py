@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+import time
 from pathlib import Path
 
 import optuna
@@ -70,10 +71,16 @@ def open_storage(url: str, heartbeat_interval: int | None = 30) -> optuna.storag
         kwargs = dict(heartbeat_interval=heartbeat_interval, grace_period=2 * heartbeat_interval,
                       heartbeat_stale_trial_callback=optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=2))
     engine_kwargs = {"connect_args": {"timeout": 60}} if url.startswith("sqlite") else {"pool_pre_ping": True}
-    try:
-        return optuna.storages.RDBStorage(url, engine_kwargs=engine_kwargs, **kwargs)
-    except ModuleNotFoundError as exc:
-        raise StudyError(f"--storage {mask(url)}: database driver {exc.name!r} is not installed") from None
-    except Exception as exc:  # sqlalchemy raises many types; the user needs the first line only
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise StudyError(f"--storage {mask(url)}: cannot open ({mask(first)[:200]})") from None
+    for attempt in range(3):
+        try:
+            return optuna.storages.RDBStorage(url, engine_kwargs=engine_kwargs, **kwargs)
+        except ModuleNotFoundError as exc:
+            raise StudyError(f"--storage {mask(url)}: database driver {exc.name!r} is not installed") from None
+        except Exception as exc:  # sqlalchemy raises many types; the user needs the first line only
+            # Workers starting together race to create Optuna's tables; the losers just retry.
+            if attempt < 2 and ("already exists" in str(exc) or "duplicate key" in str(exc)):
+                time.sleep(1 + attempt)
+                continue
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise StudyError(f"--storage {mask(url)}: cannot open ({mask(first)[:200]})") from None
+    raise AssertionError("unreachable")
