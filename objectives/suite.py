@@ -168,7 +168,8 @@ class SuiteRun:
         self._window = 8 * batch_size if window == -1 else window
         self._per_doc: list[dict[tuple[str, int], dict[MetricKey, Any]]] = [{} for _ in suite.specs]
         self.items_scored = 0
-        self.engine_seconds = 0.0
+        self.engine_seconds = 0.0  # wall time inside the engine (forward passes and request packing)
+        self._started = False
 
     @property
     def forward_seconds(self) -> float:
@@ -176,6 +177,12 @@ class SuiteRun:
         return self._engine.forward_seconds
 
     def __iter__(self) -> Iterator[ItemScore]:
+        if self._started:
+            raise RuntimeError("a SuiteRun scores once; call Suite.run again for another pass")
+        self._started = True
+        return self._scores()
+
+    def _scores(self) -> Iterator[ItemScore]:
         suite, items = self._suite, self._suite._items[self._split]
         order = suite._order[self._split]
         n = len(order)

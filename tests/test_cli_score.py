@@ -137,3 +137,27 @@ def test_pickled_weights_need_opt_in(model_dir, task_dir, tmp_path, allow):  # n
 def test_missing_model():
     proc = run_cli("score", "--model", "no-such-org/no-such-model", "--tasks", "tiny_mc")
     assert_one_line_error(proc, "neither a folder nor a Hub model in the local cache")
+
+
+def test_hub_id_from_the_offline_cache(model_dir, task_dir, tmp_path):  # noqa: F811
+    """A Hub id resolves to its snapshot in the local cache, with no network."""
+    repo = tmp_path / "hub" / "models--local--tiny"
+    snapshot = repo / "snapshots" / "abc123"
+    shutil.copytree(model_dir, snapshot)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text("abc123")
+    proc = run_cli(
+        "score",
+        "--model",
+        "local/tiny",
+        "--tasks",
+        "tiny_mc",
+        "--include-path",
+        str(task_dir),
+        "--limit",
+        "2",
+        "--json",
+        env={"HF_HUB_CACHE": str(tmp_path / "hub")},
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert set(json.loads(proc.stdout)["results"]["tiny_mc"]) == {"acc,none", "acc_norm,none"}

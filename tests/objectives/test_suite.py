@@ -106,3 +106,10 @@ def test_holdout_does_not_move_when_search_grows(tokenizer, task_dir):
     large = LoadedTask(TaskSpec("tiny_mc", search_items=20, holdout_items=6, seed=9), small.tasks, None)
     assert select_docs(small)["holdout"] == select_docs(large)["holdout"]
     assert set(select_docs(small)["search"]["tiny_mc"]) < set(select_docs(large)["search"]["tiny_mc"])
+
+
+def test_a_run_scores_once(suite, model):
+    run = suite.run(model)
+    next(iter(run))
+    with pytest.raises(RuntimeError):
+        iter(run)
