@@ -20,18 +20,25 @@ def register(sub: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     """Write one YAML per exported trial and print where."""
     from rich.console import Console
-    from rich.table import Table
-
-    from search import results
-    from search.errors import StudyError
 
     study_file, storage, name = locate(args)
     study = load_existing(storage, name)
     top = args.top or (study_file.export.top_k if study_file else 3)
     out = Path(args.out or (study_file and study_file.export.dir) or Path("runs") / name / "export")
+    Console().print(export_trials(study, top, out))
+    return 0
+
+
+def export_trials(study, top: int, out: Path):
+    """Write the top trials' mergekit YAML into `out`, best first; returns a rich table of them."""
+    from rich.table import Table
+
+    from search import results
+    from search.errors import StudyError
+
     trials = results.ranked(study)[:top]
     if not trials:
-        raise StudyError(f"study {name!r} has no fully scored trial to export yet")
+        raise StudyError(f"study {study.study_name!r} has no fully scored trial to export yet")
     try:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
@@ -42,10 +49,10 @@ def run(args: argparse.Namespace) -> int:
     for rank, trial in enumerate(trials, 1):
         path = out / f"{rank:02d}-trial{trial.number}.yml"
         tag = " (baseline)" if trial.user_attrs.get("baseline") else ""
-        header = f"# merge-search study {name}, trial {trial.number}{tag}: score {trial.user_attrs['score']:.4f}\n"
+        header = f"# merge-search study {study.study_name}, trial {trial.number}{tag}: "
+        header += f"score {trial.user_attrs['score']:.4f}\n"
         path.write_text(header + trial.user_attrs["mergekit_yaml"])
         held = results.holdout_of(study, trial)
         table.add_row(str(rank), f"{trial.number}{tag}", f"{trial.user_attrs['score']:.4f}",
                       "-" if held is None else f"{held['score']:.4f}", str(path))
-    Console().print(table)
-    return 0
+    return table

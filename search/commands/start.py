@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from search.commands._common import add_study_arguments, locate, positive_float, positive_int
+from search.commands._common import add_study_arguments, positive_float, positive_int
 from search.study_config import SAMPLERS
 
 
@@ -25,42 +25,46 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Validate, set up once, run the trials with a progress bar, print the final table."""
-    from search.devices import check_device
-    from search.runner import RunOptions
-    from search.storage import mask
+    from search.study_config import load_study_file
 
-    study_file, storage, name = locate(args)
-    s = study_file.study
-    options = RunOptions(storage=storage, study_name=name, n_trials=args.n_trials or s.n_trials,
-                         timeout=args.timeout or s.timeout, sampler=args.sampler or s.sampler,
-                         seed=s.seed if args.seed is None else args.seed,
-                         device=args.device or study_file.merge.device, heartbeat=args.heartbeat)
-    if args.dry_run:
-        from search.report_text import print_plan
-
-        print_plan(study_file, options, mask(storage))
-        return 0
-    options.device = check_device(options.device)
-    return _run_study(study_file, options)
+    study_file = load_study_file(args.study_file)
+    run_study(study_file, storage=args.storage, study_name=args.study_name, n_trials=args.n_trials,
+              timeout=args.timeout, sampler=args.sampler, seed=args.seed, device=args.device,
+              heartbeat=args.heartbeat, dry_run=args.dry_run)
+    return 0
 
 
-def _run_study(study_file, options) -> int:
+def run_study(study_file, storage=None, study_name=None, n_trials=None, timeout=None, sampler=None, seed=None,
+              device=None, heartbeat=30, dry_run=False):
+    """Run (or resume) a study with command-line overrides; returns the Optuna study (None on a dry run)."""
     from rich.console import Console
 
     from search import results
+    from search.devices import check_device
     from search.progress import progress_bar
-    from search.report_text import print_final_table
-    from search.runner import Candidates, StudyRunner
+    from search.report_text import print_final_table, print_plan
+    from search.runner import Candidates, RunOptions, StudyRunner
+    from search.storage import check_url, default_storage, mask
 
+    s = study_file.study
+    storage = storage or s.storage or default_storage(s.name)
+    check_url(storage)
+    options = RunOptions(storage=storage, study_name=study_name or s.name, n_trials=n_trials or s.n_trials,
+                         timeout=timeout or s.timeout, sampler=sampler or s.sampler,
+                         seed=s.seed if seed is None else seed, device=device or study_file.merge.device,
+                         heartbeat=heartbeat)
+    if dry_run:
+        print_plan(study_file, options, mask(storage))
+        return None
+    options.device = check_device(options.device)
     with progress_bar(transient=True) as bar:
         task = bar.add_task("loading parents + geometry", total=None)
         candidates = Candidates(study_file, options.device,
                                 progress=lambda _, done, total: bar.update(task, completed=done, total=total))
     runner = StudyRunner(study_file, options, candidates)
     study = runner.open_study()
-    done_before = results.n_finished(study)
     with progress_bar() as bar:
-        task = bar.add_task(_trial_text(study), total=options.n_trials, completed=done_before)
+        task = bar.add_task(_trial_text(study), total=options.n_trials, completed=results.n_finished(study))
 
         def after_trial(study, _trial):
             bar.update(task, completed=results.n_finished(study), description=_trial_text(study))
@@ -68,7 +72,7 @@ def _run_study(study_file, options) -> int:
         runner.optimize(study, callbacks=[after_trial])
     runner.ensure_holdout(study)
     print_final_table(study, Console())
-    return 0
+    return study
 
 
 def _trial_text(study) -> str:
