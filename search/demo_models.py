@@ -54,6 +54,7 @@ class DemoRecipe:
     parent_lr: float = 1e-3
     replay: float = 0.25
     seed: int = 0
+    # bump when the build code changes what it trains, so old builds are not reused
     version: int = 1
 
     def digest(self) -> str:
@@ -108,7 +109,8 @@ def make_tokenizer() -> PreTrainedTokenizerFast:
     tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(VOCAB)}, unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.Whitespace()
     return PreTrainedTokenizerFast(
-        tokenizer_object=tok, unk_token="<unk>", pad_token="<pad>", eos_token="<eos>", bos_token="<eos>"
+        tokenizer_object=tok, unk_token="<unk>", pad_token="<pad>", eos_token="<eos>", bos_token="<eos>",
+        model_max_length=64,
     )
 
 
@@ -224,8 +226,8 @@ def build_demo_models(out_dir: Path, progress: ProgressCallback | None = None,
             return paths
     marker.unlink(missing_ok=True)
     threads = torch.get_num_threads()
-    # ops this small gain nothing from threads; one thread makes the float sums, hence the
-    # weights, the same on every machine, and avoids spin-waiting on a busy shared CPU
+    # ops this small gain nothing from threads, and on a busy CPU two threads spin-wait 10x slower;
+    # one thread also keeps the float sums in one order whatever the machine's core count
     torch.set_num_threads(1)
     try:
         with torch.random.fork_rng():
@@ -234,3 +236,11 @@ def build_demo_models(out_dir: Path, progress: ProgressCallback | None = None,
         torch.set_num_threads(threads)
     marker.write_text(recipe.digest() + "\n")
     return paths
+
+
+if __name__ == "__main__":
+    # regenerates the committed task data: python -m search.demo_models studies/demo/data
+    import sys
+
+    for written in write_task_data(Path(sys.argv[1] if len(sys.argv) > 1 else "studies/demo/data")).values():
+        print(written)

@@ -1,0 +1,109 @@
+"""The demo models build deterministically and load offline; the demo tasks load through lm-eval."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from search.demo_models import VOCAB, DemoRecipe, build_demo_models, task_items, write_task_data
+
+REPO = Path(__file__).resolve().parents[1]
+TASK_DIR = REPO / "studies" / "demo" / "tasks"
+DATA_DIR = REPO / "studies" / "demo" / "data"
+SMALL = DemoRecipe(hidden=32, layers=4, batch=16, base_steps=6, parent_steps=4)
+SEARCH_ROWS, HELD_OUT_ROWS = range(0, 200), range(200, 400)
+
+
+@pytest.fixture(scope="module")
+def small_build(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    calls: list[tuple[str, int, int]] = []
+    paths = build_demo_models(tmp_path_factory.mktemp("demo"), progress=lambda *a: calls.append(a), recipe=SMALL)
+    total = SMALL.base_steps + 2 * SMALL.parent_steps
+    assert len(calls) == total and calls[-1][1:] == (total, total)
+    return paths
+
+
+def _tensors(path: Path) -> dict[str, torch.Tensor]:
+    return load_file(str(path / "model.safetensors"))
+
+
+def test_build_is_deterministic(small_build: dict[str, Path], tmp_path: Path) -> None:
+    again = build_demo_models(tmp_path, recipe=SMALL)
+    for name, path in small_build.items():
+        first, second = _tensors(path), _tensors(again[name])
+        assert first.keys() == second.keys()
+        for key in first:
+            assert torch.equal(first[key], second[key]), f"{name}:{key}"
+
+
+def test_finished_build_is_reused(small_build: dict[str, Path]) -> None:
+    out_dir = small_build["base"].parent
+    stamp = (small_build["parent_b"] / "model.safetensors").stat().st_mtime_ns
+    calls: list[tuple] = []
+    assert build_demo_models(out_dir, progress=lambda *a: calls.append(a), recipe=SMALL) == small_build
+    assert calls == []
+    assert (small_build["parent_b"] / "model.safetensors").stat().st_mtime_ns == stamp
+
+
+def test_a_changed_recipe_rebuilds(small_build: dict[str, Path], tmp_path: Path) -> None:
+    build_demo_models(tmp_path, recipe=SMALL)
+    calls: list[tuple] = []
+    changed = replace(SMALL, parent_steps=SMALL.parent_steps + 1)
+    build_demo_models(tmp_path, progress=lambda *a: calls.append(a), recipe=changed)
+    assert calls
+
+
+def test_parents_change_only_their_own_modules(small_build: dict[str, Path]) -> None:
+    base = _tensors(small_build["base"])
+    half = SMALL.layers // 2
+    own = {
+        "parent_a": lambda layer, kind: (kind == "mlp") == (layer < half),
+        "parent_b": lambda layer, kind: (kind == "self_attn") == (layer < half),
+    }
+    for parent, owns in own.items():
+        tensors = _tensors(small_build[parent])
+        for key, value in tensors.items():
+            parts = key.split(".")
+            trained = parts[1] == "layers" and parts[3] in ("mlp", "self_attn") and owns(int(parts[2]), parts[3])
+            assert torch.equal(value, base[key]) != trained, f"{parent}:{key}"
+
+
+def test_folders_load_offline(small_build: dict[str, Path]) -> None:
+    for path in small_build.values():
+        model = AutoModelForCausalLM.from_pretrained(path, local_files_only=True)
+        tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
+        assert type(model).__name__ == "PhiForCausalLM"
+        item = task_items("demo_letters")[0]
+        text = f"{item['query']} {item['choices'][0]}"
+        assert tokenizer(text)["input_ids"] == [VOCAB.index(w) for w in text.split()]
+        with torch.no_grad():
+            logits = model(**tokenizer(text, return_tensors="pt")).logits
+        assert logits.shape == (1, len(text.split()), len(VOCAB))
+
+
+def test_committed_task_data_is_what_the_generator_writes(tmp_path: Path) -> None:
+    for task, path in write_task_data(tmp_path).items():
+        assert path.read_bytes() == (DATA_DIR / path.name).read_bytes(), task
+
+
+def test_tasks_load_through_lm_eval(monkeypatch: pytest.MonkeyPatch) -> None:
+    from lm_eval.tasks import TaskManager
+
+    # the YAML data_files are relative to the repository root: datasets resolves them against the CWD
+    monkeypatch.chdir(REPO)
+    tasks = TaskManager(include_path=str(TASK_DIR)).load(["demo_letters", "demo_digits"])["tasks"]
+    assert set(tasks) == {"demo_letters", "demo_digits"}
+    for name, task in tasks.items():
+        docs = list(task.test_docs())
+        assert len(docs) == len(SEARCH_ROWS) + len(HELD_OUT_ROWS) == 400
+        assert task.OUTPUT_TYPE == "multiple_choice"
+        queries = [task.doc_to_text(doc) for doc in docs]
+        assert not {queries[i] for i in SEARCH_ROWS} & {queries[i] for i in HELD_OUT_ROWS}, name
+        for doc in docs:
+            choices = task.doc_to_choice(doc)
+            assert len(set(choices)) == 4 and 0 <= task.doc_to_target(doc) < 4
