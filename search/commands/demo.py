@@ -37,7 +37,11 @@ def run(args: argparse.Namespace) -> int:
     from search.progress import progress_bar
     from search.study_config import load_study_file
 
+    import torch
+
     study_file = load_study_file(args.study)  # a broken study file fails before minutes of training
+    # Models this small run fastest on one thread, and a busy laptop does not make it spin-wait.
+    torch.set_num_threads(1)
     console = Console()
     start = time.perf_counter()
     with progress_bar(transient=True) as bar:
