@@ -107,3 +107,25 @@ def test_resume_counts_earlier_trials(finished_study):
     finished = [t for t in study.trials if t.state.is_finished() and t.state != optuna.trial.TrialState.FAIL]
     assert len(finished) == 12
     assert sum(bool(t.user_attrs.get("baseline")) for t in study.trials) == 1
+
+
+def test_export_and_status_bad_input(finished_study, tmp_path):
+    path, tmp, _ = finished_study
+    blocker = tmp_path / "a_file"
+    blocker.write_text("keep")
+    storage = f"sqlite:///{tmp / 'toy.db'}"
+    cases = [
+        (["export", str(path), "--out", str(blocker / "sub")], "cannot create"),
+        (["export", str(path), "--top", "0"], "--top"),
+        (["export", "--storage", storage, "--study-name", "nope"], "no study named 'nope'"),
+        (["status", "--storage", storage], "which study"),
+        (["status", "--storage", "postgresql://u:hunter2@localhost:1/db", "--study-name", "x"], "cannot open"),
+    ]
+    before = (tmp / "toy.db").stat().st_mtime_ns
+    for args, needle in cases:
+        result = run_cli(*args)
+        lines = result.stderr.strip().splitlines()
+        assert result.returncode == 2 and len(lines) == 1 and needle in lines[0], (args, result.stderr)
+        assert "hunter2" not in result.stderr + result.stdout
+    assert blocker.read_text() == "keep"
+    assert (tmp / "toy.db").stat().st_mtime_ns == before
