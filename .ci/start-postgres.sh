@@ -2,7 +2,8 @@
 # Start a throwaway PostgreSQL server on loopback for the multi-worker tests; print its URL.
 # Needs Debian's postgresql package and root (it runs the server as the postgres user).
 set -euo pipefail
-port=${PGPORT_TEST:-54329}
+# A free loopback port, so that a server left running elsewhere does not get in the way.
+port=${PGPORT_TEST:-$(python3 -c "import socket; s=socket.socket(); s.bind(('127.0.0.1', 0)); print(s.getsockname()[1])")}
 password=${PGPASSWORD_TEST:-merge-search-test-pw}
 bin=$(ls -d /usr/lib/postgresql/*/bin | sort -V | tail -n 1)
 data=$(mktemp -d /tmp/merge-search-pg.XXXXXX)
