@@ -9,14 +9,13 @@ from search.commands._common import positive_int
 from search.study_config import SAMPLERS
 
 DEMO_STUDY = Path("studies/demo.yaml")
-DEMO_MODELS = Path("runs/demo-models")
+DEMO_MODELS = Path("runs/demo-models")  # where studies/demo.yaml expects the parents
 
 
 def register(sub: argparse._SubParsersAction) -> None:
     """Add the `demo` sub-command."""
     parser = sub.add_parser("demo", help="run the offline demo study end to end (minutes on a laptop CPU)")
     parser.add_argument("--study", default=str(DEMO_STUDY), help=f"study file (default {DEMO_STUDY})")
-    parser.add_argument("--models-dir", default=str(DEMO_MODELS), help=f"where the demo parents live ({DEMO_MODELS})")
     parser.add_argument("--n-trials", type=positive_int, help="override study.n_trials")
     parser.add_argument("--sampler", choices=SAMPLERS, help="override study.sampler")
     parser.add_argument("--seed", type=int, help="override study.seed")
@@ -29,6 +28,7 @@ def run(args: argparse.Namespace) -> int:
     """Build the parents with a progress bar, run the study, export the top configs."""
     import time
 
+    import torch
     from rich.console import Console
 
     from search.commands.export import export_trials
@@ -36,8 +36,6 @@ def run(args: argparse.Namespace) -> int:
     from search.demo_models import build_demo_models
     from search.progress import progress_bar
     from search.study_config import load_study_file
-
-    import torch
 
     study_file = load_study_file(args.study)  # a broken study file fails before minutes of training
     # Models this small run fastest on one thread, and a busy laptop does not make it spin-wait.
@@ -52,7 +50,7 @@ def run(args: argparse.Namespace) -> int:
                 tasks[stage] = bar.add_task(stage, total=total)
             bar.update(tasks[stage], completed=done)
 
-        paths = build_demo_models(Path(args.models_dir), progress=on_step)
+        paths = build_demo_models(DEMO_MODELS, progress=on_step)
     console.print(f"demo parents ready in {paths['parent_a'].parent} ({time.perf_counter() - start:.0f} s)")
     study = run_study(study_file, storage=args.storage, study_name=args.study_name, n_trials=args.n_trials,
                       sampler=args.sampler, seed=args.seed)
