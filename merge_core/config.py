@@ -11,7 +11,6 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from merge_core.errors import MergeInputError
 from merge_core.gradient import FilterValue
 
-DTYPES = ("float16", "bfloat16", "float32")
 Scalar = float
 ParameterValue = Scalar | list[Scalar]
 

@@ -31,7 +31,3 @@ def layer_count(config: dict) -> int | None:
                 return source[key]
     return None
 
-
-def layer_count_key(config: dict) -> str | None:
-    """The config.json key that holds the layer count."""
-    return next((k for k in LAYER_COUNT_KEYS if isinstance(config.get(k), int)), None)

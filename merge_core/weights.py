@@ -72,11 +72,6 @@ class ModelWeights:
         raw = torch.frombuffer(buffer, dtype=torch.uint8, count=info.end - info.start, offset=info.start)
         return raw.view(info.dtype).reshape(info.shape)
 
-    def close(self) -> None:
-        """Drop the file maps (tensors returned by get() must not be used afterwards)."""
-        self._maps.clear()
-        self._pickled.clear()
-
 
 def read_config(folder: Path) -> dict:
     """The model's config.json as a dict, with a clear error when missing or broken."""
