@@ -152,6 +152,7 @@ class Merger:
         config = transformers.AutoConfig.for_model(**self.plan.merged_config())
         with no_init_weights(), self.device:
             model = transformers.AutoModelForCausalLM.from_config(config, dtype=self.plan.dtype)
+        model.tie_weights()  # tied lm_head: one tensor, written through the embeddings
         return model.eval()
 
 

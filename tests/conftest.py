@@ -69,7 +69,7 @@ def tiny_models(tmp_path_factory) -> dict[str, Path]:
     """Pairs of tiny models per architecture: `{arch}_a`, `{arch}_b` (same shapes, other seeds)."""
     root = tmp_path_factory.mktemp("models")
     out = {}
-    for arch in ("phi", "llama"):
+    for arch in ("phi", "llama", "qwen2"):
         out[f"{arch}_a"] = build_tiny_model(root / f"{arch}_a", arch, seed=1)
         out[f"{arch}_b"] = build_tiny_model(root / f"{arch}_b", arch, seed=2, max_shard_size="20KB")
     return out
