@@ -18,15 +18,17 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Serve the dashboard until interrupted."""
-    from optuna_dashboard import run_server
+    from optuna_dashboard import get_note, run_server
 
     from search.errors import StudyError
-    from search.notes import artifact_dir, artifact_store
+    from search.notes import StudyNotes, artifact_dir, artifact_store
     from search.progress import console
     from search.storage import mask, open_storage
 
     _, storage, name = locate(args)
-    load_existing(storage, name)
+    study = load_existing(storage, name)
+    if not get_note(study):  # a study run before notes existed: give it its note and figures once
+        StudyNotes(storage).finish(study)
     backend = open_storage(storage, heartbeat_interval=None)
     store = artifact_store(storage, name)
     host = "127.0.0.1" if args.host in ("0.0.0.0", "::") else args.host

@@ -93,7 +93,8 @@ def render_html(study, figs: dict, study_path: str | None = None, storage_url: s
             cells = "".join(f"<td>{'-' if r[k] is None else f'{r[k]:.4f}'}</td>"
                             for k in ("base", "best", "base_held", "best_held"))
             parts.append(f"<tr><td>{esc(r['task'])}</td>{cells}</tr>")
-        parts.append("</table><p class='muted'>Held-out items are never seen by the search.</p>")
+        parts.append("</table><p class='muted'>Held-out items never steer the search: only the baseline and each "
+                     "new best are scored on them.</p>")
     if best is not None:
         parts += ["<h2>Rebuild the best merge</h2>",
                   f"<pre>{esc(reproduce_commands(study, best.number, study_path, storage_url, export_dir))}</pre>",
