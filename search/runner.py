@@ -116,8 +116,9 @@ class Candidates:
 class StudyRunner:
     """Runs (or resumes) one Optuna study of a study file."""
 
-    def __init__(self, study: StudyFile, options: RunOptions, candidates: Candidates):
+    def __init__(self, study: StudyFile, options: RunOptions, candidates: Candidates, notes=None):
         self.study_file = study
+        self.notes = notes  # search.notes.StudyNotes: trial YAML artifacts, dashboard note and figures
         self.options = options
         self.c = candidates
         self.multi = options.sampler == "nsga2"
@@ -204,7 +205,10 @@ class StudyRunner:
         if is_baseline:
             recipe = self.c.baseline
         trial.set_user_attr("recipe", recipe)
-        trial.set_user_attr("mergekit_yaml", self.c.mergekit_yaml(recipe))
+        yaml_text = self.c.mergekit_yaml(recipe)
+        trial.set_user_attr("mergekit_yaml", yaml_text)
+        if self.notes is not None:  # an artifact can only be attached while the trial runs
+            self.notes.attach_yaml(trial, yaml_text)
         trial.set_user_attr("merge_seconds", round(self.c.build(recipe), 4))
 
         start = time.perf_counter()

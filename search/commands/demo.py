@@ -53,7 +53,7 @@ def run(args: argparse.Namespace) -> int:
         paths = build_demo_models(DEMO_MODELS, progress=on_step)
     console.print(f"demo parents ready in {paths['parent_a'].parent} ({time.perf_counter() - start:.0f} s)")
     study = run_study(study_file, storage=args.storage, study_name=args.study_name, n_trials=args.n_trials,
-                      sampler=args.sampler, seed=args.seed)
+                      sampler=args.sampler, seed=args.seed, study_path=args.study)
     out = Path(study_file.export.dir or Path("runs") / study.study_name / "export")
     console.print(export_trials(study, study_file.export.top_k, out))
     console.print(f"demo finished in {time.perf_counter() - start:.0f} s; merge the best with: "

@@ -30,17 +30,18 @@ def run(args: argparse.Namespace) -> int:
     study_file = load_study_file(args.study_file)
     run_study(study_file, storage=args.storage, study_name=args.study_name, n_trials=args.n_trials,
               timeout=args.timeout, sampler=args.sampler, seed=args.seed, device=args.device,
-              heartbeat=args.heartbeat, dry_run=args.dry_run)
+              heartbeat=args.heartbeat, dry_run=args.dry_run, study_path=args.study_file)
     return 0
 
 
 def run_study(study_file, storage=None, study_name=None, n_trials=None, timeout=None, sampler=None, seed=None,
-              device=None, heartbeat=30, dry_run=False):
+              device=None, heartbeat=30, dry_run=False, study_path=None):
     """Run (or resume) a study with command-line overrides; returns the Optuna study (None on a dry run)."""
     from rich.console import Console
 
     from search import results
     from search.devices import check_device
+    from search.notes import StudyNotes
     from search.progress import progress_bar
     from search.report_text import print_final_table, print_plan
     from search.runner import Candidates, RunOptions, StudyRunner
@@ -61,7 +62,9 @@ def run_study(study_file, storage=None, study_name=None, n_trials=None, timeout=
         task = bar.add_task("loading parents + geometry", total=None)
         candidates = Candidates(study_file, options.device,
                                 progress=lambda _, done, total: bar.update(task, completed=done, total=total))
-    runner = StudyRunner(study_file, options, candidates)
+    notes = StudyNotes(options.storage, study_path=study_path, export_dir=study_file.export.dir,
+                       n_layers=candidates.plan.num_layers)
+    runner = StudyRunner(study_file, options, candidates, notes=notes)
     study = runner.open_study()
     with progress_bar() as bar:
         task = bar.add_task(_trial_text(study), total=options.n_trials, completed=results.n_finished(study))
@@ -69,8 +72,9 @@ def run_study(study_file, storage=None, study_name=None, n_trials=None, timeout=
         def after_trial(study, _trial):
             bar.update(task, completed=results.n_finished(study), description=_trial_text(study))
 
-        runner.optimize(study, callbacks=[after_trial])
+        runner.optimize(study, callbacks=[after_trial, notes.after_trial])
     runner.ensure_holdout(study)
+    notes.finish(study)
     print_final_table(study, Console())
     return study
 

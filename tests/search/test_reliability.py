@@ -59,7 +59,8 @@ def test_sigkill_mid_trial_then_resume(study_parts, tmp_path):
     assert trials[killed[0]].state == TrialState.FAIL
     retried = [t for t in trials if t.system_attrs.get("failed_trial") == killed[0]]
     assert len(retried) == 1 and retried[0].state in FINISHED
-    assert retried[0].params == trials[killed[0]].params or not trials[killed[0]].params
+    # The retry keeps whatever the killed trial had sampled before it died (possibly not all of it).
+    assert trials[killed[0]].params.items() <= retried[0].params.items()
 
 
 @pytest.mark.skipif(not os.environ.get("MERGE_SEARCH_PG_URL") and not os.environ.get("CI"),
