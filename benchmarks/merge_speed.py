@@ -78,11 +78,12 @@ def measure_ours(config_path: Path, repeats: int) -> dict:
     candidates = iter([0.1 * (i % 9 + 1) for i in range(100)])
     build = median_time(lambda: merger.build_into(model, [{"filter": "mlp", "value": [next(candidates), 0.5]},
                                                           *T]), repeats)
+    # Peak RSS of the merge engine itself, before the floor measurements below add their own.
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     # The floor on exactly the same tensors: one pass reading v0 and v1 and writing the output.
     pairs = [(targets[o.name], merger._v0[o.v0], merger._v1[o.v1]) for o in merger.plan.outputs]
     floor_add = median_time(lambda: [torch.add(a, b, out=out) for out, a, b in pairs], repeats)
     copy = median_time(lambda: [out.copy_(a) for out, a, _ in pairs], repeats)
-    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     return {"setup": setup, "build": build, "floor_add": floor_add, "floor_copy": copy * 1.5, "rss": rss}
 
 
@@ -142,7 +143,6 @@ def main() -> None:
         if child.returncode:
             sys.exit(child.stderr)
         ours = json.loads(child.stdout.strip().splitlines()[-1])
-        print(ours, flush=True)
         start = time.perf_counter()
         done = subprocess.run([str(Path(sys.executable).parent / "mergekit-yaml"), str(config_path),
                                str(root / "mk")], capture_output=True, text=True)
