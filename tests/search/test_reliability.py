@@ -82,3 +82,15 @@ def test_three_workers_on_postgresql(study_parts, tmp_path):
     assert len(set(params)) == len(params), "a parameter set was scored twice"
     status = run_cli("status", "--storage", url, "--study-name", name, "--json")
     assert status.returncode == 0 and url.split("@")[0].split(":")[-1] not in status.stderr
+
+
+def test_journal_file_storage(study_parts, tmp_path):
+    """A plain file path ending in .journal uses Optuna's journal storage (shared file systems)."""
+    journal = tmp_path / "toy.journal"
+    path = write_study(tmp_path / "study.yaml", study_dict(study_parts, tmp_path, study={"n_trials": 3}))
+    result = run_cli("start", str(path), "--storage", str(journal))
+    assert result.returncode == 0, result.stderr[-2000:]
+    status = run_cli("status", "--storage", str(journal), "--study-name", "toy", "--json")
+    assert status.returncode == 0, status.stderr
+    assert '"n_complete": 3' in status.stdout
+    assert not (tmp_path / "toy.db").exists()
