@@ -93,6 +93,7 @@ class Merger:
         self._v0: dict[str, torch.Tensor] = {}
         self._v1: dict[str, torch.Tensor] = {}
         self._geometry: dict[str, Geometry] = {}
+        self._live: tuple[torch.nn.Module, dict[str, torch.Tensor]] | None = None
         by_sources: dict[tuple[str, str], Geometry] = {}
         for i, out in enumerate(plan.outputs):
             v0 = self._load(plan.base, out.v0, self._v0)
@@ -119,7 +120,9 @@ class Merger:
     @torch.no_grad()
     def build_into(self, model: torch.nn.Module, t: TSetting | None = None) -> None:
         """Overwrite a live model's weights with the merge for this t: no allocation, no disk."""
-        targets = self.targets(model)
+        if self._live is None or self._live[0] is not model:  # name -> parameter map, once per live model
+            self._live = (model, self.targets(model))
+        targets = self._live[1]
         for out, s0, s1 in self._coefficients(t):
             slerp_into(targets[out.name], self._v0[out.v0], self._v1[out.v1], s0, s1)
 
