@@ -39,7 +39,9 @@ def test_sigkill_mid_trial_then_resume(study_parts, tmp_path):
             continue
         done = study.get_trials(deepcopy=False, states=FINISHED)
         running = study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
-        if len(done) >= 3 and running:
+        # Kill inside the objective, after the trial's first heartbeat: Optuna only fails trials
+        # that have one (a kill in the milliseconds before it leaves the trial RUNNING).
+        if len(done) >= 3 and any(t.user_attrs.get("mergekit_yaml") for t in running):
             break
     assert worker.poll() is None, worker.stderr.read()[-2000:]
     worker.send_signal(signal.SIGKILL)
