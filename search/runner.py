@@ -122,6 +122,7 @@ class StudyRunner:
         self.options = options
         self.c = candidates
         self.multi = options.sampler == "nsga2"
+        self.pruning = study.pruner.type == "wilcoxon" and not self.multi
         self.task_names = [t.name for t in study.objectives.tasks]
 
     def open_study(self) -> optuna.Study:
@@ -159,7 +160,7 @@ class StudyRunner:
 
     def _pruner(self) -> optuna.pruners.BasePruner:
         cfg = self.study_file.pruner
-        if cfg.type == "none" or self.multi:
+        if not self.pruning:
             return optuna.pruners.NopPruner()
         return optuna.pruners.WilcoxonPruner(p_threshold=cfg.p_threshold, n_startup_steps=cfg.n_startup_steps)
 
@@ -219,7 +220,7 @@ class StudyRunner:
             if not math.isfinite(item.value):
                 raise CandidateFailed(f"non-finite score on {item.task} item {item.step}: NaN/Inf in the merge")
             values.append(item.value)
-            if self.multi:
+            if not self.pruning:  # each report is a storage write; only the pruner reads them
                 continue
             trial.report(item.value, item.step)
             if is_baseline or len(values) % self.study_file.pruner.check_every:
