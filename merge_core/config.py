@@ -1,18 +1,24 @@
-"""mergekit SLERP configs: read, validate with errors that name the field, write back."""
+"""mergekit configs (every merge method): read, validate with errors that name the field, write back.
+
+The schema is mergekit 0.1.x's `MergeConfiguration` for the `models:` and `slices:` forms. Which
+parameters a method takes, and which inputs it needs, is checked against the method registry when
+the config is planned (`merge_core.plan`), where the tensors are known.
+"""
 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from merge_core.errors import MergeInputError
 from merge_core.gradient import FilterValue
 
-Scalar = float
-ParameterValue = Scalar | list[Scalar]
+Scalar = bool | int | float | str
+ScalarOrGradient = Scalar | list[Scalar]
+DType = Literal["float16", "bfloat16", "float32"]
 
 
 class _Strict(BaseModel):
@@ -22,7 +28,7 @@ class _Strict(BaseModel):
 class ConditionalValue(_Strict):
     """`{filter: self_attn, value: [0, 0.5, 1]}`; no filter matches every tensor."""
 
-    value: ParameterValue
+    value: ScalarOrGradient
     filter: str | None = None
 
     @field_validator("value")
@@ -33,25 +39,24 @@ class ConditionalValue(_Strict):
         return value
 
 
-TSetting = Scalar | list[Scalar] | list[ConditionalValue]
+def _conditional_lists(value):
+    # mergekit accepts a single `{filter, value}` mapping where a list of them is meant.
+    if isinstance(value, dict):
+        return {k: [v] if isinstance(v, dict) else v for k, v in value.items()}
+    return value
 
 
-class Parameters(_Strict):
-    """Merge parameters; SLERP has one, the interpolation factor t."""
-
-    t: TSetting
-
-    @field_validator("t", mode="before")
-    @classmethod
-    def _single_entry(cls, value):
-        return [value] if isinstance(value, dict) else value
+ParameterSetting = ScalarOrGradient | ConditionalValue | list[ConditionalValue]
+Parameters = Annotated[dict[str, ParameterSetting], BeforeValidator(_conditional_lists)]
+TSetting = ParameterSetting  # the value of SLERP's t, kept for the study code
 
 
 class SliceSource(_Strict):
-    """One model's contiguous run of layers inside a slice."""
+    """One model's contiguous run of layers inside a slice, with its own parameters."""
 
     model: str
     layer_range: tuple[int, int]
+    parameters: Parameters | None = None
 
     @field_validator("layer_range")
     @classmethod
@@ -64,7 +69,8 @@ class SliceSource(_Strict):
 class Slice(_Strict):
     """Output layers made from the same number of layers of each source model."""
 
-    sources: list[SliceSource] = Field(min_length=2, max_length=2)
+    sources: list[SliceSource] = Field(min_length=1)
+    base_model: str | None = None
     parameters: Parameters | None = None
 
     @model_validator(mode="after")
@@ -76,71 +82,89 @@ class Slice(_Strict):
 
 
 class ModelEntry(_Strict):
-    """A whole model in the `models:` form."""
+    """A whole model in the `models:` form, with its own parameters."""
 
     model: str
+    parameters: Parameters | None = None
 
 
-class SlerpConfig(_Strict):
-    """A mergekit `merge_method: slerp` config, the subset merge-search builds and searches."""
+class MergeConfig(_Strict):
+    """A mergekit config: one merge method over `models:` or `slices:`."""
 
     merge_method: str
-    base_model: str
+    base_model: str | None = None
     slices: list[Slice] | None = None
     models: list[ModelEntry] | None = None
     parameters: Parameters | None = None
-    dtype: Literal["float16", "bfloat16", "float32"] = "float16"
+    dtype: DType | None = None
+    out_dtype: DType | None = None
     tokenizer_source: str | None = None
-
-    @field_validator("merge_method")
-    @classmethod
-    def _slerp_only(cls, value):
-        if value != "slerp":
-            raise ValueError(f"merge-search builds slerp merges only, got {value!r}")
-        return value
 
     @model_validator(mode="after")
     def _shape(self):
         if (self.slices is None) == (self.models is None):
             raise ValueError("give either `slices` or `models`, not both or neither")
-        if self.models is not None and len(self.models) != 2:
-            raise ValueError("models: slerp merges exactly two models")
+        if self.models is not None and not self.models:
+            raise ValueError("models: needs at least one model")
         if self.slices is not None and not self.slices:
             raise ValueError("slices: needs at least one slice")
-        for model_pair in self.model_pairs():
-            if self.base_model not in model_pair:
-                raise ValueError(f"base_model {self.base_model!r} must be one of the merged models {model_pair}")
-            if model_pair[0] == model_pair[1]:
-                raise ValueError("slerp needs two different models")
-        if self.parameters is None and (self.models is not None or any(s.parameters is None for s in self.slices)):
-            raise ValueError("parameters.t is required")
         return self
 
+    def model_names(self) -> list[str]:
+        """Every model the config reads, in first-mention order (base first when given)."""
+        names = [self.base_model] if self.base_model else []
+        for entry in self.models or []:
+            names.append(entry.model)
+        for sl in self.slices or []:
+            names += [s.model for s in sl.sources] + ([sl.base_model] if sl.base_model else [])
+        return list(dict.fromkeys(names))
+
     def model_pairs(self) -> list[list[str]]:
-        """The two model names of each slice (or of the whole merge)."""
+        """The model names of each slice (or of the whole merge)."""
         if self.models is not None:
             return [[m.model for m in self.models]]
         return [[s.model for s in sl.sources] for sl in self.slices or []]
 
     def other_model(self) -> str:
-        """The model that is not the base (v1 in SLERP)."""
-        return next(m for m in self.model_pairs()[0] if m != self.base_model)
+        """The first model that is not the base (v1 in SLERP)."""
+        return next(m for m in self.model_names() if m != self.base_model)
 
-    def with_t(self, t: TSetting) -> SlerpConfig:
+    def with_parameters(self, parameters: Parameters) -> MergeConfig:
+        """The same merge with these global parameters replacing the config's (slice-level ones dropped)."""
+        slices = None
+        if self.slices:
+            slices = [s.model_copy(update={"parameters": _without(s.parameters, parameters)}) for s in self.slices]
+        merged = dict(self.parameters or {}) | dict(parameters)
+        return self.model_copy(update={"parameters": merged, "slices": slices})
+
+    def with_t(self, t: TSetting) -> MergeConfig:
         """The same merge with another global t and no per-slice t."""
-        slices = [s.model_copy(update={"parameters": None}) for s in self.slices] if self.slices else None
-        return self.model_copy(update={"parameters": Parameters(t=t), "slices": slices})
+        return self.with_parameters({"t": _conditional_lists({"t": t})["t"]})
 
     def to_yaml(self) -> str:
         """mergekit YAML text for this config."""
         return yaml.safe_dump(self.model_dump(exclude_none=True, mode="json"), sort_keys=False)
 
 
-def t_setting(value) -> float | list[float] | list[FilterValue]:
-    """Any accepted form of t (number, anchors, `{filter, value}` dicts or models) in gradient's form."""
+SlerpConfig = MergeConfig  # the study code's name from when slerp was the only method
+
+
+def _without(parameters: Parameters | None, names) -> Parameters | None:
+    if parameters is None:
+        return None
+    kept = {k: v for k, v in parameters.items() if k not in names}
+    return kept or None
+
+
+def setting_of(value) -> Any:
+    """Any accepted form of a parameter (scalar, anchors, `{filter, value}` entries) in gradient's form."""
     if isinstance(value, dict | ConditionalValue | FilterValue):
         value = [value]
-    if isinstance(value, list) and value and not isinstance(value[0], int | float):
+    if isinstance(value, list | tuple):
+        if not value:
+            return ()
+        if all(isinstance(v, bool | int | float | str) for v in value):
+            return tuple(value)
         entries = []
         for entry in value:
             if isinstance(entry, dict):
@@ -148,22 +172,29 @@ def t_setting(value) -> float | list[float] | list[FilterValue]:
             if isinstance(entry, ConditionalValue):
                 entry = FilterValue(tuple(entry.value) if isinstance(entry.value, list) else entry.value, entry.filter)
             entries.append(entry)
-        return entries
+        return tuple(entries)
     return value
 
 
-def parse_config(data: Any, source: str = "config") -> SlerpConfig:
+t_setting = setting_of  # kept for callers that speak of t
+
+
+def parse_config(data: Any, source: str = "config") -> MergeConfig:
     """Validate a parsed YAML mapping; errors name the file and the field."""
     if not isinstance(data, dict):
         raise MergeInputError(f"{source}: expected a mapping of mergekit keys, got {type(data).__name__}")
+    unsupported = sorted({"modules", "tokenizer", "chat_template"} & set(data))
+    if unsupported:
+        raise MergeInputError(f"{source}: {unsupported[0]}: not supported by merge-search yet; "
+                              "use `models:`/`slices:` and `tokenizer_source`")
     try:
-        return SlerpConfig.model_validate(data)
+        return MergeConfig.model_validate(data)
     except ValidationError as exc:
         raise MergeInputError(f"{source}: {describe_validation_error(exc)}") from None
 
 
-def load_config(path: str | Path) -> SlerpConfig:
-    """Read and validate a mergekit YAML file."""
+def read_yaml(path: str | Path) -> Any:
+    """Parse a YAML file, turning every read or syntax problem into one line naming the file."""
     path = Path(path)
     try:
         text = path.read_text()
@@ -172,13 +203,17 @@ def load_config(path: str | Path) -> SlerpConfig:
     except (IsADirectoryError, PermissionError, UnicodeDecodeError) as exc:
         raise MergeInputError(f"{path}: cannot read ({type(exc).__name__})") from None
     try:
-        data = yaml.safe_load(text)
+        return yaml.safe_load(text)
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
         problem = getattr(exc, "problem", None) or "syntax error"
         raise MergeInputError(f"{path}: malformed YAML{where}: {problem}") from None
-    return parse_config(data, str(path))
+
+
+def load_config(path: str | Path) -> MergeConfig:
+    """Read and validate a mergekit YAML file."""
+    return parse_config(read_yaml(path), str(path))
 
 
 def describe_validation_error(exc: ValidationError) -> str:
@@ -195,4 +230,4 @@ def describe_validation_error(exc: ValidationError) -> str:
 
 def _is_union_tag(part: Any) -> bool:
     # pydantic puts union member names (`list[float]`, `function-after[...]`) into locations.
-    return isinstance(part, str) and ("[" in part or part in {"float", "int", "str"})
+    return isinstance(part, str) and ("[" in part or part in {"float", "int", "str", "bool"})

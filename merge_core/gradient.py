@@ -35,8 +35,14 @@ def interpolate(anchors: Sequence[float], p: float) -> float:
     return (1 - frac) * anchors[i0] + frac * anchors[i1]
 
 
-def evaluate(setting: Setting, tensor_name: str, p: float) -> float | None:
-    """The parameter value for a tensor at gradient position p; None when no filter matches."""
+def evaluate(setting: Setting, tensor_name: str, p: float):
+    """The parameter value for a tensor at gradient position p; None when no filter matches.
+
+    Numbers interpolate; a list holding booleans or strings picks the entry at int(p * (K - 1)),
+    as mergekit does for discrete parameters.
+    """
+    if isinstance(setting, bool | str):
+        return setting
     if isinstance(setting, int | float):
         return float(setting)
     entries = list(setting)
@@ -47,4 +53,6 @@ def evaluate(setting: Setting, tensor_name: str, p: float) -> float | None:
             if entry.matches(tensor_name):
                 return evaluate(entry.value, tensor_name, p)
         return None
+    if any(isinstance(e, bool | str) for e in entries):
+        return entries[int(p * (len(entries) - 1))]
     return float(interpolate([float(v) for v in entries], p))

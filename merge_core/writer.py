@@ -5,12 +5,12 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import struct
 import tempfile
 from collections.abc import Callable, Iterable
 from pathlib import Path
 
 import torch
-from safetensors.torch import save_file
 
 from merge_core.errors import MergeInputError
 
@@ -39,23 +39,32 @@ def prepare_output(out_dir: str | Path, overwrite: bool = False) -> Path:
 def write_model(
     out_dir: str | Path,
     tensors: Iterable[tuple[str, torch.Tensor]],
+    layout: list[tuple[str, tuple[int, ...], torch.dtype]],
     config: dict,
     tokenizer_folder: Path,
     merge_yaml: str,
+    card: str | None = None,
     max_shard_bytes: int = MAX_SHARD_BYTES,
     progress: Callable[[], None] | None = None,
     overwrite: bool = False,
 ) -> Path:
-    """Write the folder atomically: built next to OUT_DIR, moved into place only when complete."""
+    """Write the folder atomically: built next to OUT_DIR, moved into place only when complete.
+
+    `layout` lists every tensor's name, shape and dtype in the order `tensors` yields them, so the
+    shard headers are written first and each tensor goes to disk as soon as it is merged: no
+    merged tensor is kept in memory after it is written.
+    """
     out = prepare_output(out_dir, overwrite)
     staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
     try:
-        _write_shards(staging, tensors, max_shard_bytes, progress)
+        _stream_shards(staging, tensors, layout, max_shard_bytes, progress)
         (staging / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
         for name in TOKENIZER_FILES:
             if (Path(tokenizer_folder) / name).is_file():
                 shutil.copy2(Path(tokenizer_folder) / name, staging / name)
         (staging / "mergekit_config.yml").write_text(merge_yaml)
+        if card is not None:
+            (staging / "README.md").write_text(card)
         if out.exists():
             shutil.rmtree(out)
         os.replace(staging, out)
@@ -65,36 +74,55 @@ def write_model(
     return out
 
 
-def _write_shards(folder: Path, tensors: Iterable, max_bytes: int, progress) -> None:
-    shards: list[dict[str, torch.Tensor]] = [{}]
+SAFETENSORS_NAMES = {torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
+                     torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8",
+                     torch.bool: "BOOL"}
+
+
+def _nbytes(shape, dtype: torch.dtype) -> int:
+    count = 1
+    for dim in shape:
+        count *= dim
+    return count * dtype.itemsize
+
+
+def _stream_shards(folder: Path, tensors: Iterable, layout: list, max_bytes: int, progress) -> None:
+    shards: list[list] = [[]]
     size = 0
-    paths = []
-
-    def flush():
-        paths.append(folder / f".shard-{len(paths)}.safetensors")
-        save_file(shards[-1], paths[-1], metadata={"format": "pt"})
-        shards[-1] = {}
-
-    weight_map = {}
-    total_bytes = 0
-    for name, tensor in tensors:
-        nbytes = tensor.numel() * tensor.element_size()
+    for entry in layout:
+        nbytes = _nbytes(entry[1], entry[2])
         if shards[-1] and size + nbytes > max_bytes:
-            flush()
+            shards.append([])
             size = 0
-        shards[-1][name] = tensor.detach().to("cpu").contiguous()
-        weight_map[name] = len(paths)
+        shards[-1].append(entry)
         size += nbytes
-        total_bytes += nbytes
-        if progress:
-            progress()
-    flush()
-    total = len(paths)
-    if total == 1:
-        os.replace(paths[0], folder / "model.safetensors")
-        return
-    names = [f"model-{i + 1:05d}-of-{total:05d}.safetensors" for i in range(total)]
-    for path, name in zip(paths, names, strict=True):
-        os.replace(path, folder / name)
-    index = {"metadata": {"total_size": total_bytes}, "weight_map": {k: names[v] for k, v in weight_map.items()}}
-    (folder / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
+    total = len(shards)
+    names = ["model.safetensors"] if total == 1 else [
+        f"model-{i + 1:05d}-of-{total:05d}.safetensors" for i in range(total)]
+    stream = iter(tensors)
+    weight_map = {}
+    for shard, file_name in zip(shards, names, strict=True):
+        header, offset = {"__metadata__": {"format": "pt"}}, 0
+        for name, shape, dtype in shard:
+            end = offset + _nbytes(shape, dtype)
+            header[name] = {"dtype": SAFETENSORS_NAMES[dtype], "shape": list(shape), "data_offsets": [offset, end]}
+            offset = end
+            weight_map[name] = file_name
+        text = json.dumps(header, separators=(",", ":")).encode()
+        text += b" " * (-len(text) % 8)  # the data starts 8-byte aligned, as safetensors writes it
+        with open(folder / file_name, "wb") as handle:
+            handle.write(struct.pack("<Q", len(text)))
+            handle.write(text)
+            for name, shape, dtype in shard:
+                got_name, tensor = next(stream)
+                if got_name != name or tuple(tensor.shape) != tuple(shape) or tensor.dtype != dtype:
+                    raise RuntimeError(f"writer expected {name} {list(shape)} {dtype}, got {got_name} "
+                                       f"{list(tensor.shape)} {tensor.dtype}")
+                data = tensor.detach().to("cpu").contiguous().view(-1).view(torch.uint8)
+                handle.write(memoryview(data.numpy()))
+                if progress:
+                    progress()
+    if total > 1:
+        total_size = sum(_nbytes(s, d) for _, s, d in layout)
+        index = {"metadata": {"total_size": total_size}, "weight_map": weight_map}
+        (folder / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")

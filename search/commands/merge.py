@@ -1,4 +1,4 @@
-"""`search merge CONFIG.yml OUT_DIR`: a drop-in for `mergekit-yaml` on slerp configs."""
+"""`search merge CONFIG.yml OUT_DIR`: a drop-in for `mergekit-yaml` on every supported method."""
 
 from __future__ import annotations
 
@@ -7,19 +7,22 @@ import argparse
 
 def register(sub: argparse._SubParsersAction) -> None:
     """Add the `merge` sub-command."""
-    parser = sub.add_parser("merge", help="build a mergekit slerp config into a model folder")
-    parser.add_argument("config", help="mergekit YAML (merge_method: slerp)")
+    parser = sub.add_parser("merge", help="build a mergekit config into a model folder (like mergekit-yaml)")
+    parser.add_argument("config", help="mergekit YAML (any supported merge_method)")
     parser.add_argument("out_dir", help="folder to write the merged model to")
     parser.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (default cpu)")
+    parser.add_argument("--random-seed", type=int, default=None,
+                        help="seed for DARE/DELLA masks (the masks mergekit-yaml --random-seed draws)")
     parser.add_argument("--allow-pickle", action="store_true", help="also load pickled .bin weights")
     parser.add_argument("--overwrite", action="store_true", help="replace a non-empty OUT_DIR")
     parser.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
-    """Plan, merge and write the folder, with progress bars."""
+    """Plan, then merge and write tensor by tensor behind a progress bar."""
+    from merge_core.card import model_card
     from merge_core.config import load_config
-    from merge_core.merger import MergePlan, Merger
+    from merge_core.merger import MergePlan, stream_tensors
     from merge_core.refs import resolve
     from merge_core.writer import prepare_output, write_model
     from search.devices import check_device
@@ -29,16 +32,18 @@ def run(args: argparse.Namespace) -> int:
     device = check_device(args.device)
     out = prepare_output(args.out_dir, args.overwrite)
     plan = MergePlan(config, allow_pickle=args.allow_pickle)
-    tokenizer_folder = plan.base.folder
+    tokenizer_folder = plan.reference.folder
     if config.tokenizer_source not in (None, "base"):
         tokenizer_folder = resolve(config.tokenizer_source, args.allow_pickle)
+    layout = [(o.name, tuple(plan.shape(o)), plan.output_dtype(o)) for o in plan.outputs]
+    yaml_text = config.to_yaml()
     with progress_bar() as bar:
-        loading = bar.add_task("loading parents", total=len(plan.outputs))
-        merger = Merger(plan, device, progress=lambda done, _: bar.update(loading, completed=done))
         writing = bar.add_task("merging + writing", total=len(plan.outputs))
         write_model(
-            out, merger.tensors(), plan.merged_config(), tokenizer_folder, config.to_yaml(),
+            out, stream_tensors(plan, device, seed=args.random_seed), layout, plan.merged_config(),
+            tokenizer_folder, yaml_text, card=model_card(config, yaml_text),
             progress=lambda: bar.advance(writing), overwrite=args.overwrite,
         )
-    console.print(f"wrote {len(plan.outputs)} tensors ({plan.num_layers} layers, {config.dtype}) to {out}")
+    seed = "" if not plan.method.randomised or args.random_seed is None else f", random seed {args.random_seed}"
+    console.print(f"wrote {len(plan.outputs)} tensors ({plan.num_layers} layers, {config.merge_method}{seed}) to {out}")
     return 0

@@ -77,9 +77,11 @@ def test_layer_range_outside_model(tmp_path, pair):
 
 
 def test_unknown_merge_method(tmp_path, pair):
-    config = config_for(pair[0], pair[1], "one_slice", 0.5, "float16") | {"merge_method": "ties"}
+    # ties is a method now (this test used it as the unknown one); a typo gets a did-you-mean.
+    config = config_for(pair[0], pair[1], "one_slice", 0.5, "float16") | {"merge_method": "tiess"}
     out = tmp_path / "out"
-    assert_refused(run_cli("merge", str(write_config(tmp_path, config)), str(out)), "merge_method", "ties", out=out)
+    assert_refused(run_cli("merge", str(write_config(tmp_path, config)), str(out)), "merge_method", "'tiess'",
+                   "did you mean 'ties'", out=out)
 
 
 def test_malformed_yaml(tmp_path):

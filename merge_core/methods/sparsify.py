@@ -1,0 +1,104 @@
+"""Sparsification of task vectors as mergekit does it: magnitude, outliers, DARE and DELLA masks.
+
+Ties at a magnitude threshold: mergekit selects with `torch.argsort`, which on the CPU is not
+stable, so which of several equal magnitudes it keeps is an accident of the sort. We keep the
+lowest indices among equal magnitudes (a stable order), computed in O(n) with `kthvalue`
+instead of a sort. Both keep the same number of elements of the tied magnitude; away from the
+threshold the masks are identical (tests/merge_core/test_methods_oracle.py shows both facts).
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def stable_positions_mask(w: torch.Tensor, lo: int, hi: int) -> torch.Tensor:
+    """Mask of the elements whose position in a stable ascending sort of 1-D `w` is in [lo, hi)."""
+    n = w.numel()
+    lo, hi = max(0, lo), min(n, hi)
+    if hi <= lo:
+        return torch.zeros(n, dtype=torch.bool, device=w.device)
+    low_value = torch.kthvalue(w, lo + 1).values
+    high_value = torch.kthvalue(w, hi).values
+    mask = (w > low_value) & (w < high_value)
+    for boundary in {float(low_value), float(high_value)}:
+        equal = w == boundary
+        before = int((w < boundary).sum())
+        position = before + torch.cumsum(equal, 0) - 1  # position of each equal element in the stable order
+        mask |= equal & (position >= lo) & (position < hi)
+    return mask
+
+
+def rescaled(tensor: torch.Tensor, mask: torch.Tensor, rescale: bool, eps: float = 1e-7) -> torch.Tensor:
+    """tensor * mask, scaled to the tensor's L1 norm when `rescale` (mergekit's RescaleNorm.l1)."""
+    masked = tensor * mask
+    if not rescale:
+        return masked
+    before, after = tensor.abs().sum(), masked.abs().sum()
+    if before < eps or after < eps:
+        return masked
+    return masked * (before / after)
+
+
+def magnitude(delta: torch.Tensor, density: float, rescale: bool) -> torch.Tensor:
+    """Keep the `density` share of largest magnitudes (at least one element)."""
+    if density >= 1:
+        return delta
+    if density <= 0 or delta.numel() == 0:
+        return torch.zeros_like(delta)
+    k = max(1, int(density * delta.numel()))
+    w = delta.abs().reshape(-1)
+    if w.device.type == "cpu":
+        w = w.float()
+    keep = stable_positions_mask(-w, 0, k)  # descending order, ties by index
+    return rescaled(delta, keep.to(delta.dtype).reshape_as(delta), rescale)
+
+
+def magnitude_outliers(delta: torch.Tensor, density: float, gamma: float, rescale: bool) -> torch.Tensor:
+    """Drop the `gamma` share of largest magnitudes, then the smallest, keeping `density`."""
+    if density >= 1:
+        return delta
+    n = delta.numel()
+    keep_n, top_n = int(density * n), int(gamma * n)
+    bottom_n = max(0, n - keep_n - top_n)
+    w = delta.abs().reshape(-1)
+    if w.device.type == "cpu":
+        w = w.float()
+    keep = stable_positions_mask(w, bottom_n, bottom_n + keep_n)
+    return rescaled(delta, keep.to(delta.dtype).reshape_as(delta), rescale)
+
+
+def _random_dtype(tensor: torch.Tensor) -> torch.dtype:
+    # mergekit draws in float32 on the CPU unless the tensor is bfloat16.
+    return tensor.dtype if tensor.device.type != "cpu" or tensor.dtype == torch.bfloat16 else torch.float32
+
+
+def bernoulli(delta: torch.Tensor, density: float, rescale: bool, rng: torch.Generator) -> torch.Tensor:
+    """DARE: keep each element with probability `density` (the same RNG calls as mergekit)."""
+    if density >= 1:
+        return delta
+    dtype = _random_dtype(delta)
+    mask = torch.bernoulli(torch.full_like(delta, density, dtype=dtype), generator=rng)
+    return rescaled(delta.to(dtype), mask, rescale).to(delta.dtype)
+
+
+def della_magprune(delta: torch.Tensor, density: float, epsilon: float, rescale: bool,
+                   rng: torch.Generator) -> torch.Tensor:
+    """DELLA: keep probability from density - epsilon to density + epsilon by magnitude rank per row."""
+    if density >= 1:
+        return delta
+    if density <= 0:
+        return torch.zeros_like(delta)
+    shape = delta.shape
+    dtype = _random_dtype(delta)
+    rows = delta.unsqueeze(0) if delta.dim() < 2 else delta
+    order = torch.sort(rows.abs(), dim=1, stable=True).indices  # ties by index, see the module note
+    ranks = torch.empty_like(order)
+    ranks.scatter_(1, order, torch.arange(order.shape[1], device=order.device).expand_as(order))
+    ranks = ranks.to(dtype) + 1
+    min_ranks = ranks.min(dim=1, keepdim=True).values
+    max_ranks = ranks.max(dim=1, keepdim=True).values
+    rank_norm = ((ranks - min_ranks) / (max_ranks - min_ranks)).clamp(0, 1)
+    probs = (density - epsilon) + rank_norm * 2 * epsilon
+    mask = torch.bernoulli(probs, generator=rng).to(dtype)
+    return rescaled(rows.to(dtype), mask, rescale).to(delta.dtype).reshape(shape)

@@ -1,0 +1,352 @@
+"""What a mergekit config produces: output tensors, their source tensors, parameters per tensor.
+
+The plan follows mergekit's planner: `models:` becomes one slice over every layer (the base added
+last when not listed); tensors before the layers take the first slice's models, tensors after
+take the last slice's; a layer at index i of a slice of N layers sits at p = i / (N - 1) on the
+gradients; parameters resolve from the source's own, then the slice's, then the config's.
+Outputs are merged in mergekit's execution order (by the largest source tensor name), which is
+the order in which randomised methods draw from the RNG.
+"""
+
+from __future__ import annotations
+
+import difflib
+import re
+from dataclasses import dataclass
+
+import torch
+
+from merge_core import gradient, methods
+from merge_core.config import MergeConfig, Slice, SliceSource, TSetting, setting_of
+from merge_core.errors import MergeInputError
+from merge_core.layers import layer_count, layer_index, with_layer
+from merge_core.methods.base import Inputs, Values
+from merge_core.refs import resolve
+from merge_core.weights import ModelWeights, read_config
+
+DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
+# config.json fields parents must agree on before their tensors can be paired.
+SHAPE_FIELDS = ("model_type", "hidden_size", "n_embd", "intermediate_size", "num_attention_heads",
+                "num_key_value_heads", "vocab_size")
+# Tensors mergekit's architectures list before the layers; every other non-layer tensor comes after.
+EMBEDDING_PATTERN = re.compile(r"(embed|(^|\.)wte\.|(^|\.)wpe\.)")
+LAYER_KEYS = ("num_hidden_layers", "n_layer", "num_layers", "n_layers")
+
+
+@dataclass(frozen=True)
+class Source:
+    """One input tensor: which model (index into MergePlan.models) and the tensor's name there."""
+
+    model: int
+    tensor: str
+
+
+@dataclass(frozen=True)
+class OutputTensor:
+    """One tensor of the merged model and the input tensors it is made from."""
+
+    name: str
+    sources: tuple[Source, ...]  # in mergekit's model order for this slice
+    base: int | None  # position of the base input in `sources`
+    p: float  # position on the gradients (0 outside the layers)
+    slice_index: int  # the slice whose parameters apply
+
+
+class MergePlan:
+    """A validated config bound to its models: outputs, shapes, dtypes and parameter scopes."""
+
+    def __init__(self, config: MergeConfig, allow_pickle: bool = False):
+        self.config = config
+        self.method = methods.get(config.merge_method)
+        self.slices = _normalised_slices(config, allow_pickle)
+        self.models = list(dict.fromkeys(
+            [s.model for sl in self.slices for s in sl.sources] + ([config.base_model] if config.base_model else [])))
+        self.weights = [ModelWeights(resolve(m, allow_pickle), allow_pickle) for m in self.models]
+        self._index = {m: i for i, m in enumerate(self.models)}
+        self.reference = self.weights[self._index[config.base_model or self.slices[0].sources[0].model]]
+        self.base = self.reference  # the study code reads plan.base.folder for the tokenizer
+        self._check_contract()
+        self._check_compatible()
+        self.outputs, self.num_layers = self._plan_outputs()
+        self.dtype = DTYPES[config.dtype] if config.dtype else None
+        self.out_dtype = DTYPES[config.out_dtype] if config.out_dtype else None
+        self._check_parameter_names(config)
+        self.values(config)  # a missing parameter or a filter list that misses a tensor fails now
+
+    # --- inputs -------------------------------------------------------------------------------
+    def inputs(self, out: OutputTensor, device: torch.device | str = "cpu", cache: dict | None = None) -> Inputs:
+        """The source tensors of one output, cast to the working dtype on `device`."""
+        dtype = self.working_dtype(out)
+        tensors = []
+        for s in out.sources:
+            key = (s.model, s.tensor)
+            if cache is not None and key in cache:
+                tensors.append(cache[key])
+                continue
+            tensor = self.weights[s.model].get(s.tensor)
+            if tensor.is_floating_point():
+                # A view of the mapped file when dtype and device already match; else one copy.
+                tensor = tensor.to(device=device, dtype=dtype)
+            else:
+                tensor = tensor.to(device=device)
+            if cache is not None:
+                cache[key] = tensor
+            tensors.append(tensor)
+        return Inputs(tuple(tensors), out.base, out.name)
+
+    def working_dtype(self, out: OutputTensor) -> torch.dtype:
+        """The config dtype, or the promoted dtype of the stored inputs when it has none."""
+        if self.dtype is not None:
+            return self.dtype
+        dtype = None
+        for s in out.sources:
+            stored = self.weights[s.model].index[s.tensor].dtype
+            dtype = stored if dtype is None else torch.promote_types(dtype, stored)
+        return dtype
+
+    def output_dtype(self, out: OutputTensor) -> torch.dtype:
+        """The dtype the merged tensor is stored in."""
+        stored = self.weights[out.sources[0].model].index[out.sources[0].tensor].dtype
+        if not stored.is_floating_point:
+            return stored
+        return self.out_dtype or self.working_dtype(out)
+
+    def shape(self, out: OutputTensor) -> tuple[int, ...]:
+        """The merged tensor's shape."""
+        return self.weights[out.sources[0].model].index[out.sources[0].tensor].shape
+
+    def model_dtype(self) -> torch.dtype:
+        """The dtype of a live model of the merge."""
+        floats = [self.output_dtype(o) for o in self.outputs]
+        floats = [d for d in floats if d.is_floating_point]
+        return max(set(floats), key=floats.count) if floats else torch.float32
+
+    # --- parameters ---------------------------------------------------------------------------
+    def values(self, config: MergeConfig | None = None) -> list[Values]:
+        """Per output tensor (in `outputs` order), the method's parameter values for this config."""
+        config = config or self.config
+        if config is not self.config:
+            self._check_same_structure(config)
+            self._check_parameter_names(config)
+        slices = _normalised_slices(config, None, self.slices)
+        params = self.method.params
+        shared_params = [p for p in params if p.scope == "global"]
+        input_params = [p for p in params if p.scope != "global"]
+        result = []
+        for out in self.outputs:
+            sl = slices[out.slice_index]
+            shared_scopes = [_settings(sl.parameters), _settings(config.parameters)]
+            shared = {p.name: self._resolve(p, shared_scopes, out.name, out.p, out.name) for p in shared_params}
+            per_input = []
+            for position, src in enumerate(out.sources):
+                model = self.models[src.model]
+                own = [_settings(s.parameters) for s in sl.sources if s.model == model]
+                scopes = own + shared_scopes
+                per_input.append({
+                    p.name: self._resolve(p, scopes, src.tensor, out.p, f"{model}: {src.tensor}")
+                    for p in input_params if p.scope == "per_model" or position != out.base
+                })
+            values = Values(shared, tuple(per_input))
+            try:
+                self.method.check(values, out.name)
+            except ValueError as exc:
+                raise MergeInputError(f"parameters ({out.name}): {exc}") from None
+            result.append(values)
+        return result
+
+    def _resolve(self, param, scopes, tensor_name: str, p: float, where: str):
+        missed = False
+        for scope in scopes:
+            if scope is None or param.name not in scope:
+                continue
+            value = gradient.evaluate(scope[param.name], tensor_name, p)
+            missed = missed or value is None
+            if value is not None:
+                try:
+                    return param.coerce(value)
+                except ValueError as exc:
+                    raise MergeInputError(f"parameters.{param.name} ({where}): {exc}") from None
+        if param.required and missed:
+            raise MergeInputError(f"parameters.{param.name}: no filter matches tensor {where}; "
+                                  "add an entry without filter")
+        if param.required:
+            raise MergeInputError(
+                f"parameters.{param.name}: required by {self.method.name} but not set for {where}; "
+                f"give it per model or under parameters (a filter list needs an entry without filter)")
+        return param.default
+
+    def t_values(self, t: TSetting | None = None) -> dict[str, float]:
+        """SLERP's t of every output tensor for this global t (None = the config's own)."""
+        config = self.config if t is None else self.config.with_t(t)
+        return {o.name: v.shared["t"] for o, v in zip(self.outputs, self.values(config), strict=True)}
+
+    def candidate(self, candidate) -> MergeConfig:
+        """A candidate as a config: a MergeConfig as is, anything else as SLERP's global t."""
+        if candidate is None:
+            return self.config
+        if isinstance(candidate, MergeConfig):
+            return candidate
+        return self.config.with_t(candidate)
+
+    def _check_parameter_names(self, config: MergeConfig) -> None:
+        known = [p.name for p in self.method.params]
+        for where, parameters in _all_parameters(config):
+            for name in parameters or {}:
+                if name not in known:
+                    close = difflib.get_close_matches(name, known, n=1)
+                    hint = f"did you mean {close[0]!r}?" if close else f"{self.method.name} takes {', '.join(known)}"
+                    raise MergeInputError(f"{where}.{name}: unknown parameter for {self.method.name}; {hint}")
+
+    def _check_same_structure(self, config: MergeConfig) -> None:
+        ours, theirs = self.config.model_dump(exclude={"parameters"}), config.model_dump(exclude={"parameters"})
+        for d in (ours, theirs):
+            for sl in d.get("slices") or []:
+                sl.pop("parameters", None)
+                for s in sl["sources"]:
+                    s.pop("parameters", None)
+            for m in d.get("models") or []:
+                m.pop("parameters", None)
+        if ours != theirs:
+            raise ValueError("a candidate config must differ from the plan's only in its parameters")
+
+    # --- structure ----------------------------------------------------------------------------
+    def _check_contract(self) -> None:
+        for i, sl in enumerate(self.slices):
+            models = [s.model for s in sl.sources]
+            if len(set(models)) != len(models):
+                raise MergeInputError(f"slices.{i}: a model appears twice among the sources {models}")
+            base = sl.base_model or self.config.base_model
+            problem = self.method.contract.check(models, base)
+            if problem:
+                raise MergeInputError(f"merge_method {self.method.name}: {problem}")
+
+    def _check_compatible(self) -> None:
+        first = self.weights[0]
+        for model, weights in zip(self.models[1:], self.weights[1:], strict=True):
+            for key in SHAPE_FIELDS:
+                a, b = first.config.get(key), weights.config.get(key)
+                if a != b:
+                    raise MergeInputError(
+                        f"{key} differs: {a} in {self.models[0]} but {b} in {model}; "
+                        "merged models must share one architecture")
+
+    def _plan_outputs(self) -> tuple[list[OutputTensor], int]:
+        pre, post, by_layer = _split_names(self.reference.names())
+        if not by_layer:
+            raise MergeInputError(f"{self.models[0]}: no layer tensors found (names like model.layers.N.)")
+        ref_layer = min(by_layer)
+        outputs: list[OutputTensor] = []
+        first, last = self.slices[0], self.slices[-1]
+        outputs += [self._output(n, [(s.model, n) for s in first.sources], first, 0.0, 0) for n in pre]
+        out_layer = 0
+        for slice_index, sl in enumerate(self.slices):
+            count = sl.sources[0].layer_range[1] - sl.sources[0].layer_range[0]
+            for i in range(count):
+                p = gradient.position(i, count)
+                for name in by_layer[ref_layer]:
+                    inputs = [(s.model, with_layer(name, s.layer_range[0] + i)) for s in sl.sources]
+                    outputs.append(self._output(with_layer(name, out_layer), inputs, sl, p, slice_index))
+                out_layer += 1
+        outputs += [self._output(n, [(s.model, n) for s in last.sources], last, 0.0, len(self.slices) - 1)
+                    for n in post]
+        # mergekit runs each tensor's merge in the order of its largest source name.
+        outputs.sort(key=lambda o: max(s.tensor for s in o.sources))
+        return outputs, out_layer
+
+    def _output(self, name: str, inputs: list[tuple[str, str]], sl: Slice, p: float, slice_index: int) -> OutputTensor:
+        base_model = sl.base_model or self.config.base_model
+        if self.method.contract.base == "ignored":
+            base_model = None
+        sources = []
+        shapes = set()
+        for model, tensor in inputs:
+            weights = self.weights[self._index[model]]
+            if tensor not in weights.index:
+                raise MergeInputError(f"{model} has no tensor {tensor}, which {name} of the merge needs")
+            shapes.add(weights.index[tensor].shape)
+            sources.append(Source(self._index[model], tensor))
+        if len(shapes) > 1:
+            found = ", ".join(f"{m} {list(self.weights[self._index[m]].index[t].shape)}" for m, t in inputs)
+            raise MergeInputError(f"tensor {name} has different shapes: {found}; merged models must share one "
+                                  "architecture")
+        base = next((i for i, (m, _) in enumerate(inputs) if m == base_model), None)
+        return OutputTensor(name, tuple(sources), base, p, slice_index)
+
+    def merged_config(self) -> dict:
+        """config.json of the merged model: the reference model's, with the merged layer count and dtype."""
+        cfg = dict(self.reference.config)
+        for key in LAYER_KEYS:
+            if isinstance(cfg.get(key), int):
+                cfg[key] = self.num_layers
+        dtype = str(self.model_dtype()).removeprefix("torch.")
+        cfg["dtype"] = dtype
+        if "torch_dtype" in cfg:
+            cfg["torch_dtype"] = dtype
+        return cfg
+
+
+def _settings(parameters) -> dict | None:
+    if parameters is None:
+        return None
+    return {k: setting_of(v) for k, v in parameters.items()}
+
+
+def _all_parameters(config: MergeConfig):
+    yield "parameters", config.parameters
+    for i, m in enumerate(config.models or []):
+        yield f"models.{i}.parameters", m.parameters
+    for i, sl in enumerate(config.slices or []):
+        yield f"slices.{i}.parameters", sl.parameters
+        for j, s in enumerate(sl.sources):
+            yield f"slices.{i}.sources.{j}.parameters", s.parameters
+
+
+def _normalised_slices(config: MergeConfig, allow_pickle: bool | None, known: list[Slice] | None = None) -> list[Slice]:
+    """`models:` as one slice over every layer (base appended when absent), as mergekit plans it."""
+    if config.slices is not None:
+        slices = list(config.slices)
+    else:
+        sources = [SliceSource(model=m.model, layer_range=(0, 1), parameters=m.parameters) for m in config.models]
+        if config.base_model and config.base_model not in [m.model for m in config.models]:
+            sources.append(SliceSource(model=config.base_model, layer_range=(0, 1)))
+        if known is not None:  # same structure as the plan: reuse its layer ranges
+            sources = [s.model_copy(update={"layer_range": k.layer_range})
+                       for s, k in zip(sources, known[0].sources, strict=True)]
+        else:
+            counts = {}
+            for s in sources:
+                counts[s.model] = layer_count(_config_of(s.model, allow_pickle))
+            if len(set(counts.values())) > 1:
+                raise MergeInputError(f"layer counts differ: {counts}; merge matching layers with `slices`")
+            n = next(iter(counts.values()))
+            if n is None:
+                raise MergeInputError(f"{sources[0].model}: config.json does not say how many layers it has")
+            sources = [s.model_copy(update={"layer_range": (0, n)}) for s in sources]
+        slices = [Slice(sources=sources)]
+    if known is None:
+        for i, sl in enumerate(slices):
+            for j, s in enumerate(sl.sources):
+                n = layer_count(_config_of(s.model, allow_pickle))
+                if n is not None and s.layer_range[1] > n:
+                    raise MergeInputError(f"slices.{i}.sources.{j}.layer_range {list(s.layer_range)} is outside "
+                                          f"{s.model}, which has {n} layers")
+    return slices
+
+
+def _config_of(model: str, allow_pickle) -> dict:
+    return read_config(resolve(model, bool(allow_pickle)))
+
+
+def _split_names(names: list[str]) -> tuple[list[str], list[str], dict[int, list[str]]]:
+    """Tensors before the layers (embeddings), after them (final norm, lm_head), and per layer."""
+    by_layer: dict[int, list[str]] = {}
+    pre, post = [], []
+    for name in names:
+        index = layer_index(name)
+        if index is not None:
+            by_layer.setdefault(index, []).append(name)
+        elif EMBEDDING_PATTERN.search(name):
+            pre.append(name)
+        else:
+            post.append(name)
+    return pre, post, by_layer
