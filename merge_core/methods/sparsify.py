@@ -5,6 +5,8 @@ stable, so which of several equal magnitudes it keeps is an accident of the sort
 lowest indices among equal magnitudes (a stable order), computed in O(n) with `kthvalue`
 instead of a sort. Both keep the same number of elements of the tied magnitude; away from the
 threshold the masks are identical (tests/merge_core/test_methods_oracle.py shows both facts).
+DELLA needs every element's rank, so it sorts anyway: it makes mergekit's exact argsort call and
+matches it at ties too.
 """
 
 from __future__ import annotations
@@ -92,7 +94,9 @@ def della_magprune(delta: torch.Tensor, density: float, epsilon: float, rescale:
     shape = delta.shape
     dtype = _random_dtype(delta)
     rows = delta.unsqueeze(0) if delta.dim() < 2 else delta
-    order = torch.sort(rows.abs(), dim=1, stable=True).indices  # ties by index, see the module note
+    # mergekit's own argsort call, so equal magnitudes get its ranks too (DELLA needs every rank,
+    # so there is no sort to save); the second argsort is an inverse permutation: a scatter.
+    order = torch.argsort(rows.abs(), dim=1, descending=False)
     ranks = torch.empty_like(order)
     ranks.scatter_(1, order, torch.arange(order.shape[1], device=order.device).expand_as(order))
     ranks = ranks.to(dtype) + 1
