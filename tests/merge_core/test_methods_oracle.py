@@ -28,6 +28,10 @@ def models_form(f, weights=None, with_base=True, **per_model):
     return {"models": models}
 
 
+def source(f, name, start, stop) -> dict:
+    return {"model": str(f[name]), "layer_range": [start, stop]}
+
+
 def case(method, arch, dtype, body, parameters=None, base=True):
     return (method, arch, dtype, body, parameters or {}, base)
 
@@ -59,8 +63,8 @@ CASES = [
             {"filter": "o_proj", "value": 0.5}, {"filter": "down_proj", "value": 0.25}, {"value": 1.0}]}}]},
     ]}, base=False),
     case("slerp", "phi", "float16", lambda f: {"slices": [
-        {"sources": [{"model": str(f["base"]), "layer_range": [0, 2]}, {"model": str(f["child_1"]), "layer_range": [0, 2]}]},
-        {"sources": [{"model": str(f["child_2"]), "layer_range": [2, 4]}, {"model": str(f["child_3"]), "layer_range": [2, 4]}],
+        {"sources": [source(f, "base", 0, 2), source(f, "child_1", 0, 2)]},
+        {"sources": [source(f, "child_2", 2, 4), source(f, "child_3", 2, 4)],
          "base_model": str(f["child_3"]), "parameters": {"t": [0.2, 0.9]}},
     ]}, {"t": [{"filter": "mlp", "value": [0, 1]}, {"value": 0.3}]}),
 ]
