@@ -129,13 +129,16 @@ class MergeConfig(_Strict):
         """The first model that is not the base (v1 in SLERP)."""
         return next(m for m in self.model_names() if m != self.base_model)
 
-    def with_parameters(self, parameters: Parameters) -> MergeConfig:
+    def with_parameters(self, parameters: dict) -> MergeConfig:
         """The same merge with these global parameters replacing the config's (slice-level ones dropped)."""
-        slices = None
-        if self.slices:
-            slices = [s.model_copy(update={"parameters": _without(s.parameters, parameters)}) for s in self.slices]
-        merged = dict(self.parameters or {}) | dict(parameters)
-        return self.model_copy(update={"parameters": merged, "slices": slices})
+        data = self.model_dump(exclude_none=True, mode="json")
+        for sl in data.get("slices") or []:
+            kept = {k: v for k, v in (sl.get("parameters") or {}).items() if k not in parameters}
+            sl.pop("parameters", None)
+            if kept:
+                sl["parameters"] = kept
+        data["parameters"] = dict(data.get("parameters") or {}) | dict(parameters)
+        return MergeConfig.model_validate(data)
 
     def with_t(self, t: TSetting) -> MergeConfig:
         """The same merge with another global t and no per-slice t."""
@@ -147,13 +150,6 @@ class MergeConfig(_Strict):
 
 
 SlerpConfig = MergeConfig  # the study code's name from when slerp was the only method
-
-
-def _without(parameters: Parameters | None, names) -> Parameters | None:
-    if parameters is None:
-        return None
-    kept = {k: v for k, v in parameters.items() if k not in names}
-    return kept or None
 
 
 def setting_of(value) -> Any:

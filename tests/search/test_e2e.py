@@ -91,7 +91,7 @@ def test_exported_candidate_equals_in_memory_candidate(finished_study, tmp_path)
     import yaml
     exported = parse_config(yaml.safe_load(best.user_attrs["mergekit_yaml"]))
     candidates = Candidates(load_study_file(path), "cpu")
-    candidates.build(exported.parameters.t)
+    candidates.build(exported.parameters["t"])  # parameters: one dict per config, any method
     result = candidates.suite.evaluate(candidates.model, "search", 8)
     assert result.score == pytest.approx(best.user_attrs["score"], abs=1e-12)
     assert result.task_scores == pytest.approx(best.user_attrs["task_scores"], abs=1e-12)
