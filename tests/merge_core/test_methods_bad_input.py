@@ -1,0 +1,60 @@
+"""`search merge` on configs a method cannot take: exit 2, one line, no OUT_DIR left behind."""
+
+from __future__ import annotations
+
+import pytest
+
+from tests.conftest import build_tiny_model, run_cli
+from tests.merge_core.test_merge_bad_input import assert_refused, write_config
+
+
+def three(f, **per_model) -> list[dict]:
+    """The three children of a family, each with the given per-model parameters."""
+    return [{"model": str(f[f"child_{i}"]), "parameters": {k: v[i - 1] for k, v in per_model.items()}}
+            for i in (1, 2, 3)]
+
+
+def bad_configs(f, wide) -> list[tuple[str, dict, tuple[str, ...]]]:
+    base = str(f["base"])
+    return [
+        ("linear without weight", {"merge_method": "linear", "models": [{"model": str(f["child_1"])},
+                                                                       {"model": str(f["child_2"])}]},
+         ("parameters.weight", "required by linear")),
+        ("della density +/- epsilon", {"merge_method": "della", "base_model": base,
+                                       "models": three(f, weight=[1, 1, 1], density=[0.9, 0.5, 0.5])},
+         ("density 0.9", "epsilon 0.15", "(0, 1)")),
+        ("ties without base", {"merge_method": "ties", "models": three(f, weight=[1, 1, 1])},
+         ("ties", "needs a base_model")),
+        ("misspelt parameter", {"merge_method": "ties", "base_model": base,
+                                "models": three(f, weight=[1, 1, 1], densty=[0.5, 0.5, 0.5])},
+         ("models.0.parameters.densty", "did you mean 'density'")),
+        ("global misspelt", {"merge_method": "linear", "models": three(f, weight=[1, 1, 1]),
+                             "parameters": {"normalise": True}}, ("parameters.normalise", "'normalize'")),
+        ("bool given a number", {"merge_method": "ties", "base_model": base, "models": three(f, weight=[1, 1, 1]),
+                                 "parameters": {"normalize": 0.5}}, ("parameters.normalize", "true or false")),
+        ("weight given text", {"merge_method": "linear", "models": three(f, weight=["heavy", 1, 1])},
+         ("parameters.weight", "must be a number")),
+        ("slerp of three", {"merge_method": "slerp", "base_model": str(f["child_1"]), "models": three(f),
+                            "parameters": {"t": 0.5}}, ("slerp", "exactly 2 models")),
+        ("model_stock of two", {"merge_method": "model_stock", "base_model": base,
+                                "models": [{"model": str(f["child_1"])}]}, ("model_stock", "at least 3")),
+        ("base not in slice", {"merge_method": "ties", "base_model": base, "slices": [{"sources": [
+            {"model": str(f["child_1"]), "layer_range": [0, 4]}, {"model": str(f["child_2"]), "layer_range": [0, 4]}],
+            "parameters": {"weight": 1.0}}]}, ("base_model", "is not among the merged models")),
+        ("different shapes", {"merge_method": "task_arithmetic", "base_model": base,
+                              "models": three(f, weight=[1, 1, 1])[:2] + [{"model": str(wide),
+                                                                           "parameters": {"weight": 1}}]},
+         ("hidden_size differs", str(wide))),
+    ]
+
+
+@pytest.fixture(scope="module")
+def wide(tmp_path_factory):
+    return build_tiny_model(tmp_path_factory.mktemp("wide") / "wide", "phi", seed=3, hidden=64)
+
+
+@pytest.mark.parametrize("index", range(11))
+def test_refused(families, wide, tmp_path, index):
+    name, config, needles = bad_configs(families["phi"], wide)[index]
+    out = tmp_path / "out"
+    assert_refused(run_cli("merge", str(write_config(tmp_path, config)), str(out)), *needles, out=out)
