@@ -45,9 +45,10 @@ def main(argv: list[str] | None = None) -> int:
     except USER_ERRORS as exc:
         sys.stderr.write(f"search {args.command}: error: {exc}\n")
         return 2
-    except KeyboardInterrupt:
-        sys.stderr.write("search: interrupted\n")
-        return 130
+    except KeyboardInterrupt as exc:
+        signum = getattr(exc, "signum", 2)  # search.interrupts.Interrupted carries SIGINT or SIGTERM
+        sys.stderr.write("search: interrupted; run the same command again to resume\n")
+        return 128 + signum
 
 
 if __name__ == "__main__":

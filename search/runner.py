@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import os
+import signal
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -13,14 +14,32 @@ import optuna
 
 from search import results
 from search.errors import StudyError
+from search.interrupts import SignalGuard
 from search.samplers import make_sampler
 from search.space import Recipe, SearchSpace, baseline_recipe, merge_config, space_of
 from search.storage import open_storage
 from search.study_config import StudyFile
+from search.workers import (
+    BUDGET,
+    INTERRUPTED,
+    SLOT,
+    SURPLUS,
+    Heartbeat,
+    Owner,
+    claim_next,
+    fail,
+    reclaim,
+    refill,
+    retry,
+    surplus,
+)
 
-SLOT = "slot"  # user attr of the enqueued trials that make up the n_trials budget
-BUDGET = "n_trials"  # study user attr: slots enqueued so far
 TrialState = optuna.trial.TrialState
+# Fault injection for the reliability tests: "<point>:<trial number>:<SIGNAL>" makes this process send
+# itself SIGNAL at that point of that trial (points: start, merge, scoring; see tests/search/test_reliability.py).
+FAULT_ENV = "MERGE_SEARCH_FAULT"
+# A worker whose trials fail this many times in a row for the same reason stops and says why.
+REPEATED_FAILURES = 3
 
 
 class CandidateFailed(RuntimeError):
@@ -31,13 +50,15 @@ class BudgetReached(RuntimeError):
     """A trial started after the budget was used up; it ends as FAIL and the worker stops."""
 
 
-def add_slots(study: optuna.Study, count: int) -> None:
-    """Enqueue empty trial slots; workers run only slots, and popping one is atomic in the storage.
-
-    That is what makes any number of workers stop at exactly n_trials finished trials.
-    """
-    for _ in range(max(0, count)):
-        study.enqueue_trial({}, user_attrs={SLOT: True})
+def fault_point(point: str, trial_number: int) -> None:
+    """Send this process the signal MERGE_SEARCH_FAULT names for this point of this trial (tests only)."""
+    spec = os.environ.get(FAULT_ENV)
+    if not spec:
+        return
+    where, number, name = spec.split(":")
+    if where == point and int(number) == trial_number:
+        os.kill(os.getpid(), getattr(signal, name))
+        time.sleep(1)  # a handled signal raises here; SIGKILL never returns
 
 
 def wait_for_budget(study: optuna.Study, patience: float = 60.0) -> int:
@@ -81,6 +102,7 @@ class Candidates:
         from objectives import Suite, TaskSpec
 
         self.study = study
+        self.device = device
         self.space: SearchSpace = space_of(study)
         self.baseline: Recipe = baseline_recipe(study)
         self.space.params_of(self.baseline)  # the baseline must be a point of the space
@@ -116,7 +138,8 @@ class Candidates:
 class StudyRunner:
     """Runs (or resumes) one Optuna study of a study file."""
 
-    def __init__(self, study: StudyFile, options: RunOptions, candidates: Candidates, notes=None):
+    def __init__(self, study: StudyFile, options: RunOptions, candidates: Candidates, notes=None,
+                 guard: SignalGuard | None = None):
         self.study_file = study
         self.notes = notes  # search.notes.StudyNotes: trial YAML artifacts, dashboard note and figures
         self.options = options
@@ -124,39 +147,48 @@ class StudyRunner:
         self.multi = options.sampler == "nsga2"
         self.pruning = study.pruner.type == "wilcoxon" and not self.multi
         self.task_names = [t.name for t in study.objectives.tasks]
+        self.guard = guard or SignalGuard()
+        self.me = Owner.me(options.heartbeat or 30)
+        self.poll_seconds = min(5.0, self.me.interval / 3)
+        self.on_create = None  # called with a study this worker just created, before its slots exist
+        self._current: int | None = None  # number of the trial this process runs
 
     def open_study(self) -> optuna.Study:
         """Create or load the study; its creator enqueues the baseline and the budget's trial slots."""
-        storage = open_storage(self.options.storage, self.options.heartbeat)
+        storage = open_storage(self.options.storage)
         directions = ["maximize"] * (len(self.task_names) if self.multi else 1)
-        try:
-            study = optuna.create_study(study_name=self.options.study_name, storage=storage, directions=directions)
-            created = True
-        except optuna.exceptions.DuplicatedStudyError:
-            study = optuna.load_study(study_name=self.options.study_name, storage=storage)
-            created = False
-        if len(study.directions) != len(directions):
-            raise StudyError(f"study {self.options.study_name!r} has {len(study.directions)} objective(s); "
-                             f"sampler {self.options.sampler} needs {len(directions)}; use another --study-name")
+        with self.guard.deferred():  # a Ctrl-C here would leave a study without its budget
+            try:
+                study = optuna.create_study(study_name=self.options.study_name, storage=storage,
+                                            directions=directions)
+                created = True
+            except optuna.exceptions.DuplicatedStudyError:
+                study = optuna.load_study(study_name=self.options.study_name, storage=storage)
+                created = False
+            if len(study.directions) != len(directions):
+                raise StudyError(f"study {self.options.study_name!r} has {len(study.directions)} objective(s); "
+                                 f"sampler {self.options.sampler} needs {len(directions)}; use another --study-name")
+            if created:
+                study.set_metric_names(self.task_names if self.multi else ["weighted score"])
+                study.set_user_attr("baseline_recipe", self.c.baseline)
+                study.set_user_attr("task_names", self.task_names)
+                if self.on_create is not None:
+                    self.on_create(study)
+                refill(study, self.options.n_trials, self._baseline_params(), self.options.n_trials)
+                study.set_user_attr(BUDGET, self.options.n_trials)
         # The creator uses the study's seed (a single worker is reproducible); a worker that joins or
         # resumes mixes in its pid, so that workers started together do not draw the same parameters.
         seed = self.options.seed if created else self.options.seed + len(study.trials) + 7919 * os.getpid()
         study.sampler = make_sampler(self.options.sampler, seed % 2**32)
         study.pruner = self._pruner()
-        if created:
-            study.set_metric_names(self.task_names if self.multi else ["weighted score"])
-            study.set_user_attr("baseline_recipe", self.c.baseline)
-            study.set_user_attr("task_names", self.task_names)
-            study.enqueue_trial(self.c.space.params_of(self.c.baseline), user_attrs={"baseline": True, SLOT: True})
-            add_slots(study, self.options.n_trials - 1)
-            study.set_user_attr(BUDGET, self.options.n_trials)
-        else:
-            optuna.storages.fail_stale_trials(study)  # a dead worker's trial: FAIL, and retried as a new slot
+        if not created:
             budget = wait_for_budget(study)
-            if self.options.n_trials > budget:  # a bigger --n-trials on resume: add the difference
-                add_slots(study, self.options.n_trials - budget)
+            if self.options.n_trials > budget:  # a bigger --n-trials on resume: the refill adds the difference
                 study.set_user_attr(BUDGET, self.options.n_trials)
         return study
+
+    def _baseline_params(self) -> dict:
+        return self.c.space.params_of(self.c.baseline)
 
     def _pruner(self) -> optuna.pruners.BasePruner:
         cfg = self.study_file.pruner
@@ -164,41 +196,99 @@ class StudyRunner:
             return optuna.pruners.NopPruner()
         return optuna.pruners.WilcoxonPruner(p_threshold=cfg.p_threshold, n_startup_steps=cfg.n_startup_steps)
 
-    def optimize(self, study: optuna.Study, callbacks: list | None = None) -> None:
-        """Run enqueued trial slots until none is left (across all workers) or the timeout."""
+    def optimize(self, study: optuna.Study, callbacks: list | None = None,
+                 on_wait: Callable[[int], None] | None = None) -> None:
+        """Run trial slots until exactly n_trials are finished across all workers, or the timeout.
 
-        def stop_when_no_slot(study: optuna.Study, _trial) -> None:
+        Between trials the worker fails orphaned trials (their worker died) and retries them, and
+        tops the slots up to the budget; with no slot left it waits for the other workers' RUNNING
+        trials to finish or be orphaned, so a slot that comes back is never left behind.
+        """
+        deadline = None if self.options.timeout is None else time.monotonic() + self.options.timeout
+        repeats: list[str] = []
+        while deadline is None or time.monotonic() < deadline:
+            budget = study.user_attrs.get(BUDGET, self.options.n_trials)
+            with self.guard.deferred():
+                reclaim(study, self.me)
+                refill(study, budget, self._baseline_params(), budget)
             if not waiting(study):
-                optuna.storages.fail_stale_trials(study)  # a dead worker's trial comes back as a slot
-                if not waiting(study):
-                    study.stop()
+                running = study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
+                if not running:
+                    return
+                if on_wait is not None:
+                    on_wait(len(running))
+                time.sleep(self.poll_seconds)
+                continue
+            self._current = None
+            try:
+                claim_next(study, self.me)
+                study.optimize(self.objective, n_trials=1, catch=(Exception,), callbacks=callbacks,
+                               gc_after_trial=False)
+            except KeyboardInterrupt:
+                with self.guard.deferred():
+                    self._give_back(study)
+                raise
+            self._check_repeats(study, repeats)
 
-        if not waiting(study):
+    def _give_back(self, study: optuna.Study) -> None:
+        """After a Ctrl-C/SIGTERM: this process's trial ends FAIL "interrupted" and its slot comes back."""
+        for trial in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+            if self.me.same_process(Owner.of(trial)) or trial.number == self._current:
+                fail(study, trial, INTERRUPTED)
+        if self._current is not None:
+            trial = study.get_trials(deepcopy=False)[self._current]
+            if trial.state == TrialState.FAIL and trial.user_attrs.get("fail_reason") == INTERRUPTED \
+                    and trial.user_attrs.get(SLOT):
+                retry(study, trial)
+
+    def _check_repeats(self, study: optuna.Study, repeats: list[str]) -> None:
+        """Stop a worker whose trials keep failing for the same reason, saying what to change."""
+        import gc
+
+        if self._current is None:
             return
-        study.optimize(self.objective, n_trials=None, timeout=self.options.timeout, catch=(Exception,),
-                       callbacks=[stop_when_no_slot, *(callbacks or [])], gc_after_trial=False)
+        trial = study.get_trials(deepcopy=False)[self._current]
+        reason = str(trial.user_attrs.get("fail_reason") or "")
+        if trial.state != TrialState.FAIL or reason.startswith((SURPLUS, "n_trials reached")):
+            repeats.clear()
+            return
+        gc.collect()  # what a failed trial held (activations of an out-of-memory batch) goes before the next
+        if self.c.device.startswith("cuda"):
+            import torch
+
+            torch.cuda.empty_cache()
+        kind = reason.split(":")[0]
+        repeats[:] = [r for r in repeats if r == kind] + [kind]
+        if len(repeats) >= REPEATED_FAILURES:
+            raise StudyError(f"{len(repeats)} trials in a row failed with {reason[:200]!r}; {_advice(reason)}, "
+                             "then run the same command again")
 
     def objective(self, trial: optuna.Trial) -> float | list[float]:
         """Build the candidate, score it item by item, prune, and record everything on the trial."""
-        try:
-            return self._objective(trial)
-        except BudgetReached as exc:
-            trial.set_user_attr("fail_reason", str(exc))
-            raise
-        except BaseException as exc:
-            trial.set_user_attr("fail_reason", f"{type(exc).__name__}: {str(exc)[:500]}")
-            # The budget counts finished trials: a failed candidate's slot goes back, with fresh
-            # parameters (a NaN candidate would fail again), unless failures run away.
-            failed = trial.study.get_trials(deepcopy=False, states=(TrialState.FAIL,))
-            if len(failed) < self.options.n_trials:
-                add_slots(trial.study, 1)
-            raise
+        self._current = trial.number
+        fault_point("start", trial.number)  # before the trial's first heartbeat: only the claim names its owner
+        with Heartbeat(trial.study, trial._trial_id, self.me):
+            try:
+                return self._objective(trial)
+            except BudgetReached as exc:
+                trial.set_user_attr("fail_reason", str(exc))
+                raise
+            except KeyboardInterrupt:
+                trial.set_user_attr("fail_reason", INTERRUPTED)
+                raise
+            except BaseException as exc:
+                # Its slot comes back through the refill, with fresh parameters (a NaN candidate would
+                # fail again), unless failures run away.
+                trial.set_user_attr("fail_reason", f"{type(exc).__name__}: {str(exc)[:500]}")
+                raise
 
     def _objective(self, trial: optuna.Trial) -> float | list[float]:
         if not trial.user_attrs.get(SLOT):
             # Another worker popped the last slot between our check and our ask: not part of the budget.
-            trial.study.stop()
             raise BudgetReached("n_trials reached: another worker took the last trial slot")
+        if surplus(trial.study, trial.number, trial.study.user_attrs.get(BUDGET, self.options.n_trials)):
+            # Two workers refilled the same lost slot at once: the budget needs only one of them.
+            raise BudgetReached(f"{SURPLUS}: the other trials already make up n_trials")
         if trial.user_attrs.get("fail_reason"):  # a retry carries the failed trial's attributes
             trial.set_user_attr("fail_reason", None)
         is_baseline = bool(trial.user_attrs.get("baseline"))
@@ -210,6 +300,7 @@ class StudyRunner:
         trial.set_user_attr("mergekit_yaml", yaml_text)
         if self.notes is not None:  # an artifact can only be attached while the trial runs
             self.notes.attach_yaml(trial, yaml_text)
+        fault_point("merge", trial.number)
         trial.set_user_attr("merge_seconds", round(self.c.build(recipe), 4))
 
         start = time.perf_counter()
@@ -220,6 +311,8 @@ class StudyRunner:
             if not math.isfinite(item.value):
                 raise CandidateFailed(f"non-finite score on {item.task} item {item.step}: NaN/Inf in the merge")
             values.append(item.value)
+            if len(values) == 1:
+                fault_point("scoring", trial.number)
             if not self.pruning:  # each report is a storage write; only the pruner reads them
                 continue
             trial.report(item.value, item.step)
@@ -265,3 +358,12 @@ class StudyRunner:
             held = self.c.suite.evaluate(self.c.model, "holdout", self.c.batch_size)
             study.set_user_attr(f"holdout.{trial.number}", {"score": held.score, "task_scores": held.task_scores,
                                                             "metrics": held.metrics})
+
+
+def _advice(reason: str) -> str:
+    lowered = reason.lower()
+    if "out of memory" in lowered or "outofmemory" in lowered:
+        return "lower objectives.batch_size (or max_length), or use a device with more memory"
+    if "nan" in lowered or "inf" in lowered:
+        return "the parents or the dtype overflow: try merge.dtype bfloat16 or float32, or narrow search_space"
+    return "fix the cause above"

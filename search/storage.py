@@ -58,22 +58,18 @@ def quiet_optuna() -> None:
     warnings.filterwarnings("ignore", category=FutureWarning, module="optuna")
 
 
-def open_storage(url: str, heartbeat_interval: int | None = 30) -> optuna.storages.BaseStorage:
-    """An Optuna storage; RDB storages get heartbeats so a dead worker's trial is failed and retried."""
+def open_storage(url: str) -> optuna.storages.BaseStorage:
+    """An Optuna storage. Workers keep their own heartbeats (search.workers), the same on every storage."""
     check_url(url)
     quiet_optuna()
     if is_journal(url):
         from optuna.storages.journal import JournalFileBackend, JournalStorage
 
         return JournalStorage(JournalFileBackend(url.removeprefix("journal:")))
-    kwargs = {}
-    if heartbeat_interval:
-        kwargs = dict(heartbeat_interval=heartbeat_interval, grace_period=2 * heartbeat_interval,
-                      heartbeat_stale_trial_callback=optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=2))
     engine_kwargs = {"connect_args": {"timeout": 60}} if url.startswith("sqlite") else {"pool_pre_ping": True}
     for attempt in range(3):
         try:
-            return optuna.storages.RDBStorage(url, engine_kwargs=engine_kwargs, **kwargs)
+            return optuna.storages.RDBStorage(url, engine_kwargs=engine_kwargs)
         except ModuleNotFoundError as exc:
             raise StudyError(f"--storage {mask(url)}: database driver {exc.name!r} is not installed") from None
         except Exception as exc:  # sqlalchemy raises many types; the user needs the first line only

@@ -64,7 +64,7 @@ def load_existing(storage: str, name: str):
         path = Path(storage.removeprefix("sqlite:///").removeprefix("journal:"))
         if not path.is_file():
             raise StudyError(f"no study storage at {path}; run `search start` first")
-    backend = open_storage(storage, heartbeat_interval=None)
+    backend = open_storage(storage)
     try:
         return optuna.load_study(study_name=name, storage=backend)
     except KeyError:

@@ -29,7 +29,7 @@ def run(args: argparse.Namespace) -> int:
     study = load_existing(storage, name)
     if not get_note(study):  # a study run before notes existed: give it its note and figures once
         StudyNotes(storage).finish(study)
-    backend = open_storage(storage, heartbeat_interval=None)
+    backend = open_storage(storage)
     store = artifact_store(storage, name)
     host = "127.0.0.1" if args.host in ("0.0.0.0", "::") else args.host
     url = f"http://{host}:{args.port}/dashboard/studies/{backend.get_study_id_from_name(name)}"

@@ -18,7 +18,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     parser.add_argument("--seed", type=int, help="override study.seed")
     parser.add_argument("--device", help="override merge.device (cpu, cuda, cuda:N)")
     parser.add_argument("--heartbeat", type=positive_int, default=30,
-                        help="seconds between worker heartbeats on RDB storages (default 30)")
+                        help="seconds between worker heartbeats (default 30); a silent worker's trial is "
+                             "retried after two")
     parser.add_argument("--dry-run", action="store_true", help="validate and print the plan; load nothing")
     parser.set_defaults(func=run)
 
@@ -41,6 +42,7 @@ def run_study(study_file, storage=None, study_name=None, n_trials=None, timeout=
 
     from search import results
     from search.devices import check_device
+    from search.interrupts import SignalGuard
     from search.notes import StudyNotes
     from search.progress import progress_bar
     from search.report_text import print_final_table, print_plan
@@ -58,23 +60,27 @@ def run_study(study_file, storage=None, study_name=None, n_trials=None, timeout=
         print_plan(study_file, options, mask(storage))
         return None
     options.device = check_device(options.device)
-    with progress_bar(transient=True) as bar:
-        task = bar.add_task("loading parents + geometry", total=None)
-        candidates = Candidates(study_file, options.device,
-                                progress=lambda _, done, total: bar.update(task, completed=done, total=total))
-    notes = StudyNotes(options.storage, study_path=study_path, export_dir=study_file.export.dir,
-                       n_layers=candidates.plan.num_layers)
-    runner = StudyRunner(study_file, options, candidates, notes=notes)
-    study = runner.open_study()
-    with progress_bar() as bar:
-        task = bar.add_task(_trial_text(study), total=options.n_trials, completed=results.n_finished(study))
+    with SignalGuard() as guard:  # Ctrl-C / SIGTERM: the trial in flight ends FAIL "interrupted", slot back
+        with progress_bar(transient=True) as bar:
+            task = bar.add_task("loading parents + geometry", total=None)
+            candidates = Candidates(study_file, options.device,
+                                    progress=lambda _, done, total: bar.update(task, completed=done, total=total))
+        notes = StudyNotes(options.storage, study_path=study_path, export_dir=study_file.export.dir,
+                           n_layers=candidates.plan.num_layers)
+        runner = StudyRunner(study_file, options, candidates, notes=notes, guard=guard)
+        study = runner.open_study()
+        with progress_bar() as bar:
+            task = bar.add_task(_trial_text(study), total=options.n_trials, completed=results.n_finished(study))
 
-        def after_trial(study, _trial):
-            bar.update(task, completed=results.n_finished(study), description=_trial_text(study))
+            def after_trial(study, _trial):
+                bar.update(task, completed=results.n_finished(study), description=_trial_text(study))
 
-        runner.optimize(study, callbacks=[after_trial, notes.after_trial])
-    runner.ensure_holdout(study)
-    notes.finish(study)
+            def on_wait(running: int):
+                bar.update(task, description=f"waiting for {running} running trial(s) of other workers")
+
+            runner.optimize(study, callbacks=[after_trial, notes.after_trial], on_wait=on_wait)
+        runner.ensure_holdout(study)
+        notes.finish(study)
     print_final_table(study, Console())
     return study
 

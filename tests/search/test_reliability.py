@@ -18,51 +18,106 @@ TrialState = optuna.trial.TrialState
 FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)
 
 
-def start_worker(path, *args) -> subprocess.Popen:
+def start_worker(path, *args, env: dict | None = None) -> subprocess.Popen:
     """`search start` in the background, as a worker process."""
-    env = dict(os.environ, OMP_NUM_THREADS="1")
+    env = dict(os.environ, OMP_NUM_THREADS="1", **(env or {}))
     return subprocess.Popen([sys.executable, "-m", "search.cli", "start", str(path), *args], cwd=REPO, env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
-def test_sigkill_mid_trial_then_resume(study_parts, tmp_path):
-    storage = f"sqlite:///{tmp_path / 'toy.db'}"
-    path = write_study(tmp_path / "study.yaml", study_dict(study_parts, tmp_path, study={"n_trials": 8}))
-    worker = start_worker(path, "--heartbeat", "1")
-    deadline = time.time() + 300
-    study = None
-    while time.time() < deadline:
-        time.sleep(0.05)
-        try:
-            study = optuna.load_study(study_name="toy", storage=storage)
-        except (KeyError, Exception):
-            continue
-        done = study.get_trials(deepcopy=False, states=FINISHED)
-        running = study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
-        # Kill inside the objective, after the trial's first heartbeat: Optuna only fails trials
-        # that have one (a kill in the milliseconds before it leaves the trial RUNNING).
-        if len(done) >= 3 and any(t.user_attrs.get("mergekit_yaml") for t in running):
-            break
-    assert worker.poll() is None, worker.stderr.read()[-2000:]
-    worker.send_signal(signal.SIGKILL)
-    worker.wait()
-    before = {t.number: t.value for t in optuna.load_study(study_name="toy", storage=storage).trials
-              if t.state in FINISHED}
-    killed = [t.number for t in optuna.load_study(study_name="toy", storage=storage).trials
-              if t.state == TrialState.RUNNING]
-    assert len(before) >= 3 and len(killed) == 1
+def storage_of(kind: str, tmp_path) -> tuple[list[str], str]:
+    """(--storage arguments, URL to load the study) for an SQLite database or a journal file."""
+    if kind == "sqlite":
+        return [], f"sqlite:///{tmp_path / 'toy.db'}"
+    journal = tmp_path / "toy.journal"
+    return ["--storage", str(journal)], str(journal)
 
-    time.sleep(2.5)  # past the grace period (2 heartbeats), so the killed trial counts as stale
-    result = run_cli("start", str(path), "--heartbeat", "1")
-    assert result.returncode == 0, result.stderr[-2000:]
-    trials = optuna.load_study(study_name="toy", storage=storage).trials
-    assert len([t for t in trials if t.state in FINISHED]) == 8
+
+def load(url: str) -> optuna.Study:
+    from search.storage import open_storage
+
+    return optuna.load_study(study_name="toy", storage=open_storage(url))
+
+
+def check_resumed(url: str, before: dict, n_trials: int, interrupted: int) -> list:
+    """Exactly n_trials finished, none RUNNING or WAITING, earlier results unchanged, the victim retried."""
+    trials = load(url).trials
+    assert len([t for t in trials if t.state in FINISHED]) == n_trials
+    assert not [t for t in trials if t.state in (TrialState.RUNNING, TrialState.WAITING)]
     assert {t.number: t.value for t in trials if t.number in before} == before
-    assert trials[killed[0]].state == TrialState.FAIL
-    retried = [t for t in trials if t.system_attrs.get("failed_trial") == killed[0]]
+    assert trials[interrupted].state == TrialState.FAIL
+    retried = [t for t in trials if t.system_attrs.get("failed_trial") == interrupted]
     assert len(retried) == 1 and retried[0].state in FINISHED
     # The retry keeps whatever the killed trial had sampled before it died (possibly not all of it).
-    assert trials[killed[0]].params.items() <= retried[0].params.items()
+    assert trials[interrupted].params.items() <= retried[0].params.items()
+    return trials
+
+
+# Default heartbeat (30 s), no sleep: the resume starts at once, as a user would restart.
+@pytest.mark.parametrize("kind", ["sqlite", "journal"])
+@pytest.mark.parametrize("point", ["start", "merge", "scoring"])
+def test_sigkill_then_immediate_resume(study_parts, tmp_path, kind, point):
+    """SIGKILL before the trial's first heartbeat, before its merge, or mid-scoring; resume at once."""
+    args, url = storage_of(kind, tmp_path)
+    path = write_study(tmp_path / "study.yaml", study_dict(study_parts, tmp_path, study={"n_trials": 5}))
+    worker = start_worker(path, *args, env={"MERGE_SEARCH_FAULT": f"{point}:2:SIGKILL"})
+    _, err = worker.communicate(timeout=300)
+    assert worker.returncode == -signal.SIGKILL, err[-2000:]
+    study = load(url)
+    before = {t.number: t.value for t in study.trials if t.state in FINISHED}
+    running = [t.number for t in study.trials if t.state == TrialState.RUNNING]
+    assert sorted(before) == [0, 1] and running == [2]
+
+    start = time.monotonic()
+    result = run_cli("start", str(path), *args)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert time.monotonic() - start < 120  # never waited for the 60 s grace period of a live worker's beat
+    trials = check_resumed(url, before, 5, running[0])
+    assert "died" in trials[2].user_attrs["fail_reason"]
+
+
+@pytest.mark.parametrize("signame, code", [("SIGINT", 130), ("SIGTERM", 143)])
+def test_signal_mid_scoring_then_resume(study_parts, tmp_path, signame, code):
+    """Ctrl-C / SIGTERM: the trial ends FAIL "interrupted", its slot comes back, the command resumes."""
+    args, url = storage_of("sqlite", tmp_path)
+    path = write_study(tmp_path / "study.yaml", study_dict(study_parts, tmp_path, study={"n_trials": 4}))
+    result = run_cli("start", str(path), env={"MERGE_SEARCH_FAULT": f"scoring:1:{signame}"})
+    assert result.returncode == code, result.stderr[-2000:]
+    assert result.stderr.strip().splitlines()[-1] == "search: interrupted; run the same command again to resume"
+    study = load(url)
+    before = {t.number: t.value for t in study.trials if t.state in FINISHED}
+    assert sorted(before) == [0]
+    assert study.trials[1].state == TrialState.FAIL and study.trials[1].user_attrs["fail_reason"] == "interrupted"
+    assert not [t for t in study.trials if t.state == TrialState.RUNNING]
+    assert len([t for t in study.trials if t.state == TrialState.WAITING]) == 3  # the slot came back
+
+    result = run_cli("start", str(path))
+    assert result.returncode == 0, result.stderr[-2000:]
+    check_resumed(url, before, 4, 1)
+
+
+def test_external_sigterm_exits_within_seconds(study_parts, tmp_path):
+    """A SIGTERM from outside, whenever it lands in a trial, ends the worker with 143 in a few seconds."""
+    args, url = storage_of("journal", tmp_path)
+    path = write_study(tmp_path / "study.yaml", study_dict(study_parts, tmp_path, study={"n_trials": 200}))
+    worker = start_worker(path, *args)
+    deadline = time.time() + 120
+    while time.time() < deadline:
+        time.sleep(0.2)
+        if os.path.exists(url) and len([t for t in load(url).trials if t.state in FINISHED]) >= 2:
+            break
+    worker.send_signal(signal.SIGTERM)
+    sent = time.monotonic()
+    _, err = worker.communicate(timeout=60)
+    assert worker.returncode == 143, err[-2000:]
+    assert time.monotonic() - sent < 10
+    trials = load(url).trials
+    assert not [t for t in trials if t.state == TrialState.RUNNING]
+    finished = len([t for t in trials if t.state in FINISHED])
+    failed = [t for t in trials if t.state == TrialState.FAIL]
+    assert all(t.user_attrs.get("fail_reason") == "interrupted" for t in failed)
+    # Every slot is accounted for: finished + waiting = the budget (the interrupted one came back).
+    assert finished + len([t for t in trials if t.state == TrialState.WAITING]) == 200
 
 
 @pytest.mark.skipif(not os.environ.get("MERGE_SEARCH_PG_URL") and not os.environ.get("CI"),
