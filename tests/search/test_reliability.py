@@ -11,6 +11,7 @@ import time
 import optuna
 import pytest
 
+from search.workers import Owner
 from tests.conftest import REPO, run_cli
 from tests.search.conftest import study_dict, write_study
 
@@ -123,19 +124,35 @@ def test_external_sigterm_exits_within_seconds(study_parts, tmp_path):
 @pytest.mark.skipif(not os.environ.get("MERGE_SEARCH_PG_URL") and not os.environ.get("CI"),
                     reason="set MERGE_SEARCH_PG_URL to a PostgreSQL database (.ci/run starts one)")
 def test_three_workers_on_postgresql(study_parts, tmp_path):
+    """Three workers share a study; one is SIGKILLed mid-run; the other two finish exactly n_trials."""
     url = os.environ["MERGE_SEARCH_PG_URL"]  # in CI a missing server is a failure, not a skip
     name = f"toy_pg_{os.getpid()}_{int(time.time())}"
-    study = study_dict(study_parts, tmp_path, study={"n_trials": 9, "storage": url, "name": name})
+    study = study_dict(study_parts, tmp_path, study={"n_trials": 12, "storage": url, "name": name})
     path = write_study(tmp_path / "study.yaml", study)
     workers = [start_worker(path) for _ in range(3)]
-    outputs = [w.communicate(timeout=600) for w in workers]
-    for worker, (_, err) in zip(workers, outputs, strict=True):
+    deadline = time.time() + 300
+    while time.time() < deadline:
+        time.sleep(0.1)
+        try:
+            trials = optuna.load_study(study_name=name, storage=url).trials
+        except Exception:  # not created yet
+            continue
+        if len([t for t in trials if t.state in FINISHED]) >= 3 and any(
+                t.state == TrialState.RUNNING and Owner.of(t) and Owner.of(t).pid == workers[0].pid for t in trials):
+            break
+    workers[0].send_signal(signal.SIGKILL)
+    workers[0].wait()
+    outputs = [w.communicate(timeout=600) for w in workers[1:]]
+    for worker, (_, err) in zip(workers[1:], outputs, strict=True):
         assert worker.returncode == 0, err[-2000:]
     trials = optuna.load_study(study_name=name, storage=url).trials
     finished = [t for t in trials if t.state in FINISHED]
-    assert len(finished) == 9
-    assert sum(bool(t.user_attrs.get("baseline")) for t in trials) == 1
-    params = [tuple(sorted(t.params.items())) for t in finished]
+    assert len(finished) == 12
+    assert not [t for t in trials if t.state in (TrialState.RUNNING, TrialState.WAITING)]
+    killed = [t for t in trials if t.state == TrialState.FAIL and "died" in t.user_attrs.get("fail_reason", "")]
+    assert len(killed) == 1
+    assert sum(bool(t.user_attrs.get("baseline")) for t in finished) == 1
+    params = [tuple(sorted(t.params.items())) for t in finished if not t.system_attrs.get("failed_trial")]
     assert len(set(params)) == len(params), "a parameter set was scored twice"
     status = run_cli("status", "--storage", url, "--study-name", name, "--json")
     assert status.returncode == 0 and url.split("@")[0].split(":")[-1] not in status.stderr
