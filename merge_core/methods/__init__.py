@@ -5,10 +5,16 @@ from __future__ import annotations
 import difflib
 
 from merge_core.errors import MergeInputError
+from merge_core.methods.arcee_fusion import ArceeFusion
 from merge_core.methods.base import MergeMethod
+from merge_core.methods.karcher import Karcher
 from merge_core.methods.linear import Linear
 from merge_core.methods.model_stock import ModelStock
+from merge_core.methods.multislerp import MultiSlerp
+from merge_core.methods.nearswap import NearSwap
+from merge_core.methods.nuslerp import NuSlerp
 from merge_core.methods.passthrough import Passthrough
+from merge_core.methods.sce import Sce
 from merge_core.methods.slerp import Slerp
 from merge_core.methods.task_arithmetic import (
     Breadcrumbs,
@@ -25,6 +31,7 @@ REGISTRY: dict[str, MergeMethod] = {
     m.name: m for m in (
         Linear(), Slerp(), TaskArithmetic(), Ties(), DareTies(), DareLinear(), Breadcrumbs(), BreadcrumbsTies(),
         Della(), DellaLinear(), ModelStock(), Passthrough(),
+        NuSlerp(), MultiSlerp(), Sce(), Karcher(), NearSwap(), ArceeFusion(),
     )
 }
 

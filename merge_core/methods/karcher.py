@@ -1,0 +1,87 @@
+"""karcher: the weighted Karcher (Riemannian) mean of the inputs' directions, times their mean norm."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from merge_core.methods.base import MergeMethod, Param
+
+
+@dataclass(frozen=True)
+class IntParam(Param):
+    """An integer parameter: whole numbers only (mergekit validates it as int)."""
+
+    def coerce(self, value):
+        number = super().coerce(value)
+        if number != int(number):
+            raise ValueError(f"must be a whole number, got {value!r}")
+        return int(number)
+
+
+class Karcher(MergeMethod):
+    """mergekit's karcher: equal weights 1/N, up to `max_iter` gradient steps on the sphere.
+
+    The norms of the inputs (in float32, float64 for float64 inputs) do not depend on max_iter or
+    tol: computed once per study. The iteration reduces over whole tensors, so it runs as
+    mergekit runs it.
+    """
+
+    name = "karcher"
+    params = (IntParam("max_iter", int, "global", 10), Param("tol", float, "global", 1e-5))
+
+    @torch.no_grad()
+    def prepare(self, inputs):
+        tensors = inputs.tensors
+        if len(tensors) == 1:
+            return None
+        dtype = torch.float64 if tensors[0].dtype == torch.float64 else torch.float32
+        return [torch.linalg.vector_norm(t.to(dtype)) for t in tensors]
+
+    @torch.no_grad()
+    def merge(self, out, inputs, state, values, rng) -> None:
+        tensors = inputs.tensors
+        if len(tensors) == 1:
+            out.copy_(tensors[0])
+            return
+        out.copy_(_karcher_mean(tensors, state, values.shared["max_iter"], values.shared["tol"]))
+
+
+def _karcher_mean(tensors, norms, max_iter: int, tol: float) -> torch.Tensor:
+    dtype = norms[0].dtype
+    alphas = [1.0 / len(tensors)] * len(tensors)
+    valid = [i for i, norm in enumerate(norms) if norm.item() > tol]
+    if not valid:
+        return sum(t * 0 for t in tensors)
+    units = {i: torch.zeros_like(tensors[i]) if norms[i].item() == 0.0 else (tensors[i] / norms[i]).to(tensors[i].dtype)
+             for i in valid}
+    alpha_sum = sum(alphas[i] for i in valid)
+    shares = [alphas[i] / alpha_sum for i in valid]
+    valid_units = [units[i] for i in valid]
+    del units
+
+    mean = torch.zeros_like(valid_units[0])
+    for share, unit in zip(shares, valid_units, strict=True):
+        mean += share * unit
+    mean_norm = torch.linalg.vector_norm(mean.to(dtype))
+    mean = valid_units[0].clone() if mean_norm.item() < tol else (mean / mean_norm).to(mean.dtype)
+
+    for _ in range(max_iter):
+        tangent = torch.zeros_like(mean)
+        for share, unit in zip(shares, valid_units, strict=True):
+            dot = torch.clamp(torch.dot(mean.flatten(), unit.flatten()), -1.0, 1.0)
+            theta = torch.arccos(dot)
+            if theta.item() < tol:
+                continue
+            tangent += share * (theta / torch.sin(theta)) * (unit - dot * mean)
+        tangent_norm = torch.linalg.vector_norm(tangent.to(dtype))
+        if tangent_norm.item() < tol:
+            break
+        mean = (torch.cos(tangent_norm) * mean + torch.sin(tangent_norm) * (tangent / tangent_norm)).to(mean.dtype)
+        unit_norm = torch.linalg.vector_norm(mean.to(dtype))
+        if unit_norm.item() > tol:
+            mean = (mean / unit_norm).to(mean.dtype)
+
+    scale = sum(alpha * norm for alpha, norm in zip(alphas, norms, strict=True))
+    return scale * mean
