@@ -14,6 +14,7 @@ from merge_core.methods.multislerp import MultiSlerp
 from merge_core.methods.nearswap import NearSwap
 from merge_core.methods.nuslerp import NuSlerp
 from merge_core.methods.passthrough import Passthrough
+from merge_core.methods.ram import Ram, RamPlusTl
 from merge_core.methods.sce import Sce
 from merge_core.methods.slerp import Slerp
 from merge_core.methods.task_arithmetic import (
@@ -31,7 +32,7 @@ REGISTRY: dict[str, MergeMethod] = {
     m.name: m for m in (
         Linear(), Slerp(), TaskArithmetic(), Ties(), DareTies(), DareLinear(), Breadcrumbs(), BreadcrumbsTies(),
         Della(), DellaLinear(), ModelStock(), Passthrough(),
-        NuSlerp(), MultiSlerp(), Sce(), Karcher(), NearSwap(), ArceeFusion(),
+        NuSlerp(), MultiSlerp(), Sce(), Karcher(), NearSwap(), ArceeFusion(), Ram(), RamPlusTl(),
     )
 }
 

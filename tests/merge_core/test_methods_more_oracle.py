@@ -80,6 +80,18 @@ CASES = [
          extra={"out_dtype": "float16"}),
     case("arcee_fusion", "phi", "bfloat16", lambda f: pair_form(f, (), children=("child_3",)),
          extra={"out_dtype": "bfloat16"}),
+    # ram / ramplus_tl: a delta moved where |delta| > epsilon; ramplus_tl returns float32 for half
+    # inputs (its scale is float32), so half rows name out_dtype as arcee_fusion's do.
+    case("ram", "phi", "float16", lambda f: models_form(f, ()),
+         {"epsilon": [{"filter": "mlp", "value": [0.01, 0.05]}, {"value": 0.03}]}),
+    case("ram", "llama", "float32", lambda f: models_form(f, ())),
+    case("ram", "llama", "bfloat16", lambda f: pair_form(f, ()), {"epsilon": 0.02}),
+    case("ramplus_tl", "llama", "bfloat16", lambda f: models_form(f, ()), {"r": 0.05, "alpha": 1.0, "epsilon": 0.03},
+         extra={"out_dtype": "bfloat16"}),
+    case("ramplus_tl", "phi", "float32", lambda f: models_form(f, ()),
+         {"epsilon": [0.02, 0.06], "r": [{"filter": "self_attn", "value": 0.5}, {"value": 0.2}]}),
+    case("ramplus_tl", "phi", "float16", lambda f: pair_form(f, ()), {"epsilon": 0.025, "alpha": 0.5},
+         extra={"out_dtype": "float16"}),
 ]
 IDS = [f"{c[0]}-{c[1]}-{c[2]}-{i}" for i, c in enumerate(CASES)]
 
@@ -119,13 +131,14 @@ def test_method_matches_mergekit(families, tmp_path, method, arch, dtype, body, 
     assert_matches(families, tmp_path, method, arch, dtype, body, parameters, base, extra)
 
 
-def test_arcee_fusion_half_without_out_dtype(families, tmp_path):
-    """Deviation: without out_dtype, mergekit writes arcee_fusion's float32 product (its mask is
-    float32) even for a float16 merge; we write the merge dtype, which equals mergekit's tensor
-    rounded to it (what mergekit writes when out_dtype names the dtype)."""
+@pytest.mark.parametrize("method,parameters", [("arcee_fusion", {}), ("ramplus_tl", {"epsilon": 0.03})])
+def test_float32_result_of_half_merge_without_out_dtype(families, tmp_path, method, parameters):
+    """Deviation: without out_dtype, mergekit writes the float32 tensor that arcee_fusion (float32
+    mask) and ramplus_tl (float32 scale) return even for a float16 merge; we write the merge dtype,
+    which equals mergekit's tensor rounded to it (what mergekit writes when out_dtype names it)."""
     f = families["phi"]
-    config = {"merge_method": "arcee_fusion", "dtype": "float16", "base_model": str(f["base"]),
-              **pair_form(f, (), children=("child_2",))}
+    config = {"merge_method": method, "dtype": "float16", "base_model": str(f["base"]),
+              **pair_form(f, (), children=("child_2",))} | ({"parameters": parameters} if parameters else {})
     expected = load_folder(mergekit_merge(config, tmp_path / "mergekit"))
     assert {t.dtype for t in expected.values()} == {torch.float32}
     (tmp_path / "config.yml").write_text(yaml.safe_dump(config))
