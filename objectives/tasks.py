@@ -164,7 +164,7 @@ def load_task(spec: TaskSpec, manager: TaskManager) -> LoadedTask:
 
     try:
         with quiet():
-            obj = manager.load([spec.name])
+            obj = manager.load([_with_local_data(spec.name, manager)])
     except KeyError as exc:
         raise TaskInputError(f"task '{spec.name}' could not be built: missing {exc}") from None
     except Exception as exc:  # datasets/lm-eval raise many types for missing data and bad YAML
@@ -232,6 +232,47 @@ def _dataset_path(name: str, manager: TaskManager) -> str | None:
     except Exception:  # only used to word an error message
         return None
     return config.get("dataset_path") if isinstance(config, dict) else None
+
+
+def _with_local_data(name: str, manager: TaskManager) -> str | dict[str, Any]:
+    """The task's load spec; relative `data_files` of a task YAML resolve against the YAML's folder.
+
+    So a study and its task folder run from any working directory. A relative path that exists
+    only relative to the working directory (the old behaviour) is kept as written.
+    """
+    entry = manager.task_index.get(name)
+    if entry is None or not entry.yaml_path:
+        return name
+    try:
+        from lm_eval.tasks._yaml_loader import load_yaml
+
+        config = load_yaml(entry.yaml_path, resolve_func=False, recursive=True)
+    except Exception:  # lm-eval reports a broken YAML itself, with its own message
+        return name
+    kwargs = config.get("dataset_kwargs") if isinstance(config, dict) else None
+    files = kwargs.get("data_files") if isinstance(kwargs, dict) else None
+    if files is None:
+        return name
+    folder = Path(entry.yaml_path).parent
+
+    def local(value):
+        if isinstance(value, str):
+            path = Path(value).expanduser()
+            if path.is_absolute() or "://" in value or (not (folder / path).exists() and path.exists()):
+                return value
+            return str(folder / path)
+        if isinstance(value, list):
+            return [local(v) for v in value]
+        if isinstance(value, dict):
+            return {k: local(v) for k, v in value.items()}
+        return value
+
+    resolved = local(files)
+    if resolved == files:
+        return name
+    # An inline config is not merged with the registered YAML: pass the whole YAML (functions resolved).
+    full = load_yaml(entry.yaml_path, resolve_func=True, recursive=True)
+    return {**full, "task": name, "dataset_kwargs": {**full.get("dataset_kwargs", {}), "data_files": resolved}}
 
 
 def _set_fewshot(task: Task, spec: TaskSpec) -> None:

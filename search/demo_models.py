@@ -11,8 +11,12 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import random
-from collections.abc import Callable
+import shutil
+import tempfile
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -215,27 +219,59 @@ def build_demo_models(out_dir: Path, progress: ProgressCallback | None = None,
                       recipe: DemoRecipe | None = None) -> dict[str, Path]:
     """Build (or reuse) the demo base and its two parents; returns {"base", "parent_a", "parent_b"}.
 
-    progress(stage, done, total) is called after every training step.
+    progress(stage, done, total) is called after every training step. Safe when several processes
+    ask at once: one builds under a file lock into a staging folder renamed into place when complete;
+    the others wait for the lock and reuse its build. A killed build leaves only its staging folder.
     """
     recipe = recipe or DemoRecipe()
     out_dir = Path(out_dir)
     paths = {name: out_dir / name for name in ("base", "parent_a", "parent_b")}
-    marker = out_dir / "BUILD"
-    if marker.exists() and marker.read_text().strip() == recipe.digest():
-        if all((p / "model.safetensors").exists() for p in paths.values()):
+    if _is_built(out_dir, recipe):
+        return paths
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    with _locked(out_dir.parent / f".{out_dir.name}.lock"):
+        if _is_built(out_dir, recipe):  # another process built it while this one waited
             return paths
-    marker.unlink(missing_ok=True)
-    threads = torch.get_num_threads()
-    # ops this small gain nothing from threads, and on a busy CPU two threads spin-wait 10x slower;
-    # one thread also keeps the float sums in one order whatever the machine's core count
-    torch.set_num_threads(1)
-    try:
-        with torch.random.fork_rng():
-            _build(recipe, paths, progress)
-    finally:
-        torch.set_num_threads(threads)
-    marker.write_text(recipe.digest() + "\n")
+        staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.building-", dir=out_dir.parent))
+        old = out_dir.parent / f".{out_dir.name}.old-{os.getpid()}"
+        threads = torch.get_num_threads()
+        # ops this small gain nothing from threads, and on a busy CPU two threads spin-wait 10x slower;
+        # one thread also keeps the float sums in one order whatever the machine's core count
+        torch.set_num_threads(1)
+        try:
+            with torch.random.fork_rng():
+                _build(recipe, {name: staging / name for name in paths}, progress)
+            (staging / "BUILD").write_text(recipe.digest() + "\n")
+            if out_dir.exists():
+                out_dir.rename(old)
+            staging.rename(out_dir)
+        finally:
+            torch.set_num_threads(threads)
+            shutil.rmtree(staging, ignore_errors=True)
+            shutil.rmtree(old, ignore_errors=True)
     return paths
+
+
+def _is_built(out_dir: Path, recipe: DemoRecipe) -> bool:
+    marker = out_dir / "BUILD"
+    return (marker.is_file() and marker.read_text().strip() == recipe.digest()
+            and all((out_dir / name / "model.safetensors").is_file() for name in ("base", "parent_a", "parent_b")))
+
+
+@contextmanager
+def _locked(path: Path) -> Iterator[None]:
+    """An exclusive lock on `path` (POSIX flock; no lock where fcntl is missing)."""
+    try:
+        import fcntl
+    except ImportError:  # Windows: concurrent first builds are not protected there
+        yield
+        return
+    with open(path, "w") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
 
 
 if __name__ == "__main__":

@@ -35,6 +35,7 @@ from search.workers import (
 )
 
 TrialState = optuna.trial.TrialState
+PARENTS = "parents"  # study user attr: fingerprints of the parents its trials were scored with
 # Fault injection for the reliability tests: "<point>:<trial number>:<SIGNAL>" makes this process send
 # itself SIGNAL at that point of that trial (points: start, merge, scoring; see tests/search/test_reliability.py).
 FAULT_ENV = "MERGE_SEARCH_FAULT"
@@ -48,6 +49,15 @@ class CandidateFailed(RuntimeError):
 
 class BudgetReached(RuntimeError):
     """A trial started after the budget was used up; it ends as FAIL and the worker stops."""
+
+
+def parent_fingerprints(study: StudyFile) -> list[dict]:
+    """[{"model": ref, "files": fingerprint}] of the study's parents, in merge.models order."""
+    from merge_core.fingerprint import fingerprint
+    from merge_core.refs import resolve
+
+    return [{"model": ref, "files": fingerprint(resolve(ref, study.merge.allow_pickle))}
+            for ref in study.merge.models or []]
 
 
 def fault_point(point: str, trial_number: int) -> None:
@@ -89,6 +99,7 @@ class RunOptions:
     seed: int
     device: str
     heartbeat: int | None = 30
+    allow_changed_parents: bool = False
 
 
 class Candidates:
@@ -122,6 +133,7 @@ class Candidates:
         on_tensor = (lambda done, total: progress("geometry", done, total)) if progress else None
         self.merger = Merger(self.plan, device, progress=on_tensor)
         self.model = self.merger.new_model()
+        self.parents = parent_fingerprints(study)
         self.batch_size = study.objectives.batch_size
 
     def build(self, recipe: Recipe) -> float:
@@ -168,7 +180,10 @@ class StudyRunner:
             if len(study.directions) != len(directions):
                 raise StudyError(f"study {self.options.study_name!r} has {len(study.directions)} objective(s); "
                                  f"sampler {self.options.sampler} needs {len(directions)}; use another --study-name")
+            if not created:
+                self._check_parents(study)
             if created:
+                study.set_user_attr(PARENTS, self.c.parents)
                 study.set_metric_names(self.task_names if self.multi else ["weighted score"])
                 study.set_user_attr("baseline_recipe", self.c.baseline)
                 study.set_user_attr("task_names", self.task_names)
@@ -186,6 +201,26 @@ class StudyRunner:
             if self.options.n_trials > budget:  # a bigger --n-trials on resume: the refill adds the difference
                 study.set_user_attr(BUDGET, self.options.n_trials)
         return study
+
+    def _check_parents(self, study: optuna.Study) -> None:
+        """Refuse to resume or join with parents other than the ones the study's scores came from."""
+        from merge_core.fingerprint import changed_files
+
+        recorded = study.user_attrs.get(PARENTS)
+        if recorded is None:  # a study from before fingerprints: they start now
+            study.set_user_attr(PARENTS, self.c.parents)
+            return
+        for old, new in zip(recorded, self.c.parents, strict=False):
+            changed = changed_files(old["files"], new["files"])
+            if not changed:
+                continue
+            if not self.options.allow_changed_parents:
+                raise StudyError(
+                    f"parent {new['model']} is not the one study {study.study_name!r} was scored with "
+                    f"({', '.join(changed[:3])} changed); restore it, use another --study-name, or pass "
+                    "--allow-changed-parents to mix both in one study")
+            study.set_user_attr(PARENTS, self.c.parents)
+            study.set_user_attr(f"parents_changed_before_trial.{len(study.trials)}", new["model"])
 
     def _baseline_params(self) -> dict:
         return self.c.space.params_of(self.c.baseline)

@@ -149,9 +149,95 @@ def load_study_file(path: str | Path) -> StudyFile:
     if not isinstance(data, dict):
         raise StudyError(f"{path}: expected a mapping with sections study, merge, search_space, baseline, objectives")
     try:
-        return StudyFile.model_validate(data)
+        return StudyFile.model_validate(resolve_paths(data, path.resolve().parent))
     except ValidationError as exc:
         raise StudyError(f"{path}: {describe(exc, data)}") from None
+
+
+DEMO_SCHEME = "demo:"  # `demo:parent_a`: a demo parent, built on first use into ./runs/demo-models
+DEMO_MODELS = Path("runs/demo-models")
+
+
+def model_path(text: str, folder: Path) -> str:
+    """Where a model reference of a study file points.
+
+    The rule: a reference that names something existing relative to the study file's folder, or
+    that starts with ./ ../ / or ~, or that has more than one `/`, is a path, made absolute against
+    the study file's folder. Anything else (`org/name`, `org/name@revision`, a bare `gpt2`) is a
+    Hugging Face Hub id and stays as written. `demo:NAME` is a demo parent under ./runs/demo-models.
+    """
+    if text.startswith(DEMO_SCHEME):
+        return str((DEMO_MODELS / text.removeprefix(DEMO_SCHEME)).resolve())
+    path = Path(text).expanduser()
+    hub_like = not text.startswith((".", "/", "~")) and text.split("@")[0].count("/") <= 1
+    if hub_like and not (folder / path).exists():
+        return text
+    return str((folder / path).resolve())
+
+
+def file_path(text: str, folder: Path) -> str:
+    """A file or folder path of a study file, made absolute against the study file's folder."""
+    return str((folder / Path(text).expanduser()).resolve())
+
+
+def storage_path(url: str, folder: Path) -> str:
+    """A storage URL whose SQLite file or journal file is relative to the study file's folder."""
+    from search.storage import is_journal
+
+    if url.startswith("sqlite:///") and url != "sqlite:///:memory:" and not url.startswith("sqlite:////"):
+        return "sqlite:///" + file_path(url.removeprefix("sqlite:///"), folder)
+    if is_journal(url):
+        prefix = "journal:" if url.startswith("journal:") else ""
+        return prefix + file_path(url.removeprefix("journal:"), folder)
+    return url
+
+
+def resolve_paths(data: dict, folder: Path) -> dict:
+    """The study data with its paths made absolute against `folder` (see model_path for models)."""
+
+    def section(name: str) -> dict:
+        value = data.get(name)
+        return dict(value) if isinstance(value, dict) else value
+
+    out = dict(data)
+    merge = section("merge")
+    if isinstance(merge, dict):
+        if isinstance(merge.get("models"), list):
+            merge["models"] = [model_path(m, folder) if isinstance(m, str) else m for m in merge["models"]]
+        if isinstance(merge.get("base_model"), str):
+            merge["base_model"] = model_path(merge["base_model"], folder)
+        if isinstance(merge.get("tokenizer_source"), str) and merge["tokenizer_source"] not in ("base", "union"):
+            merge["tokenizer_source"] = model_path(merge["tokenizer_source"], folder)
+        if isinstance(merge.get("slices"), list):
+            merge["slices"] = [_slice_paths(s, folder) for s in merge["slices"]]
+        out["merge"] = merge
+    objectives = section("objectives")
+    if isinstance(objectives, dict) and isinstance(objectives.get("include_path"), list):
+        objectives["include_path"] = [file_path(p, folder) if isinstance(p, str) else p
+                                      for p in objectives["include_path"]]
+        out["objectives"] = objectives
+    study = section("study")
+    if isinstance(study, dict) and isinstance(study.get("storage"), str):
+        study["storage"] = storage_path(study["storage"], folder)
+        out["study"] = study
+    export = section("export")
+    if isinstance(export, dict) and isinstance(export.get("dir"), str):
+        export["dir"] = file_path(export["dir"], folder)
+        out["export"] = export
+    return out
+
+
+def _slice_paths(item: Any, folder: Path) -> Any:
+    if not isinstance(item, dict):
+        return item
+    item = dict(item)
+    if isinstance(item.get("base_model"), str):
+        item["base_model"] = model_path(item["base_model"], folder)
+    if isinstance(item.get("sources"), list):
+        item["sources"] = [{**src, "model": model_path(src["model"], folder)}
+                           if isinstance(src, dict) and isinstance(src.get("model"), str) else src
+                           for src in item["sources"]]
+    return item
 
 
 def describe(exc: ValidationError, data: Any) -> str:

@@ -91,12 +91,16 @@ def test_committed_task_data_is_what_the_generator_writes(tmp_path: Path) -> Non
         assert path.read_bytes() == (DATA_DIR / path.name).read_bytes(), task
 
 
-def test_tasks_load_through_lm_eval(monkeypatch: pytest.MonkeyPatch) -> None:
-    from lm_eval.tasks import TaskManager
+def test_tasks_load_through_lm_eval(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    from objectives import TaskSpec
+    from objectives.tasks import load_task, task_manager
 
-    # the YAML data_files are relative to the repository root: datasets resolves them against the CWD
-    monkeypatch.chdir(REPO)
-    tasks = TaskManager(include_path=str(TASK_DIR)).load(["demo_letters", "demo_digits"])["tasks"]
+    # the YAML data_files are relative to the YAML's folder, so any working directory will do
+    monkeypatch.chdir(tmp_path)
+    manager = task_manager(["demo_letters", "demo_digits"], [TASK_DIR])
+    tasks = {}
+    for name in ("demo_letters", "demo_digits"):
+        tasks.update(load_task(TaskSpec(name=name), manager).tasks)
     assert set(tasks) == {"demo_letters", "demo_digits"}
     for name, task in tasks.items():
         docs = list(task.test_docs())
@@ -107,3 +111,22 @@ def test_tasks_load_through_lm_eval(monkeypatch: pytest.MonkeyPatch) -> None:
         for doc in docs:
             choices = task.doc_to_choice(doc)
             assert len(set(choices)) == 4 and 0 <= task.doc_to_target(doc) < 4
+
+
+def test_two_processes_building_at_once_share_one_build(tmp_path: Path) -> None:
+    """Two commands building the demo parents at once: one builds, the other waits and reuses it."""
+    import subprocess
+    import sys
+
+    code = ("import sys; from pathlib import Path; from tests.test_demo_models import SMALL; "
+            "from search.demo_models import build_demo_models; n = []; "
+            "build_demo_models(Path(sys.argv[1]), progress=lambda *a: n.append(a), recipe=SMALL); print(len(n))")
+    out = tmp_path / "demo-models"
+    procs = [subprocess.Popen([sys.executable, "-c", code, str(out)], cwd=REPO, stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True) for _ in range(2)]
+    results = [p.communicate(timeout=300) for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], [err[-2000:] for _, err in results]
+    steps = sorted(int(stdout.split()[-1]) for stdout, _ in results)
+    assert steps == [0, SMALL.base_steps + 2 * SMALL.parent_steps]  # exactly one of them trained
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".demo-models.lock", "demo-models"]  # no staging left
+    assert (out / "BUILD").read_text().strip() == SMALL.digest()

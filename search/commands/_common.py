@@ -70,3 +70,30 @@ def load_existing(storage: str, name: str):
     except KeyError:
         known = [s.study_name for s in optuna.get_all_study_summaries(backend)]
         raise StudyError(f"no study named {name!r} in {mask(storage)} (found: {', '.join(known) or 'none'})") from None
+
+
+def ensure_demo_parents(study_file) -> None:
+    """Build the demo parents a study names (`demo:NAME`) on first use, with a progress bar; cached."""
+    import time
+
+    from search.demo_models import build_demo_models
+    from search.progress import console, progress_bar
+    from search.study_config import DEMO_MODELS
+
+    root = DEMO_MODELS.resolve()
+    if not any(Path(m).parent == root for m in study_file.merge.models or []):
+        return
+    start = time.perf_counter()
+    built = []
+    with progress_bar(transient=True) as bar:
+        tasks: dict[str, int] = {}
+
+        def on_step(stage: str, done: int, total: int) -> None:
+            if stage not in tasks:
+                tasks[stage] = bar.add_task(f"demo parents: {stage}", total=total)
+            bar.update(tasks[stage], completed=done)
+            built.append(stage)
+
+        build_demo_models(DEMO_MODELS, progress=on_step)
+    if built:
+        console.print(f"demo parents built in {DEMO_MODELS} ({time.perf_counter() - start:.0f} s); reused from now on")

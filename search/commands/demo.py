@@ -8,14 +8,24 @@ from pathlib import Path
 from search.commands._common import positive_int
 from search.study_config import SAMPLERS
 
-DEMO_STUDY = Path("studies/demo.yaml")
-DEMO_MODELS = Path("runs/demo-models")  # where studies/demo.yaml expects the parents
+
+def demo_study() -> Path:
+    """The demo study that ships with the package (studies/demo.yaml of a checkout, or of the wheel)."""
+    try:
+        from importlib.resources import files
+
+        shipped = Path(str(files("search._studies") / "demo.yaml"))
+        if shipped.is_file():
+            return shipped
+    except ModuleNotFoundError:  # a checkout used without installing the package data
+        pass
+    return Path(__file__).resolve().parents[2] / "studies" / "demo.yaml"
 
 
 def register(sub: argparse._SubParsersAction) -> None:
     """Add the `demo` sub-command."""
     parser = sub.add_parser("demo", help="run the offline demo study end to end (minutes on a laptop CPU)")
-    parser.add_argument("--study", default=str(DEMO_STUDY), help=f"study file (default {DEMO_STUDY})")
+    parser.add_argument("--study", help="study file (default: the demo study shipped with merge-search)")
     parser.add_argument("--n-trials", type=positive_int, help="override study.n_trials")
     parser.add_argument("--sampler", choices=SAMPLERS, help="override study.sampler")
     parser.add_argument("--seed", type=int, help="override study.seed")
@@ -31,27 +41,18 @@ def run(args: argparse.Namespace) -> int:
     import torch
     from rich.console import Console
 
+    from search.commands._common import ensure_demo_parents
     from search.commands.export import export_trials
     from search.commands.start import run_study
-    from search.demo_models import build_demo_models
-    from search.progress import progress_bar
     from search.study_config import load_study_file
 
+    args.study = args.study or str(demo_study())
     study_file = load_study_file(args.study)  # a broken study file fails before minutes of training
     # Models this small run fastest on one thread, and a busy laptop does not make it spin-wait.
     torch.set_num_threads(1)
     console = Console()
     start = time.perf_counter()
-    with progress_bar(transient=True) as bar:
-        tasks: dict[str, int] = {}
-
-        def on_step(stage: str, done: int, total: int) -> None:
-            if stage not in tasks:
-                tasks[stage] = bar.add_task(stage, total=total)
-            bar.update(tasks[stage], completed=done)
-
-        paths = build_demo_models(DEMO_MODELS, progress=on_step)
-    console.print(f"demo parents ready in {paths['parent_a'].parent} ({time.perf_counter() - start:.0f} s)")
+    ensure_demo_parents(study_file)
     study = run_study(study_file, storage=args.storage, study_name=args.study_name, n_trials=args.n_trials,
                       sampler=args.sampler, seed=args.seed, study_path=args.study)
     out = Path(study_file.export.dir or Path("runs") / study.study_name / "export")

@@ -20,6 +20,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     parser.add_argument("--heartbeat", type=positive_int, default=30,
                         help="seconds between worker heartbeats (default 30); a silent worker's trial is "
                              "retried after two")
+    parser.add_argument("--allow-changed-parents", action="store_true",
+                        help="resume or join although a parent's files changed since the study started")
     parser.add_argument("--dry-run", action="store_true", help="validate and print the plan; load nothing")
     parser.set_defaults(func=run)
 
@@ -31,16 +33,18 @@ def run(args: argparse.Namespace) -> int:
     study_file = load_study_file(args.study_file)
     run_study(study_file, storage=args.storage, study_name=args.study_name, n_trials=args.n_trials,
               timeout=args.timeout, sampler=args.sampler, seed=args.seed, device=args.device,
-              heartbeat=args.heartbeat, dry_run=args.dry_run, study_path=args.study_file)
+              heartbeat=args.heartbeat, dry_run=args.dry_run, study_path=args.study_file,
+              allow_changed_parents=args.allow_changed_parents)
     return 0
 
 
 def run_study(study_file, storage=None, study_name=None, n_trials=None, timeout=None, sampler=None, seed=None,
-              device=None, heartbeat=30, dry_run=False, study_path=None):
+              device=None, heartbeat=30, dry_run=False, study_path=None, allow_changed_parents=False):
     """Run (or resume) a study with command-line overrides; returns the Optuna study (None on a dry run)."""
     from rich.console import Console
 
     from search import results
+    from search.commands._common import ensure_demo_parents
     from search.devices import check_device
     from search.interrupts import SignalGuard
     from search.notes import StudyNotes
@@ -55,11 +59,12 @@ def run_study(study_file, storage=None, study_name=None, n_trials=None, timeout=
     options = RunOptions(storage=storage, study_name=study_name or s.name, n_trials=n_trials or s.n_trials,
                          timeout=timeout or s.timeout, sampler=sampler or s.sampler,
                          seed=s.seed if seed is None else seed, device=device or study_file.merge.device,
-                         heartbeat=heartbeat)
+                         heartbeat=heartbeat, allow_changed_parents=allow_changed_parents)
     if dry_run:
         print_plan(study_file, options, mask(storage))
         return None
     options.device = check_device(options.device)
+    ensure_demo_parents(study_file)
     with SignalGuard() as guard:  # Ctrl-C / SIGTERM: the trial in flight ends FAIL "interrupted", slot back
         with progress_bar(transient=True) as bar:
             task = bar.add_task("loading parents + geometry", total=None)
