@@ -15,7 +15,15 @@ from merge_core.methods import arcee_fusion
 from merge_core.methods import get as get_method
 from merge_core.methods.base import Inputs, Values
 from tests.conftest import run_cli
-from tests.merge_core.test_methods_oracle import SEED, full_config, load_folder, mergekit_merge, models_form, source
+from tests.merge_core.test_methods_oracle import (
+    MAGNITUDE,
+    SEED,
+    full_config,
+    load_folder,
+    mergekit_merge,
+    models_form,
+    source,
+)
 from tests.merge_core.test_oracle import ordered_bits
 
 MLP_FIRST = [{"filter": "mlp", "value": [0.2, 0.8]}, {"value": 0.5}]
@@ -113,7 +121,11 @@ def assert_matches(families, tmp_path, method, arch, dtype, body, parameters, ba
         ulps = (ordered_bits(ours.contiguous()) - ordered_bits(theirs.contiguous())).abs()
         if int((ulps > 1).sum()):
             off[name] = (int((ulps > 1).sum()), ours.numel(), int(ulps.max()))
-    assert not off, off
+    if method in MAGNITUDE and dtype != "float32":
+        # As in test_methods_oracle.py: only elements tied at the pruning threshold may differ.
+        assert all(bad <= max(4, 0.02 * n) for bad, n, _ in off.values()), off
+    else:
+        assert not off, off
 
     merger = Merger(MergePlan(parse_config(config)), seed=SEED)
     model = merger.new_model()
