@@ -10,7 +10,7 @@ from merge_core.errors import MergeInputError
 from objectives.errors import TaskInputError
 from search.errors import StudyError
 
-COMMANDS = ("merge", "score", "start", "status", "export", "dashboard", "report", "demo")
+COMMANDS = ("merge", "init", "score", "start", "status", "export", "dashboard", "report", "demo")
 USER_ERRORS = (MergeInputError, TaskInputError, StudyError)
 
 

@@ -13,21 +13,33 @@ from search.space import space_of
 def print_plan(study_file, options, storage_shown: str, console: Console | None = None) -> None:
     """What `search start --dry-run` shows: models, parameters, tasks, items per trial."""
     console = console or Console()
-    merge = study_file.merge
     console.print(f"[bold]study[/] {options.study_name}  storage {storage_shown}  sampler {options.sampler} "
                   f"(seed {options.seed})  n_trials {options.n_trials}  device {options.device}")
-    other = next(m for m in merge.models if m != merge.base_model)
-    layers = f"layers {list(merge.layer_range)}" if merge.layer_range else (
-        f"{len(merge.slices)} slices" if merge.slices else "all layers")
-    console.print(f"[bold]merge[/] slerp  v0 (base) {merge.base_model}  v1 {other}  {layers}  {merge.dtype}")
+    merge = study_file.merge
+    space = space_of(study_file)
     params = Table(title="search space")
     for col in ("parameter", "low", "high"):
         params.add_column(col)
-    for name, dist in space_of(study_file).distributions().items():
-        params.add_row(name, f"{dist.low:g}", f"{dist.high:g}")
-    for name, entry in study_file.search_space.items():
-        if entry.value is not None:
-            params.add_row(f"t.{name}", "fixed", str(entry.value))
+    if study_file.is_generic():
+        space.params_of(space.baseline)  # the config must be a point of the space: say so before any load
+        config = space.config
+        models = ", ".join(f"{space.aliases[m]}={m}" for m in config.model_names())
+        console.print(f"[bold]merge[/] {config.merge_method}  base {config.base_model or '(none)'}  models {models}  "
+                      f"dtype {config.dtype or '(as stored)'}  random seed {merge.random_seed}")
+    else:
+        other = next(m for m in merge.models if m != merge.base_model)
+        layers = f"layers {list(merge.layer_range)}" if merge.layer_range else (
+            f"{len(merge.slices)} slices" if merge.slices else "all layers")
+        console.print(f"[bold]merge[/] slerp  v0 (base) {merge.base_model}  v1 {other}  {layers}  {merge.dtype}")
+    for name, dist in space.distributions().items():
+        if isinstance(dist, optuna.distributions.CategoricalDistribution):
+            params.add_row(name, "choices", ", ".join(str(c) for c in dist.choices))
+        else:
+            params.add_row(name, f"{dist.low:g}", f"{dist.high:g}")
+    if not study_file.is_generic():
+        for name, entry in study_file.search_space.items():
+            if entry.value is not None:
+                params.add_row(f"t.{name}", "fixed", str(entry.value))
     console.print(params)
     tasks = Table(title="objectives")
     for col in ("task", "weight", "metric", "shots", "search items", "held-out items"):

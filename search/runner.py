@@ -16,7 +16,7 @@ from search import results
 from search.errors import StudyError
 from search.interrupts import SignalGuard
 from search.samplers import make_sampler
-from search.space import Recipe, SearchSpace, baseline_recipe, merge_config, space_of
+from search.space import Recipe, SearchSpace, baseline_recipe, space_of
 from search.storage import open_storage
 from search.study_config import StudyFile
 from search.workers import (
@@ -117,21 +117,22 @@ class Candidates:
         self.space: SearchSpace = space_of(study)
         self.baseline: Recipe = baseline_recipe(study)
         self.space.params_of(self.baseline)  # the baseline must be a point of the space
-        self.plan = MergePlan(merge_config(study, self.baseline), allow_pickle=study.merge.allow_pickle)
-        probe = self.space.recipe({n: (d.low + d.high) / 2 for n, d in self.space.distributions().items()})
+        self.plan = MergePlan(self.space.config_of(self.baseline), allow_pickle=study.merge.allow_pickle)
+        probe = self.space.recipe({n: _middle(d) for n, d in self.space.distributions().items()})
         try:
-            self.plan.t_values(probe)
+            self.plan.values(self.space.config_of(probe))
         except Exception as exc:
             raise StudyError(f"search_space: {exc}; add a `default` entry") from None
         tokenizer_dir = self.plan.base.folder
-        if study.merge.tokenizer_source not in (None, "base"):
-            tokenizer_dir = resolve(study.merge.tokenizer_source, study.merge.allow_pickle)
+        tokenizer_source = self.plan.config.tokenizer_source
+        if tokenizer_source not in (None, "base"):
+            tokenizer_dir = resolve(tokenizer_source, study.merge.allow_pickle)
         tokenizer = transformers.AutoTokenizer.from_pretrained(str(tokenizer_dir))
         specs = [TaskSpec(**t.model_dump()) for t in study.objectives.tasks]
         include = [str(Path(p)) for p in study.objectives.include_path]
         self.suite = Suite.build(specs, tokenizer, include, max_length=study.objectives.max_length)
         on_tensor = (lambda done, total: progress("geometry", done, total)) if progress else None
-        self.merger = Merger(self.plan, device, progress=on_tensor)
+        self.merger = Merger(self.plan, device, progress=on_tensor, seed=study.merge.random_seed)
         self.model = self.merger.new_model()
         self.parents = parent_fingerprints(study)
         self.batch_size = study.objectives.batch_size
@@ -139,12 +140,25 @@ class Candidates:
     def build(self, recipe: Recipe) -> float:
         """Write the candidate into the live model; returns seconds taken."""
         start = time.perf_counter()
-        self.merger.build_into(self.model, recipe)
+        self.merger.build_into(self.model, self.space.config_of(recipe))
         return time.perf_counter() - start
 
     def mergekit_yaml(self, recipe: Recipe) -> str:
-        """The exact mergekit YAML of a candidate."""
-        return self.plan.config.with_t(recipe).to_yaml()
+        """The exact mergekit YAML of a candidate (with the seed its random masks need, if any)."""
+        text = self.space.config_of(recipe).to_yaml()
+        if self.plan.method.randomised:
+            seed = self.study.merge.random_seed
+            text = (f"# {self.plan.method.name} draws random masks: build it with --random-seed {seed}\n"
+                    f"#   mergekit-yaml THIS.yml OUT --random-seed {seed}   (or: search merge THIS.yml OUT "
+                    f"--random-seed {seed})\n") + text
+        return text
+
+
+def _middle(dist):
+    """A point inside a distribution (the probe that checks every tensor gets a value)."""
+    if isinstance(dist, optuna.distributions.CategoricalDistribution):
+        return dist.choices[0]
+    return (dist.low + dist.high) / 2
 
 
 class StudyRunner:
@@ -156,7 +170,7 @@ class StudyRunner:
         self.notes = notes  # search.notes.StudyNotes: trial YAML artifacts, dashboard note and figures
         self.options = options
         self.c = candidates
-        self.multi = options.sampler == "nsga2"
+        self.multi = study.study.per_task(options.sampler)
         self.pruning = study.pruner.type == "wilcoxon" and not self.multi
         self.task_names = [t.name for t in study.objectives.tasks]
         self.guard = guard or SignalGuard()

@@ -1,4 +1,11 @@
-"""Search space <-> merge recipe: Optuna parameters `t.<filter>.<i>` and mergekit `t` entries."""
+"""Search space <-> candidate: Optuna parameters and the mergekit config each trial builds.
+
+Two forms. A SLERP study (two parents, `search_space` keyed by filter) searches t only, with
+parameters `t.<filter>.<i>` and the t list as its recipe. A study over a mergekit config
+(`merge.config`) searches any of its numbers (`ConfigSpace`): parameters
+`<parameter>.<model>.<filter>.<i>` (`<parameter>.<filter>.<i>` for global ones), and a recipe
+mapping each searched location (`weight@<model>`, `lambda`...) to its mergekit setting.
+"""
 
 from __future__ import annotations
 
@@ -24,6 +31,7 @@ class SearchSpace:
     """The per-filter t-gradients a study searches."""
 
     entries: dict[str, SpaceEntry]
+    config: SlerpConfig | None = None  # the baseline's config, which recipes change the t of
 
     def distributions(self) -> dict[str, optuna.distributions.FloatDistribution]:
         """Every searched anchor and its range, in recipe order."""
@@ -50,6 +58,10 @@ class SearchSpace:
             recipe.append({"value": value} if name == DEFAULT_FILTER else {"filter": name, "value": value})
         return recipe
 
+    def config_of(self, recipe: Recipe) -> SlerpConfig:
+        """The mergekit config a recipe builds."""
+        return self.config.with_t(recipe)
+
     def params_of(self, recipe: Recipe, where: str = "baseline") -> dict[str, float]:
         """Parameter values that reproduce a recipe (the baseline), or a clear error."""
         by_filter = {entry.get("filter") or DEFAULT_FILTER: entry["value"] for entry in recipe}
@@ -74,13 +86,23 @@ class SearchSpace:
         return params
 
 
-def space_of(study: StudyFile) -> SearchSpace:
-    """The search space of a study file."""
-    return SearchSpace(dict(study.search_space))
+def space_of(study: StudyFile):
+    """The search space of a study file: a SearchSpace (SLERP form) or a ConfigSpace."""
+    if study.is_generic():
+        from search.config_space import ConfigSpace
+
+        return ConfigSpace.of(study)
+    return SearchSpace(dict(study.search_space), merge_config(study, _slerp_baseline(study)))
 
 
-def baseline_recipe(study: StudyFile) -> Recipe:
-    """The hand-written t of a study file as a recipe."""
+def baseline_recipe(study: StudyFile):
+    """The baseline's recipe: the hand-written t (SLERP form), or the config's searched settings."""
+    if study.is_generic():
+        return space_of(study).baseline
+    return _slerp_baseline(study)
+
+
+def _slerp_baseline(study: StudyFile) -> Recipe:
     baseline = study.baseline
     if isinstance(baseline, int | float) or (isinstance(baseline, list) and baseline and
                                               isinstance(baseline[0], int | float)):
@@ -88,8 +110,10 @@ def baseline_recipe(study: StudyFile) -> Recipe:
     return [e.model_dump(exclude_none=True) for e in baseline]
 
 
-def merge_config(study: StudyFile, recipe: Recipe) -> SlerpConfig:
-    """The mergekit config of one candidate: the study's parents with this t."""
+def merge_config(study: StudyFile, recipe) -> SlerpConfig:
+    """The mergekit config of one candidate."""
+    if study.is_generic():
+        return space_of(study).config_of(recipe)
     merge = study.merge
     other = next(m for m in merge.models if m != merge.base_model)
     body: dict = {"merge_method": "slerp", "base_model": merge.base_model, "dtype": merge.dtype,

@@ -11,8 +11,9 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from merge_core.config import ConditionalValue, Slice
 from search.errors import StudyError
+from search.samplers import SAMPLERS as SAMPLER_REGISTRY
 
-SAMPLERS = ("tpe", "cmaes", "nsga2", "gp", "random")
+SAMPLERS = tuple(SAMPLER_REGISTRY)
 DEFAULT_FILTER = "default"  # the search-space entry that becomes the filter-less `{value: ...}`
 
 
@@ -29,22 +30,39 @@ class StudySection(_Strict):
     seed: int = 0
     n_trials: int = Field(default=40, gt=0)
     timeout: float | None = Field(default=None, gt=0)
+    # weighted: one score (tasks weighted); per_task: one objective per task (a Pareto front).
+    # Unset: per_task with the nsga2 sampler, weighted otherwise (what earlier study files meant).
+    objective: Literal["weighted", "per_task"] | None = None
+
+    def per_task(self, sampler: str) -> bool:
+        """Whether the study optimises one objective per task."""
+        return self.objective == "per_task" or (self.objective is None and sampler == "nsga2")
 
 
 class MergeSection(_Strict):
-    """The two parents and how they line up; t comes from the search space."""
+    """What is merged: a mergekit config (any method), or the two parents of a SLERP study."""
 
-    models: list[str] = Field(min_length=2, max_length=2)
-    base_model: str
+    config: str | dict | None = None  # a mergekit YAML path (relative to the study file) or the config inline
+    models: list[str] | None = Field(default=None, min_length=2, max_length=2)
+    base_model: str | None = None
     layer_range: tuple[int, int] | None = None
     slices: list[Slice] | None = None
     dtype: Literal["float16", "bfloat16", "float32"] = "float16"
     device: str = "cpu"
     tokenizer_source: str | None = None
     allow_pickle: bool = False
+    random_seed: int = 0  # DARE/DELLA masks: one seed for every candidate (export with --random-seed)
 
     @model_validator(mode="after")
     def _consistent(self):
+        if self.config is not None:
+            extra = [k for k in ("models", "base_model", "layer_range", "slices", "tokenizer_source")
+                     if getattr(self, k) is not None]
+            if extra:
+                raise ValueError(f"{extra[0]}: give it inside merge.config (the mergekit config), not next to it")
+            return self
+        if self.models is None or self.base_model is None:
+            raise ValueError("give merge.config (a mergekit config), or models and base_model for a SLERP study")
         if self.base_model not in self.models:
             raise ValueError(f"base_model {self.base_model!r} must be one of models {self.models}")
         if self.models[0] == self.models[1]:
@@ -72,6 +90,33 @@ class SpaceEntry(_Strict):
             raise ValueError(f"low ({self.low}) must not exceed high ({self.high})")
         if isinstance(self.value, list) and not self.value:
             raise ValueError("value: a gradient needs at least one anchor")
+        return self
+
+
+class SpaceItem(_Strict):
+    """One searched number of a mergekit config: a parameter, for some models, for one filter."""
+
+    parameter: str = Field(min_length=1)
+    models: Literal["all"] | list[str] | None = None  # per-model parameters: which models (default all)
+    filter: str | None = None  # None: the entry without filter (every tensor no earlier entry takes)
+    anchors: int | None = Field(default=None, ge=1, le=32)  # a gradient of K anchors
+    blocks: int | None = Field(default=None, ge=1, le=64)  # one value per block of layers (layer_granularity)
+    low: float = 0.0
+    high: float = 1.0
+    log: bool = False
+    choices: list[bool | float | str] | None = None  # categorical (normalize, int8_mask, rescale...)
+
+    @model_validator(mode="after")
+    def _one_kind(self):
+        kinds = [k for k in ("anchors", "blocks", "choices") if getattr(self, k) is not None]
+        if len(kinds) != 1:
+            raise ValueError("give exactly one of anchors (a gradient), blocks (per layer block) or choices")
+        if self.low > self.high:
+            raise ValueError(f"low ({self.low}) must not exceed high ({self.high})")
+        if self.log and self.low <= 0:
+            raise ValueError("log: needs low > 0")
+        if self.choices is not None and not self.choices:
+            raise ValueError("choices: give at least one")
         return self
 
 
@@ -119,8 +164,8 @@ class StudyFile(_Strict):
 
     study: StudySection
     merge: MergeSection
-    search_space: dict[str, SpaceEntry] = Field(min_length=1)
-    baseline: list[ConditionalValue] | float | list[float]
+    search_space: dict[str, SpaceEntry] | list[SpaceItem] = Field(min_length=1)
+    baseline: list[ConditionalValue] | float | list[float] | None = None
     objectives: ObjectivesSection
     pruner: PrunerSection = PrunerSection()
     export: ExportSection = ExportSection()
@@ -128,9 +173,27 @@ class StudyFile(_Strict):
     @field_validator("search_space")
     @classmethod
     def _default_last(cls, value):
-        if DEFAULT_FILTER in value and list(value)[-1] != DEFAULT_FILTER:
+        if isinstance(value, dict) and DEFAULT_FILTER in value and list(value)[-1] != DEFAULT_FILTER:
             raise ValueError(f"the {DEFAULT_FILTER!r} entry must come last (filters are tried in order)")
         return value
+
+    @model_validator(mode="after")
+    def _forms_agree(self):
+        generic = self.merge.config is not None
+        if generic and isinstance(self.search_space, dict):
+            raise ValueError("search_space: with merge.config, list the searched parameters "
+                             "(- {parameter: weight, anchors: 3, ...})")
+        if not generic and isinstance(self.search_space, list):
+            raise ValueError("search_space: a parameter list needs merge.config (a mergekit config)")
+        if generic and self.baseline is not None:
+            raise ValueError("baseline: with merge.config, the config itself is the baseline; remove baseline")
+        if not generic and self.baseline is None:
+            raise ValueError("baseline: required (the hand-written t)")
+        return self
+
+    def is_generic(self) -> bool:
+        """True for a study over a mergekit config (any method), False for the two-parent SLERP form."""
+        return self.merge.config is not None
 
 
 def load_study_file(path: str | Path) -> StudyFile:
@@ -148,6 +211,11 @@ def load_study_file(path: str | Path) -> StudyFile:
         raise StudyError(f"{path}: malformed YAML{where}: {getattr(exc, 'problem', None) or 'syntax error'}") from None
     if not isinstance(data, dict):
         raise StudyError(f"{path}: expected a mapping with sections study, merge, search_space, baseline, objectives")
+    merge = data.get("merge")
+    if isinstance(merge, dict) and isinstance(merge.get("config"), str):
+        config_path = Path(merge["config"]).expanduser()
+        if not config_path.is_absolute() and (path.parent / config_path).is_file():
+            merge["config"] = str(path.parent / config_path)  # relative to the study file
     try:
         return StudyFile.model_validate(resolve_paths(data, path.resolve().parent))
     except ValidationError as exc:

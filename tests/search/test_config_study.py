@@ -1,0 +1,175 @@
+"""Studies over any mergekit config: `search init`, trial 0 is the input config, end to end with export."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import yaml
+
+from search.space import space_of
+from search.study_config import load_study_file
+from tests.conftest import run_cli
+from tests.merge_core.test_methods_oracle import mergekit_merge
+from tests.merge_core.test_oracle import load_folder
+from tests.search.conftest import write_task
+
+
+def configs(f) -> dict[str, dict]:
+    """Hand-written configs of five methods over a family (gradients, filters, per-model values)."""
+    child = [str(f[f"child_{i}"]) for i in (1, 2, 3)]
+    base = str(f["base"])
+    return {
+        "slerp_slices": {"merge_method": "slerp", "base_model": base, "dtype": "float16", "slices": [
+            {"sources": [{"model": base, "layer_range": [0, 4]}, {"model": child[0], "layer_range": [0, 4]}]}],
+            "parameters": {"t": [{"filter": "self_attn", "value": [0, 0.5, 0.3, 0.7, 1]},
+                                 {"filter": "mlp", "value": [1, 0.5, 0.7, 0.3, 0]}, {"value": 0.5}]}},
+        "linear": {"merge_method": "linear", "dtype": "float32",
+                   "models": [{"model": m, "parameters": {"weight": w}}
+                              for m, w in zip(child, [0.5, 0.3, 1.2], strict=True)]},
+        "ties": {"merge_method": "ties", "base_model": base, "dtype": "bfloat16", "parameters": {"lambda": 0.9},
+                 "models": [{"model": m, "parameters": {"weight": 0.5, "density": [0.3, 0.6]}} for m in child]},
+        "dare_ties": {"merge_method": "dare_ties", "base_model": base, "dtype": "float16",
+                      "parameters": {"int8_mask": True},
+                      "models": [{"model": child[0], "parameters": {
+                          "weight": [{"filter": "mlp", "value": [0.2, 0.8]}, {"value": 0.5}],
+                          "density": [{"filter": "self_attn", "value": 0.4}, {"value": [0.5, 0.7, 0.9]}]}},
+                          {"model": child[1], "parameters": {"weight": 0.4, "density": 0.6}}]},
+        "model_stock": {"merge_method": "model_stock", "base_model": base, "dtype": "float16",
+                        "parameters": {"filter_wise": False}, "models": [{"model": m} for m in child]},
+    }
+
+
+def same_weights(a: dict, b: dict) -> None:
+    assert sorted(a) == sorted(b)
+    for name in a:
+        assert torch.equal(a[name], b[name]), name
+
+
+@pytest.mark.parametrize("method", ["slerp_slices", "linear", "ties", "dare_ties", "model_stock"])
+def test_init_gives_a_study_whose_trial0_is_the_config(families, tmp_path, method):
+    config = configs(families["phi"])[method]
+    path = tmp_path / f"{method}.yml"
+    path.write_text(yaml.safe_dump(config))
+    made = run_cli("init", str(path), "--tasks", "toy_a")
+    assert made.returncode == 0, made.stderr
+    study_path = tmp_path / f"{method}.study.yaml"
+    dry = run_cli("start", str(study_path), "--dry-run")
+    assert dry.returncode == 0, dry.stderr
+    assert ("weight." in dry.stdout) == (method in ("linear", "ties", "dare_ties"))
+
+    space = space_of(load_study_file(study_path))
+    trial0 = space.config_of(space.baseline)  # what the runner builds for the enqueued baseline
+    sampled = space.config_of(space.recipe(space.params_of(space.baseline)))  # the same point as parameters
+    expected = load_folder(mergekit_merge(config, tmp_path / "input", seed=0))
+    for name, candidate in (("trial0", trial0), ("sampled", sampled)):
+        data = yaml.safe_load(candidate.to_yaml())
+        same_weights(load_folder(mergekit_merge(data, tmp_path / name, seed=0)), expected)
+
+
+def test_init_refuses_to_overwrite(families, tmp_path):
+    path = tmp_path / "c.yml"
+    path.write_text(yaml.safe_dump(configs(families["phi"])["linear"]))
+    assert run_cli("init", str(path)).returncode == 0
+    again = run_cli("init", str(path))
+    assert again.returncode == 2 and "--force" in again.stderr and len(again.stderr.strip().splitlines()) == 1
+
+
+def study(families, tmp_path, sampler: str, multi: bool = False, **space_overrides) -> dict:
+    tasks = tmp_path / "tasks"
+    tasks.mkdir(exist_ok=True)
+    write_task(tasks, "toy_a", 1)
+    write_task(tasks, "toy_b", 2)
+    config = configs(families["phi"])["dare_ties"]
+    space = [
+        {"parameter": "weight", "models": "all", "filter": "mlp", "anchors": 2, "low": 0.0, "high": 1.0},
+        {"parameter": "weight", "models": "all", "anchors": 1, "low": 0.0, "high": 1.0},
+        {"parameter": "density", "models": ["child_2"], "anchors": 1, "low": 0.2, "high": 1.0},
+        {"parameter": "int8_mask", "choices": [True, False]},
+    ]
+    return {
+        "study": {"name": f"cfg-{sampler}", "storage": f"sqlite:///{tmp_path / 'cfg.db'}", "sampler": sampler,
+                  "n_trials": 4, "seed": 0} | ({"objective": "per_task"} if multi else {}),
+        "merge": {"config": config, "random_seed": 3},
+        "search_space": space_overrides.get("space", space),
+        "objectives": {"include_path": [str(tasks)], "batch_size": 8, "tasks": [
+            {"name": "toy_a", "metric": "acc", "search_items": 20, "holdout_items": 10},
+            {"name": "toy_b", "metric": "acc", "search_items": 20, "holdout_items": 10}]},
+        "pruner": {"type": "none"},
+        "export": {"top_k": 1, "dir": str(tmp_path / "export")},
+    }
+
+
+def test_config_study_end_to_end(families, tmp_path):
+    path = tmp_path / "study.yaml"
+    path.write_text(yaml.safe_dump(study(families, tmp_path, "tpe")))
+    done = run_cli("start", str(path))
+    assert done.returncode == 0, done.stderr[-3000:]
+    exported = run_cli("export", str(path))
+    assert exported.returncode == 0, exported.stderr
+    best = sorted((tmp_path / "export").glob("*.yml"))[0]
+    text = best.read_text()
+    assert "--random-seed 3" in text  # randomised method: the export says which masks were scored
+    ours = run_cli("merge", str(best), str(tmp_path / "ours"), "--random-seed", "3")
+    assert ours.returncode == 0, ours.stderr
+    theirs = mergekit_merge(yaml.safe_load(text), tmp_path / "mk", seed=3)
+    same = load_folder(tmp_path / "ours")
+    for name, tensor in load_folder(theirs).items():
+        assert torch.equal(same[name], tensor), name
+
+
+def test_baseline_outside_the_space(families, tmp_path):
+    space = [{"parameter": "weight", "models": ["child_2"], "anchors": 1, "low": 0.5, "high": 1.0}]
+    path = tmp_path / "study.yaml"
+    path.write_text(yaml.safe_dump(study(families, tmp_path, "tpe", space=space)))
+    result = run_cli("start", str(path), "--dry-run")
+    lines = result.stderr.strip().splitlines()
+    assert result.returncode == 2 and len(lines) == 1, result.stderr
+    assert "weight of" in lines[0] and "0.4 is outside the searched range [0.5, 1]" in lines[0]
+
+
+def test_from_evolve(families, tmp_path):
+    """mergekit-evolve's documented example (its Hub models replaced by a local family of the same shape)."""
+    f = families["phi"]
+    genome = {"genome": {"models": [str(f["child_1"]), str(f["child_2"]), str(f["child_3"])],
+                         "merge_method": "task_arithmetic", "base_model": str(f["base"]),
+                         "layer_granularity": 2, "allow_negative_weights": True, "filters": ["self_attn", "mlp"]},
+              "tasks": [{"name": "toy_a", "weight": 1.0, "metric": "acc,none"}, {"name": "toy_b", "weight": 2.0}],
+              "limit": 50, "shuffle": True}
+    path = tmp_path / "evolve.yml"
+    path.write_text(yaml.safe_dump(genome))
+    made = run_cli("init", "--from-evolve", str(path), "--out", str(tmp_path / "study.yaml"))
+    assert made.returncode == 0, made.stderr
+    # What could not be carried over is said in one line.
+    notes = [line for line in made.stdout.splitlines() if line.startswith("changed from mergekit-evolve")]
+    assert len(notes) == 1 and "layer_granularity 2" in notes[0] and "shuffle" in notes[0]
+    assert run_cli("start", str(tmp_path / "study.yaml"), "--dry-run").returncode == 0
+    study_file = load_study_file(tmp_path / "study.yaml")
+    space = space_of(study_file)
+    # models -> per-model weight over every child; filters + the default -> one entry each; a gradient of
+    # num_layers / layer_granularity anchors; allow_negative_weights -> low -1; tasks keep weight and metric;
+    # limit -> search_items; normalize unset -> off for task_arithmetic (mergekit-evolve's rule).
+    names = list(space.distributions())
+    assert len(names) == 3 * 3 * 2 and "weight.child_1.self_attn.0" in names and "weight.child_3.default.1" in names
+    assert all(d.low == -1.0 and d.high == 1.0 for d in space.distributions().values())
+    assert space.config.merge_method == "task_arithmetic" and space.config.base_model == str(f["base"])
+    assert space.config.parameters["normalize"] is False
+    tasks = {t.name: t for t in study_file.objectives.tasks}
+    assert tasks["toy_a"].metric == "acc" and tasks["toy_b"].weight == 2.0 and tasks["toy_a"].search_items == 50
+    space.params_of(space.baseline)  # the uniform baseline lies inside the space
+
+
+@pytest.mark.parametrize("sampler,per_task", [("gp", False), ("cmaes", False), ("random", False), ("tpe", True),
+                                              ("nsga2", True)])
+def test_samplers_with_a_three_model_method(families, tmp_path, sampler, per_task):
+    data = study(families, tmp_path, sampler, multi=per_task)
+    data["study"]["n_trials"] = 3
+    path = tmp_path / "study.yaml"
+    path.write_text(yaml.safe_dump(data))
+    done = run_cli("start", str(path))
+    assert done.returncode == 0, done.stderr[-3000:]
+    import optuna
+
+    loaded = optuna.load_study(study_name=data["study"]["name"], storage=data["study"]["storage"])
+    assert len(loaded.directions) == (2 if per_task else 1)
+    finished = [t for t in loaded.trials if t.state == optuna.trial.TrialState.COMPLETE]
+    assert len(finished) == 3 and all("weight.child_1.mlp.0" in t.params for t in finished)
