@@ -81,7 +81,8 @@ def read_config(folder: Path) -> dict:
     try:
         return json.loads(path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise MergeInputError(f"{path}: not valid JSON ({exc})") from None
+        first = str(exc).splitlines()[0]
+        raise MergeInputError(f"{path}: not valid JSON ({first}); fix or download it again") from None
 
 
 def _weight_files(folder: Path, allow_pickle: bool) -> list[Path]:
@@ -111,25 +112,44 @@ def _weight_files(folder: Path, allow_pickle: bool) -> list[Path]:
 
 
 def _read_header(path: Path) -> dict[str, TensorInfo]:
+    """The tensors a safetensors file holds; a truncated or corrupt file is one clear error."""
+    size = path.stat().st_size
     with open(path, "rb") as handle:
         head = handle.read(8)
         if len(head) < 8:
-            raise MergeInputError(f"{path}: not a safetensors file (too short)")
+            raise MergeInputError(f"{path}: not a safetensors file (too short); download or copy it again")
         (length,) = struct.unpack("<Q", head)
+        if 8 + length > size:
+            raise MergeInputError(f"{path}: truncated or not a safetensors file (header runs past the end); "
+                                  "download or copy it again")
         try:
             header = json.loads(handle.read(length))
         except (json.JSONDecodeError, UnicodeDecodeError, MemoryError, OverflowError):
-            raise MergeInputError(f"{path}: not a safetensors file (bad header)") from None
+            raise MergeInputError(f"{path}: not a safetensors file (bad header); download or copy it again") from None
     base = 8 + length
+    if not isinstance(header, dict):
+        raise MergeInputError(f"{path}: not a safetensors file (bad header); download or copy it again")
     tensors = {}
     for name, meta in header.items():
         if name == "__metadata__":
             continue
-        dtype = SAFETENSORS_DTYPES.get(meta["dtype"])
+        try:
+            dtype_name, shape, (start, end) = meta["dtype"], tuple(meta["shape"]), meta["data_offsets"]
+        except (TypeError, KeyError, ValueError):
+            raise MergeInputError(f"{path}: tensor {name} has a malformed header entry; download or copy it again"
+                                  ) from None
+        dtype = SAFETENSORS_DTYPES.get(dtype_name)
         if dtype is None:
-            raise MergeInputError(f"{path}: tensor {name} has unsupported dtype {meta['dtype']}")
-        start, end = meta["data_offsets"]
-        tensors[name] = TensorInfo(path, dtype, tuple(meta["shape"]), base + start, base + end)
+            raise MergeInputError(f"{path}: tensor {name} has unsupported dtype {dtype_name}")
+        count = 1
+        for dim in shape:
+            count *= dim
+        if not 0 <= start <= end or end - start != count * dtype.itemsize:
+            raise MergeInputError(f"{path}: tensor {name} has inconsistent offsets; download or copy it again")
+        if base + end > size:
+            raise MergeInputError(f"{path}: truncated ({size} bytes, tensor {name} ends at byte {base + end}); "
+                                  "download or copy it again")
+        tensors[name] = TensorInfo(path, dtype, shape, base + start, base + end)
     return tensors
 
 

@@ -18,6 +18,11 @@ own tail and its own earlier tokens. Decoding is memory-bound, and this way the 
 read once per step instead of once per item; finished items just stop adding tokens.
 
 Masks are additive floats (0 or the dtype's minimum), which both sdpa and eager attention take.
+
+A broken model (a merge whose weights overflow) gives NaN/Inf logits, and lm-eval's metrics do not
+notice: an argmax over NaN log-likelihoods is still a valid choice. So every batch's logits are
+checked once (one reduction over the columns that are scored; generation folds each step's check
+into one flag read at the end of the batch) and NonFiniteOutput is raised.
 """
 
 from __future__ import annotations
@@ -33,6 +38,7 @@ import torch
 import torch.nn.functional as F
 from transformers.cache_utils import DynamicLayer
 
+from objectives.errors import NonFiniteOutput
 from objectives.requests import GenRequest, LLRequest, postprocess
 
 SUPPORTED_ATTENTION = ("sdpa", "eager")  # implementations that accept arbitrary 4D masks
@@ -238,6 +244,8 @@ class Engine:
         first_scored = min(first for item_spans in spans for first, _ in item_spans)
         keep = width - first_scored
         logits = self._forward(ids, pos_t, allowed, cache, keep=keep).logits
+        if not bool(torch.isfinite(logits).all()):
+            raise NonFiniteOutput(f"NaN/Inf in the model's logits (loglikelihood batch of {len(items)} items)")
         offset = width - keep
         chunk = [(r, first - offset, req) for r, item_spans in enumerate(spans) for first, req in item_spans]
         scored = _score(logits, chunk, self.device)
@@ -326,6 +334,7 @@ class Engine:
         generated: list[list[int]] = [[] for _ in items]
         alive = list(range(n))
         step_in = [it.request.context[-1] for it in items]
+        finite = torch.ones((), dtype=torch.bool, device=self.device)
         while alive:
             live = torch.as_tensor(alive, dtype=torch.long, device=self.device)
             owner_t = torch.cat([owner_t, live])
@@ -342,7 +351,9 @@ class Engine:
             )
             if not isinstance(cache.layers[0], _RoomyLayer):
                 cache = _cache([(lay.keys, lay.values) for lay in cache.layers], room=n * steps)
-            chosen = out.logits[0, -len(alive) :].argmax(dim=-1).tolist()
+            step_logits = out.logits[0, -len(alive) :]
+            finite &= torch.isfinite(step_logits).all()
+            chosen = step_logits.argmax(dim=-1).tolist()
             still = []
             for row, token in zip(alive, chosen, strict=True):
                 req = items[row].request
@@ -355,6 +366,8 @@ class Engine:
                 still.append(row)
             alive = still
             step_in = [generated[row][-1] for row in alive]
+        if not bool(finite):
+            raise NonFiniteOutput(f"NaN/Inf in the model's logits (generation batch of {n} items)")
         return [
             postprocess(self.tokenizer.decode(toks, skip_special_tokens=True), it.request.until)
             for toks, it in zip(generated, items, strict=True)

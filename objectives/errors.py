@@ -3,3 +3,7 @@
 
 class TaskInputError(ValueError):
     """Scoring cannot run because of its input; the message says what to fix."""
+
+
+class NonFiniteOutput(RuntimeError):
+    """The model's logits hold NaN or Inf: the model (e.g. a merge candidate) is broken, not the input."""

@@ -309,7 +309,7 @@ class StudyRunner:
         kind = reason.split(":")[0]
         repeats[:] = [r for r in repeats if r == kind] + [kind]
         if len(repeats) >= REPEATED_FAILURES:
-            raise StudyError(f"{len(repeats)} trials in a row failed with {reason[:200]!r}; {_advice(reason)}, "
+            raise StudyError(f"{len(repeats)} trials in a row failed ({reason[:200]}); {_advice(reason)}, "
                              "then run the same command again")
 
     def objective(self, trial: optuna.Trial) -> float | list[float]:
@@ -414,5 +414,6 @@ def _advice(reason: str) -> str:
     if "out of memory" in lowered or "outofmemory" in lowered:
         return "lower objectives.batch_size (or max_length), or use a device with more memory"
     if "nan" in lowered or "inf" in lowered:
-        return "the parents or the dtype overflow: try merge.dtype bfloat16 or float32, or narrow search_space"
+        return ("check the parents' weights for NaN/Inf, try merge.dtype bfloat16 or float32 if it is float16, "
+                "or narrow search_space")
     return "fix the cause above"
