@@ -19,7 +19,9 @@ class ArceeFusion(MergeMethod):
 
     There are no parameters: for tensors of at most QUANTILE_SAMPLE_SIZE elements the mask is
     computed once per study and a candidate is one pass. Larger tensors draw their quartile sample
-    from the candidate's generator, in mergekit's order, so their mask is drawn per candidate.
+    from the candidate's generator, in mergekit's order; their mask is kept with the generator
+    state it was drawn from and reused (the generator advanced as the draw would) while later
+    candidates reach that tensor in the same state, as they do under one fixed seed.
     """
 
     name = "arcee_fusion"
@@ -29,18 +31,32 @@ class ArceeFusion(MergeMethod):
     @torch.no_grad()
     def prepare(self, inputs):
         if inputs.base_tensor.numel() > QUANTILE_SAMPLE_SIZE:
-            return None
+            return {}  # drawn on the first candidate: see `_drawn_mask`
         return _mask(inputs.tensors[inputs.non_base[0]], inputs.base_tensor, None)
 
     @torch.no_grad()
     def merge(self, out, inputs, state, values, rng) -> None:
         base = inputs.base_tensor
         other = inputs.tensors[inputs.non_base[0]]
-        mask = state if state is not None else _mask(other, base, rng)
+        mask = state if isinstance(state, torch.Tensor) else _drawn_mask(state, other, base, rng)
         b, o, m, flat = base.reshape(-1), other.reshape(-1), mask.reshape(-1), out.view(-1)
         for start, stop in chunk_ranges(flat.numel()):
             x = b[start:stop]
             flat[start:stop].copy_(x + (o[start:stop] - x) * m[start:stop].float())
+
+
+def _drawn_mask(cache: dict | None, other, base, rng: torch.Generator | None) -> torch.Tensor:
+    """The sampled-quartile mask; reused when the generator is where it was at the cached draw."""
+    if rng is None or cache is None:
+        return _mask(other, base, rng)
+    before = rng.get_state()
+    if "draw" in cache and torch.equal(cache["draw"][0], before):
+        _, mask, after = cache["draw"]
+        rng.set_state(after)
+        return mask
+    mask = _mask(other, base, rng)
+    cache["draw"] = (before, mask, rng.get_state())
+    return mask
 
 
 def _importance(other: torch.Tensor, base: torch.Tensor) -> torch.Tensor:

@@ -21,7 +21,8 @@ class NonBaseContract(Contract):
             return problem
         count = len([m for m in models if m != base]) if self.base != "ignored" else len(models)
         if count < self.min_non_base:
-            return f"this method needs at least {self.min_non_base} models besides the base, got {count}"
+            noun = "model" if self.min_non_base == 1 else "models"
+            return f"this method needs at least {self.min_non_base} {noun} besides the base, got {count}"
         if self.max_non_base is not None and count > self.max_non_base:
             exact = self.min_non_base == self.max_non_base
             what = f"exactly {self.min_non_base}" if exact else f"at most {self.max_non_base}"

@@ -232,8 +232,25 @@ def test_arcee_fusion_sampled_quartiles(dtype):
     fresh = rng.get_state()
     global_state = torch.get_rng_state()
     arcee_fusion._mask(tensors[1], tensors[0], rng)
-    assert not torch.equal(rng.get_state(), fresh)
+    drawn = {SEED: rng.get_state()}
+    assert not torch.equal(drawn[SEED], fresh)
     assert torch.equal(torch.get_rng_state(), global_state)
+    drawn[SEED + 1] = torch.Generator().manual_seed(SEED + 1)
+    arcee_fusion._mask(tensors[1], tensors[0], drawn[SEED + 1])
+    drawn[SEED + 1] = drawn[SEED + 1].get_state()
+
+    # Candidates reuse the mask drawn under the same generator state, redraw under another, and
+    # leave their generator exactly where a fresh draw would.
+    impl = get_method("arcee_fusion")
+    inputs = Inputs(tuple(tensors), 0, "kernel")
+    state = impl.prepare(inputs)
+    for seed in (SEED, SEED, SEED + 1, SEED):
+        rng = torch.Generator().manual_seed(seed)
+        out = torch.empty(tensors[0].shape, dtype=theirs.dtype)
+        impl.merge(out, inputs, state, Values(), rng)
+        assert torch.equal(rng.get_state(), drawn[seed])
+        if seed == SEED:
+            assert torch.equal(out, theirs)
 
 
 def test_int_parameter_refused(families, tmp_path):
