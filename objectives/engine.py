@@ -146,7 +146,10 @@ class Engine:
         self.device = first.device
         self._min = torch.finfo(first.dtype if first.is_floating_point() else torch.float32).min
         self._mask_dtype = first.dtype if first.is_floating_point() else torch.float32
-        self._keep_logits = "logits_to_keep" in inspect.signature(model.forward).parameters
+        parameters = inspect.signature(model.forward).parameters
+        self._keep_logits = "logits_to_keep" in parameters
+        # newer transformers 5 releases name the cache argument `cache`; `past_key_values` goes in 5.40
+        self._cache_arg = "cache" if "cache" in parameters else "past_key_values"
         eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
         self._eos = set(eos if isinstance(eos, (list, tuple)) else [] if eos is None else [eos])
         self._shared: dict[Hashable, list[tuple[torch.Tensor, torch.Tensor]]] = {}
@@ -170,8 +173,8 @@ class Engine:
             input_ids=ids,
             attention_mask=mask[:, None],
             position_ids=positions,
-            past_key_values=cache,
             use_cache=cache is not None,
+            **{self._cache_arg: cache},
             **kwargs,
         )
         if self.device.type == "cuda":
@@ -386,7 +389,7 @@ class _Sliced:
 
     def __init__(self, out: Any, keep: int) -> None:
         self.logits = out.logits[:, -keep:]
-        self.past_key_values = getattr(out, "past_key_values", None)
+        self.cache = getattr(out, "cache", None)
 
 
 def _score(

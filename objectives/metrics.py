@@ -21,7 +21,24 @@ MetricKey = tuple[str, str]  # (metric, filter), reported by lm-eval as "metric,
 
 def filter_names(task: Task) -> list[str]:
     """Names of the task's filter ensembles, in lm-eval's order ("none" when it defines none)."""
-    return [f.name for f in getattr(task, "_filters", [])] or ["none"]
+    filter_list = getattr(task.config, "filter_list", None)
+    return [f["name"] for f in filter_list] if filter_list else ["none"]
+
+
+def filter_ensembles(task: Task) -> list[Any]:
+    """The task's filter ensembles, built from its public config with lm-eval's build_filter_ensemble.
+
+    The same construction lm-eval's ConfigurableTask makes for its private `_filters` (a task
+    without `filter_list` gets "none" = take_first); fresh objects, so runs never share state.
+    """
+    from lm_eval.filters import build_filter_ensemble
+
+    filter_list = getattr(task.config, "filter_list", None)
+    if not filter_list:
+        return [build_filter_ensemble("none", [["take_first", None]])]
+    return [build_filter_ensemble(f["name"], [[fn["function"], {k: v for k, v in fn.items() if k != "function"}]
+                                              for fn in f["filter"]])
+            for f in filter_list]
 
 
 def resolve_metric(loaded: LoadedTask) -> MetricKey:
@@ -59,7 +76,7 @@ def score_doc(
         dataclasses.replace(inst, resps=[resp] * (inst.repeats or 1), filtered_resps={})
         for inst, resp in zip(instances, responses, strict=True)
     ]
-    for ensemble in getattr(task, "_filters", []):
+    for ensemble in filter_ensembles(task):
         ensemble.apply(fresh)
     out: dict[MetricKey, Any] = {}
     for filt in fresh[0].filtered_resps:
