@@ -51,13 +51,12 @@ class BudgetReached(RuntimeError):
     """A trial started after the budget was used up; it ends as FAIL and the worker stops."""
 
 
-def parent_fingerprints(study: StudyFile) -> list[dict]:
-    """[{"model": ref, "files": fingerprint}] of the study's parents, in merge.models order."""
+def parent_fingerprints(refs: list[str], allow_pickle: bool) -> list[dict]:
+    """[{"model": ref, "files": fingerprint}] of every model a merge reads, in the config's order."""
     from merge_core.fingerprint import fingerprint
     from merge_core.refs import resolve
 
-    return [{"model": ref, "files": fingerprint(resolve(ref, study.merge.allow_pickle))}
-            for ref in study.merge.models or []]
+    return [{"model": ref, "files": fingerprint(resolve(ref, allow_pickle))} for ref in refs]
 
 
 def fault_point(point: str, trial_number: int) -> None:
@@ -134,7 +133,7 @@ class Candidates:
         on_tensor = (lambda done, total: progress("geometry", done, total)) if progress else None
         self.merger = Merger(self.plan, device, progress=on_tensor, seed=study.merge.random_seed)
         self.model = self.merger.new_model()
-        self.parents = parent_fingerprints(study)
+        self.parents = parent_fingerprints(self.plan.config.model_names(), study.merge.allow_pickle)
         self.batch_size = study.objectives.batch_size
 
     def build(self, recipe: Recipe) -> float:
