@@ -149,8 +149,12 @@ def test_three_workers_on_postgresql(study_parts, tmp_path):
     finished = [t for t in trials if t.state in FINISHED]
     assert len(finished) == 12
     assert not [t for t in trials if t.state in (TrialState.RUNNING, TrialState.WAITING)]
+    # The kill lands inside a trial almost always; in the rare case it lands between two, none was lost.
     killed = [t for t in trials if t.state == TrialState.FAIL and "died" in t.user_attrs.get("fail_reason", "")]
-    assert len(killed) == 1
+    assert len(killed) <= 1
+    for trial in killed:
+        assert [t.state for t in trials if t.system_attrs.get("failed_trial") == trial.number] in (
+            [TrialState.COMPLETE], [TrialState.PRUNED])
     assert sum(bool(t.user_attrs.get("baseline")) for t in finished) == 1
     params = [tuple(sorted(t.params.items())) for t in finished if not t.system_attrs.get("failed_trial")]
     assert len(set(params)) == len(params), "a parameter set was scored twice"
