@@ -1,6 +1,6 @@
 """Who runs which trial: owners, heartbeats, orphaned trials and the n_trials budget.
 
-Every RUNNING trial records its owner (host, boot, pid, process start time) and a heartbeat time
+Every RUNNING trial records its owner (host, boot, pid namespace, pid, process start time) and a heartbeat time
 in its system attributes. A trial whose owner on this host is dead is an orphan at once; any other
 RUNNING trial becomes one when its last beat is older than two of its owner's intervals. An orphan
 is failed (fail_reason says why) and retried with its parameters. The budget is kept by counting:
@@ -40,6 +40,14 @@ def _boot_id() -> str:
         return ""
 
 
+def _pid_namespace() -> str:
+    # Containers share the kernel (and its boot id) but not their pids: compare pids in one namespace only.
+    try:
+        return os.readlink("/proc/self/ns/pid")
+    except OSError:
+        return ""
+
+
 def _start_ticks(pid: int) -> int | None:
     """The process's start time in clock ticks since boot (Linux); None when it is gone or a zombie."""
     try:
@@ -64,12 +72,13 @@ class Owner:
     pid: int
     start: int  # clock ticks since boot; tells a reused pid from the original process
     interval: int  # its heartbeat interval, seconds
+    pidns: str = ""
 
     @classmethod
     def me(cls, interval: int) -> Owner:
         """This process."""
         pid = os.getpid()
-        return cls(socket.gethostname(), _boot_id(), pid, _start_ticks(pid) or -1, interval)
+        return cls(socket.gethostname(), _boot_id(), pid, _start_ticks(pid) or -1, interval, _pid_namespace())
 
     @classmethod
     def of(cls, trial: FrozenTrial) -> Owner | None:
@@ -82,16 +91,17 @@ class Owner:
 
     def as_attr(self) -> dict:
         """The dict stored on a trial."""
-        return {"host": self.host, "boot": self.boot, "pid": self.pid, "start": self.start, "interval": self.interval}
+        return {"host": self.host, "boot": self.boot, "pid": self.pid, "start": self.start, "interval": self.interval,
+                "pidns": self.pidns}
 
     def same_process(self, other: Owner | None) -> bool:
         """Whether `other` names this very process."""
-        return other is not None and (other.host, other.boot, other.pid, other.start) == (
-            self.host, self.boot, self.pid, self.start)
+        return other is not None and (other.host, other.boot, other.pidns, other.pid, other.start) == (
+            self.host, self.boot, self.pidns, self.pid, self.start)
 
     def dead_here(self, other: Owner | None) -> bool:
-        """Whether `other` ran on this machine (this boot) and its process no longer exists."""
-        if other is None or other.host != self.host or other.boot != self.boot:
+        """Whether `other` ran on this machine (this boot, this pid namespace) and its process no longer exists."""
+        if other is None or (other.host, other.boot, other.pidns) != (self.host, self.boot, self.pidns):
             return False
         ticks = _start_ticks(other.pid)
         if ticks is None:
