@@ -272,6 +272,10 @@ class MergePlan:
         base = next((i for i, (m, _) in enumerate(inputs) if m == base_model), None)
         return OutputTensor(name, tuple(sources), base, p, slice_index)
 
+    def slice_lengths(self) -> list[int]:
+        """Output layers per slice, in order (each slice restarts the gradients)."""
+        return [sl.sources[0].layer_range[1] - sl.sources[0].layer_range[0] for sl in self.slices]
+
     def merged_config(self) -> dict:
         """config.json of the merged model: the reference model's, with the merged layer count and dtype."""
         cfg = dict(self.reference.config)

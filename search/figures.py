@@ -7,12 +7,10 @@ from pathlib import Path
 
 import optuna
 import plotly.graph_objects as go
-import yaml
 from plotly.subplots import make_subplots
 
 from merge_core.gradient import interpolate, position
 from search import results
-from search.study_config import DEFAULT_FILTER
 
 BASELINE_COLOR = "#555555"
 BEST_COLOR = "#1f77b4"
@@ -32,27 +30,19 @@ def _message(title: str, text: str) -> go.Figure:
     return fig
 
 
-def _filter_of(entry: dict) -> str:
-    return entry.get("filter") or DEFAULT_FILTER
-
-
-def searched_filters(trial: optuna.trial.FrozenTrial) -> list[str]:
-    """Filters whose anchors the study searches, in the trial's recipe order."""
-    names = {p.removeprefix("t.").rsplit(".", 1)[0] for p in trial.params if p.startswith("t.")}
-    ordered = [_filter_of(e) for e in trial.user_attrs.get("recipe", [])]
-    return [f for f in ordered if f in names] or sorted(names)
-
-
-def slice_lengths(mergekit_yaml: str) -> list[int] | None:
-    """Layers per slice of a mergekit config; None for the `models:` form (layer count not in the YAML)."""
-    config = yaml.safe_load(mergekit_yaml) or {}
-    if not config.get("slices"):
-        return None
-    return [s["sources"][0]["layer_range"][1] - s["sources"][0]["layer_range"][0] for s in config["slices"]]
+def searched_curves(trial: optuna.trial.FrozenTrial) -> dict[str, list[float]]:
+    """Each searched gradient of a trial by name (`t.mlp`, `weight.child_1.default`): its anchors in order."""
+    curves: dict[str, list[float]] = {}
+    for name, value in trial.params.items():
+        prefix, _, index = name.rpartition(".")
+        if not prefix or not index.isdigit() or isinstance(value, bool) or not isinstance(value, int | float):
+            continue  # a categorical switch, not a curve
+        curves.setdefault(prefix, []).append(float(value))
+    return curves
 
 
 def t_curve(value: float | list[float], slices: list[int] | None) -> tuple[list[float], list[float]]:
-    """(x, t) of one filter's gradient: per output layer when slices are known, else anchors over depth 0..1."""
+    """(x, value) of one gradient: per output layer when slices are known, else anchors over depth 0..1."""
     anchors = [float(v) for v in value] if isinstance(value, list) else [float(value)]
     if slices is None:
         if len(anchors) == 1:
@@ -66,49 +56,37 @@ def t_curve(value: float | list[float], slices: list[int] | None) -> tuple[list[
     return xs, ts
 
 
-def _model_names(mergekit_yaml: str) -> tuple[str, str] | None:
-    config = yaml.safe_load(mergekit_yaml) or {}
-    base = config.get("base_model")
-    if config.get("slices"):
-        models = [s["model"] for s in config["slices"][0]["sources"]]
-    else:
-        models = [m["model"] for m in config.get("models") or []]
-    other = next((m for m in models if m != base), None)
-    if not base or not other:
-        return None
-    return Path(str(base)).name or str(base), Path(str(other)).name or str(other)
+def _panel_title(name: str) -> str:
+    return name.removesuffix(".default") + (" (all other tensors)" if name.endswith(".default") else "")
 
 
-def gradient_figure(study: optuna.Study, n_layers: int | None = None) -> go.Figure:
-    """t across the layers for each searched filter: best trial (solid) against the baseline (dashed)."""
-    title = "t across the layers"
+def gradient_figure(study: optuna.Study, slices: list[int] | None = None) -> go.Figure:
+    """Every searched gradient across the layers: best trial (solid) against the baseline (dashed)."""
+    title = "searched values across the layers"
     best, base = results.best_trial(study), results.baseline_trial(study)
     if best is None:
         return _message(title, "no fully scored trial yet")
-    filters = searched_filters(best)
-    if not filters:
-        return _message(title, "the study searches no t anchors")
-    config = best.user_attrs.get("mergekit_yaml") or ""
-    slices = slice_lengths(config)
-    if slices is None and n_layers:
-        slices = [n_layers]
-    best_t = {_filter_of(e): e["value"] for e in best.user_attrs["recipe"]}
-    base_recipe = base.user_attrs["recipe"] if base is not None else study.user_attrs.get("baseline_recipe", [])
-    base_t = {_filter_of(e): e["value"] for e in base_recipe}
-    names = [f if f != DEFAULT_FILTER else "default (all other tensors)" for f in filters]
-    fig = make_subplots(rows=1, cols=len(filters), subplot_titles=names, shared_yaxes=True,
-                        horizontal_spacing=0.04 if len(filters) > 3 else 0.06)
+    best_curves = searched_curves(best)
+    if not best_curves:
+        return _message(title, "the study searches no numeric gradient")
+    if all(n.startswith("t.") for n in best_curves):
+        title = "t across the layers"
+    slices = slices or study.user_attrs.get("slice_lengths")
+    base_curves = searched_curves(base) if base is not None else {}
+    names = list(best_curves)
+    fig = make_subplots(rows=1, cols=len(names), subplot_titles=[_panel_title(n) for n in names],
+                        shared_yaxes=True, horizontal_spacing=0.04 if len(names) > 3 else 0.06)
     mode, shown = "lines+markers", [0.0, 1.0]
-    for col, name in enumerate(filters, 1):
+    for col, name in enumerate(names, 1):
         first = col == 1
-        if name in base_t:
-            x, t = t_curve(base_t[name], slices)
+        if name in base_curves:
+            x, t = t_curve(base_curves[name], slices)
             shown += t
             label = "baseline" + (f" (trial {base.number})" if base is not None else "")
             fig.add_trace(go.Scatter(x=x, y=t, mode=mode, name=label, legendgroup="baseline", showlegend=first,
                                      line={"color": BASELINE_COLOR, "dash": "dash"},
                                      marker={"color": BASELINE_COLOR, "size": 5, "symbol": "circle"}), 1, col)
-        x, t = t_curve(best_t[name], slices)
+        x, t = t_curve(best_curves[name], slices)
         shown += t
         fig.add_trace(go.Scatter(x=x, y=t, mode=mode, name=f"best (trial {best.number})", legendgroup="best",
                                  showlegend=first, line={"color": BEST_COLOR, "width": 3},
@@ -117,9 +95,7 @@ def gradient_figure(study: optuna.Study, n_layers: int | None = None) -> go.Figu
         fig.update_xaxes(title_text=x_title, row=1, col=col)
         if slices is not None:
             fig.update_xaxes(dtick=max(1, round(sum(slices) / 4)), row=1, col=col)
-    models = _model_names(config)
-    y_title = f"t (0 = {models[0]}, 1 = {models[1]})" if models else T_AXIS
-    fig.update_yaxes(title_text=y_title, row=1, col=1)
+    fig.update_yaxes(title_text=T_AXIS if title.startswith("t ") else "value", row=1, col=1)
     fig.update_yaxes(range=[min(shown) - 0.03, max(shown) + 0.03])
     score = f"best trial {best.number} ({best.user_attrs['score']:.4f})"
     if base is not None:
@@ -229,7 +205,7 @@ def importance_figure(study: optuna.Study, min_trials: int = 5) -> go.Figure:
     fig.update_layout(title=f"{title} (fANOVA over {len(scored)} fully scored trials)", template=TEMPLATE,
                       height=max(300, 60 + 28 * len(names)),
                       xaxis={"title": "share of weighted-score variance", "range": [0, 1.15 * top]},
-                      yaxis_title="anchor (t.filter.index)", showlegend=False,
+                      yaxis_title="searched value (parameter.filter.index)", showlegend=False,
                       uniformtext={"minsize": 8, "mode": "hide"})
     return fig
 
@@ -242,9 +218,9 @@ FIGURES = {
 }
 
 
-def all_figures(study: optuna.Study, n_layers: int | None = None) -> dict[str, go.Figure]:
+def all_figures(study: optuna.Study, slices: list[int] | None = None) -> dict[str, go.Figure]:
     """Every figure of a study, by id (also the dashboard's graph-object id and the PNG's name)."""
-    return {name: build(study, n_layers) if build is gradient_figure else build(study)
+    return {name: build(study, slices) if build is gradient_figure else build(study)
             for name, build in FIGURES.items()}
 
 

@@ -103,13 +103,11 @@ def note_markdown(study: optuna.Study, reproduce: str | None = None, last_trial:
             lines.append(f"| {task} | {search} | {held_out} |")
         lines += ["", "Held-out items never steer the search (only the baseline and each new best are scored on them), "
                   "so a gain there is not fitted to the search items.", ""]
-    recipe = best.user_attrs.get("recipe") or []
-    if recipe:
-        lines += ["### Best recipe (mergekit `t`)", ""]
-        for entry in recipe:
-            value = entry["value"]
-            shown = ", ".join(f"{v:.3f}" for v in value) if isinstance(value, list) else f"{value:.3f}"
-            lines.append(f"- `{entry.get('filter', 'everything else')}`: {shown}")
+    if best.params:
+        lines += ["### Best parameters", "", "| parameter | best | baseline |", "|---|---:|---:|"]
+        base_params = base.params if base is not None else {}
+        for name, value in best.params.items():
+            lines.append(f"| `{name}` | {_param(value)} | {_param(base_params.get(name))} |")
         lines.append("")
     if reproduce:
         lines += ["### Rebuild the best merge", "", "```sh", reproduce, "```", ""]
@@ -119,13 +117,19 @@ def note_markdown(study: optuna.Study, reproduce: str | None = None, last_trial:
     return "\n".join(lines) + "\n"
 
 
-def save_figures(study: optuna.Study, n_layers: int | None = None) -> None:
+def _param(value) -> str:
+    if value is None:
+        return "-"
+    return f"{value:.3f}" if isinstance(value, float) else str(value)
+
+
+def save_figures(study: optuna.Study, slices: list[int] | None = None) -> None:
     """Store the study's figures for optuna-dashboard (same ids each time, so they are replaced)."""
     from optuna_dashboard import save_plotly_graph_object
 
     from search import figures
 
-    for name, fig in figures.all_figures(study, n_layers).items():
+    for name, fig in figures.all_figures(study, slices).items():
         save_plotly_graph_object(study, fig, graph_object_id=name)
 
 
@@ -133,11 +137,11 @@ class StudyNotes:
     """Keeps a study's dashboard view current from the trial loop; never lets a failure reach the study."""
 
     def __init__(self, storage_url: str, study_path: str | None = None, export_dir: str | None = None,
-                 n_layers: int | None = None):
+                 slices: list[int] | None = None):
         self.storage_url = storage_url
         self.study_path = study_path
         self.export_dir = export_dir
-        self.n_layers = n_layers
+        self.slices = slices  # layers per slice of the merge: the figures draw gradients per layer
 
     def attach_yaml(self, trial: optuna.Trial, mergekit_yaml: str) -> None:
         """Upload a running trial's mergekit YAML as its artifact (Optuna refuses it once the trial is finished)."""
@@ -161,7 +165,9 @@ class StudyNotes:
             reproduce = reproduce_commands(study, best.number, self.study_path, self.storage_url, self.export_dir)
         save_note(study, note_markdown(study, reproduce, last_trial))
         if figures:
-            save_figures(study, self.n_layers)
+            if self.slices and study.user_attrs.get("slice_lengths") != self.slices:
+                study.set_user_attr("slice_lengths", self.slices)  # for `search report` and the dashboard
+            save_figures(study, self.slices)
 
     def after_trial(self, study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
         """Optuna callback: the note after every trial (cheap), the figures when the trial is a new best."""

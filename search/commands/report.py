@@ -25,7 +25,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     add_study_arguments(parser)
     parser.add_argument("--out", help="folder (default runs/NAME/report)")
     parser.add_argument("--layers", type=positive_int,
-                        help="layer count for the t figure when the merge has no slices (default: relative depth)")
+                        help="layer count for the gradient figure when the study did not record its slices")
     parser.set_defaults(func=run)
 
 
@@ -47,7 +47,7 @@ def run(args: argparse.Namespace) -> int:
         (out / ".write-test").unlink()
     except OSError as exc:
         raise StudyError(f"--out {out}: cannot write there ({exc.strerror or exc})") from None
-    figs = figures.all_figures(study, args.layers)
+    figs = figures.all_figures(study, [args.layers] if args.layers else None)
     index = out / "index.html"
     written = [index]
     try:

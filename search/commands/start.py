@@ -71,7 +71,7 @@ def run_study(study_file, storage=None, study_name=None, n_trials=None, timeout=
             candidates = Candidates(study_file, options.device,
                                     progress=lambda _, done, total: bar.update(task, completed=done, total=total))
         notes = StudyNotes(options.storage, study_path=study_path, export_dir=study_file.export.dir,
-                           n_layers=candidates.plan.num_layers)
+                           slices=candidates.plan.slice_lengths())
         runner = StudyRunner(study_file, options, candidates, notes=notes, guard=guard)
         study = runner.open_study()
         with progress_bar() as bar:

@@ -127,23 +127,31 @@ def test_unknown_study_is_one_line(finished, tmp_path):
 
 
 def test_t_curve_restarts_the_gradient_in_each_slice():
-    from search.figures import slice_lengths, t_curve
+    # Slice lengths come from the plan now (MergePlan.slice_lengths), not from re-reading the YAML.
+    from search.figures import t_curve
 
-    config = """merge_method: slerp
-base_model: a
-slices:
-- sources: [{model: a, layer_range: [0, 3]}, {model: b, layer_range: [0, 3]}]
-- sources: [{model: a, layer_range: [3, 5]}, {model: b, layer_range: [3, 5]}]
-parameters: {t: [{value: [0, 1]}]}
-"""
-    assert slice_lengths(config) == [3, 2]
     assert t_curve([0.0, 1.0], [3, 2]) == ([0, 1, 2, 3, 4], [0.0, 0.5, 1.0, 0.0, 1.0])
     assert t_curve(0.3, [2]) == ([0, 1], [0.3, 0.3])
 
 
 def test_t_curve_without_slices_is_over_relative_depth():
-    from search.figures import slice_lengths, t_curve
+    from search.figures import t_curve
 
-    assert slice_lengths("merge_method: slerp\nbase_model: a\nmodels: [{model: a}, {model: b}]\n") is None
     assert t_curve([0.0, 0.5, 0.3, 0.7, 1.0], None) == ([0.0, 0.25, 0.5, 0.75, 1.0], [0.0, 0.5, 0.3, 0.7, 1.0])
     assert t_curve(0.5, None) == ([0.0, 1.0], [0.5, 0.5])
+
+
+def test_searched_curves_group_anchors_and_skip_switches():
+    import optuna
+
+    from search.figures import searched_curves
+
+    trial = optuna.trial.create_trial(
+        params={"weight.child_1.mlp.0": 0.2, "weight.child_1.mlp.1": 0.8, "t.default.0": 0.5,
+                "int8_mask.default": True},
+        distributions={"weight.child_1.mlp.0": optuna.distributions.FloatDistribution(0, 1),
+                       "weight.child_1.mlp.1": optuna.distributions.FloatDistribution(0, 1),
+                       "t.default.0": optuna.distributions.FloatDistribution(0, 1),
+                       "int8_mask.default": optuna.distributions.CategoricalDistribution([True, False])},
+        value=1.0)
+    assert searched_curves(trial) == {"weight.child_1.mlp": [0.2, 0.8], "t.default": [0.5]}
