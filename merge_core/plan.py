@@ -109,7 +109,7 @@ class MergePlan:
         stored = self.weights[out.sources[0].model].index[out.sources[0].tensor].dtype
         if not stored.is_floating_point:
             return stored
-        return self.out_dtype or self.working_dtype(out)
+        return self.out_dtype or self.method.result_dtype(self.working_dtype(out))
 
     def shape(self, out: OutputTensor) -> tuple[int, ...]:
         """The merged tensor's shape."""

@@ -68,6 +68,9 @@ def write_model(
         if out.exists():
             shutil.rmtree(out)
         os.replace(staging, out)
+    except OSError as exc:  # disk full, file too large, permissions: the user's to fix, nothing left behind
+        shutil.rmtree(staging, ignore_errors=True)
+        raise MergeInputError(f"output {out}: writing failed ({exc.strerror or exc}); nothing was written") from None
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise

@@ -35,7 +35,9 @@ def test_merge_leaves_no_partial_output_when_a_write_fails(tiny_models, tmp_path
     path.write_text(yaml.safe_dump(config))
     out = tmp_path / "out"
     result = run_limited([str(path), str(out)])
-    assert result.returncode != 0 and "File too large" in result.stderr, result.stderr[-2000:]
+    errors = [line for line in result.stderr.strip().splitlines() if "error:" in line]  # after the progress bar
+    assert result.returncode == 2 and len(errors) == 1 and "File too large" in errors[0], result.stderr[-2000:]
+    assert "Traceback" not in result.stderr
     assert not out.exists()
     assert not [p.name for p in tmp_path.iterdir() if p.name.startswith(".out.")]  # staging removed
     ok = subprocess.run([sys.executable, "-m", "search.cli", "merge", str(path), str(out)], cwd=REPO,

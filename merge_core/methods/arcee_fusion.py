@@ -24,6 +24,7 @@ class ArceeFusion(MergeMethod):
     candidates reach that tensor in the same state, as they do under one fixed seed.
     """
 
+    float32_result = True  # a float32 mask/scale times half inputs: mergekit writes float32
     name = "arcee_fusion"
     contract = Contract(base="required", min_inputs=2, max_inputs=2)
     randomised = True  # only tensors larger than QUANTILE_SAMPLE_SIZE draw

@@ -105,6 +105,11 @@ class MergeMethod:
     params: ClassVar[tuple[Param, ...]] = ()
     contract: ClassVar[Contract] = Contract()
     randomised: ClassVar[bool] = False  # draws from the RNG: needs a seed to be reproducible
+    float32_result: ClassVar[bool] = False  # mergekit returns (and, without out_dtype, writes) float32
+
+    def result_dtype(self, working: torch.dtype) -> torch.dtype:
+        """The dtype mergekit's kernel returns for inputs of the working dtype."""
+        return torch.promote_types(working, torch.float32) if self.float32_result else working
 
     def check(self, values: Values, where: str) -> None:
         """Raise ValueError when values are out of the method's range (beyond their types)."""

@@ -36,6 +36,7 @@ class RamPlusTl(MergeMethod):
     """mergekit's ramplus_tl: unique deltas of model i scaled by 1 + r * clamp(rho_i, 0, alpha),
     rho_i = (its overlapping moved count) / (its unique moved count) within this tensor."""
 
+    float32_result = True  # a float32 mask/scale times half inputs: mergekit writes float32
     name = "ramplus_tl"
     params = (Param("r", float, "global", 0.1), Param("alpha", float, "global", 0.2),
               Param("epsilon", float, "global", 1e-5))
