@@ -38,6 +38,7 @@ class Slot:
     log: bool
     choices: tuple | None
     prefix: str  # Optuna name without the anchor index
+    integer: bool = False  # whole numbers only (karcher's max_iter)
 
     @property
     def location(self) -> str:
@@ -109,7 +110,8 @@ class ConfigSpace:
         for model in models:
             prefix = item.parameter if model is None else f"{item.parameter}.{self.aliases[model]}"
             slots.append(Slot(item.parameter, model, item.filter, item.anchors, item.low, item.high, item.log,
-                              tuple(item.choices) if item.choices is not None else None, f"{prefix}.{flt}"))
+                              tuple(item.choices) if item.choices is not None else None, f"{prefix}.{flt}",
+                              integer=param.kind is int))
         return slots
 
     def _models(self, item: SpaceItem, scope: str, where: str) -> list[str]:
@@ -133,6 +135,8 @@ class ConfigSpace:
             for name in slot.names():
                 if slot.choices is not None:
                     out[name] = optuna.distributions.CategoricalDistribution(slot.choices)
+                elif slot.integer:
+                    out[name] = optuna.distributions.IntDistribution(int(slot.low), int(slot.high), log=slot.log)
                 else:
                     out[name] = optuna.distributions.FloatDistribution(slot.low, slot.high, log=slot.log)
         return out
@@ -144,6 +148,8 @@ class ConfigSpace:
         for name, dist in self.distributions().items():
             if isinstance(dist, optuna.distributions.CategoricalDistribution):
                 params[name] = trial.suggest_categorical(name, dist.choices)
+            elif isinstance(dist, optuna.distributions.IntDistribution):
+                params[name] = trial.suggest_int(name, dist.low, dist.high, log=dist.log)
             else:
                 params[name] = trial.suggest_float(name, dist.low, dist.high, log=dist.log)
         return self.recipe(params)
@@ -158,7 +164,7 @@ class ConfigSpace:
                 if slot.choices is not None:
                     value = params[slot.prefix]
                 else:
-                    anchors = [float(params[n]) for n in slot.names()]
+                    anchors = [(int if slot.integer else float)(params[n]) for n in slot.names()]
                     value = anchors[0] if len(anchors) == 1 else anchors
                 entries.append({"filter": slot.filter, "value": value} if slot.filter else {"value": value})
             if not any(s.filter is None for s in slots):  # tensors no searched filter takes keep the baseline
@@ -190,7 +196,7 @@ class ConfigSpace:
                     raise StudyError(f"{label} is {anchor!r}, not a number")
                 if not slot.low <= anchor <= slot.high:
                     raise StudyError(f"{label}: {anchor:g} is outside the searched range [{slot.low:g}, {slot.high:g}]")
-                params[name] = float(anchor)
+                params[name] = int(anchor) if slot.integer else float(anchor)
         return params
 
     def _value_for(self, slot: Slot, setting, where: str):

@@ -28,7 +28,8 @@ LEADERBOARD_TASKS = [
 ]
 # Ranges that suit each parameter; widened to hold the config's own values.
 RANGES = {"t": (0.0, 1.0), "weight": (0.0, 1.0), "density": (0.1, 1.0), "lambda": (0.5, 1.5),
-          "gamma": (0.0, 0.1), "epsilon": (0.01, 0.25), "scale": (0.0, 2.0)}
+          "gamma": (0.0, 0.1), "epsilon": (0.01, 0.25), "scale": (0.0, 2.0), "max_iter": (1, 50),
+          "tol": (1e-7, 1e-3), "select_topk": (0.1, 1.0)}
 DELLA_DENSITY = (0.3, 0.7)  # with epsilon <= 0.25, density +/- epsilon stays inside (0, 1)
 
 
@@ -72,7 +73,9 @@ def _items_for(method, name: str, model: str | None, setting) -> list[dict]:
         else:
             low, high = DELLA_DENSITY if name == "density" and "della" in method.name else RANGES.get(name, (0.0, 1.0))
             low, high = min([low, *values]), max([high, *values])
-            item |= {"anchors": len(values), "low": round(float(low), 6), "high": round(float(high), 6)}
+            item |= {"anchors": len(values), "low": float(f"{low:.6g}"), "high": float(f"{high:.6g}")}
+            if name == "tol" and low > 0:
+                item["log"] = True
         items.append(item)
     return items
 
