@@ -191,6 +191,12 @@ def parse_config(data: Any, source: str = "config") -> MergeConfig:
 
 def read_yaml(path: str | Path) -> Any:
     """Parse a YAML file, turning every read or syntax problem into one line naming the file."""
+    docs = read_yaml_documents(path)
+    return docs[0] if docs else None
+
+
+def read_yaml_documents(path: str | Path) -> list:
+    """Every YAML document of a file (mergekit-multi separates configs with ---), empty ones dropped."""
     path = Path(path)
     try:
         text = path.read_text()
@@ -199,7 +205,7 @@ def read_yaml(path: str | Path) -> Any:
     except (IsADirectoryError, PermissionError, UnicodeDecodeError) as exc:
         raise MergeInputError(f"{path}: cannot read ({type(exc).__name__})") from None
     try:
-        return yaml.safe_load(text)
+        return [doc for doc in yaml.safe_load_all(text) if doc is not None]
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""

@@ -17,7 +17,7 @@ from merge_core.errors import MergeInputError
 from merge_core.methods.base import Inputs, Values
 from merge_core.plan import DTYPES, MergePlan, OutputTensor
 
-__all__ = ["DTYPES", "MergePlan", "Merger", "stream_tensors"]
+__all__ = ["DTYPES", "MergePlan", "Merger", "merge_output", "stream_tensors"]
 
 Progress = Callable[[int, int], None]
 
@@ -44,6 +44,16 @@ def _merge_one(plan: MergePlan, out: OutputTensor, inputs: Inputs, state, values
     plan.method.merge(target, inputs, state, values, rng)
 
 
+def merge_output(plan: MergePlan, out: OutputTensor, values: Values, rng: torch.Generator | None,
+                 device: torch.device) -> torch.Tensor:
+    """One output tensor, freshly merged from its inputs (nothing kept)."""
+    inputs = plan.inputs(out, device)
+    state = plan.method.prepare(inputs) if inputs.tensors[0].is_floating_point() else None
+    target = torch.empty(plan.shape(out), dtype=plan.output_dtype(out), device=device)
+    _merge_one(plan, out, inputs, state, values, rng, target)
+    return target
+
+
 def stream_tensors(plan: MergePlan, device: str | torch.device = "cpu", seed: int | None = None,
                    config=None) -> Iterator[tuple[str, torch.Tensor]]:
     """(name, merged tensor) for every output, loading each output's inputs only while it is merged."""
@@ -51,12 +61,7 @@ def stream_tensors(plan: MergePlan, device: str | torch.device = "cpu", seed: in
     values = plan.values(plan.candidate(config))
     rng = _generator(plan, device, seed)
     for out, vals in zip(plan.outputs, values, strict=True):
-        inputs = plan.inputs(out, device)
-        state = plan.method.prepare(inputs)
-        target = torch.empty(plan.shape(out), dtype=plan.output_dtype(out), device=device)
-        _merge_one(plan, out, inputs, state, vals, rng, target)
-        del inputs, state
-        yield out.name, target
+        yield out.name, merge_output(plan, out, vals, rng, device)
 
 
 class Merger:

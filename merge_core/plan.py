@@ -55,13 +55,16 @@ class OutputTensor:
 class MergePlan:
     """A validated config bound to its models: outputs, shapes, dtypes and parameter scopes."""
 
-    def __init__(self, config: MergeConfig, allow_pickle: bool = False):
+    def __init__(self, config: MergeConfig, allow_pickle: bool = False, sources: dict | None = None):
+        """`sources` maps model names to tensor sources held in memory (earlier stages of a chain)."""
         self.config = config
         self.method = methods.get(config.merge_method)
-        self.slices = _normalised_slices(config, allow_pickle)
+        self._sources = dict(sources or {})
+        self.slices = _normalised_slices(config, allow_pickle, in_memory=self._sources)
         self.models = list(dict.fromkeys(
             [s.model for sl in self.slices for s in sl.sources] + ([config.base_model] if config.base_model else [])))
-        self.weights = [ModelWeights(resolve(m, allow_pickle), allow_pickle) for m in self.models]
+        self.weights = [self._sources.get(m) or ModelWeights(resolve(m, allow_pickle), allow_pickle)
+                        for m in self.models]
         self._index = {m: i for i, m in enumerate(self.models)}
         self.reference = self.weights[self._index[config.base_model or self.slices[0].sources[0].model]]
         self.base = self.reference  # the study code reads plan.base.folder for the tokenizer
@@ -305,7 +308,8 @@ def _all_parameters(config: MergeConfig):
             yield f"slices.{i}.sources.{j}.parameters", s.parameters
 
 
-def _normalised_slices(config: MergeConfig, allow_pickle: bool | None, known: list[Slice] | None = None) -> list[Slice]:
+def _normalised_slices(config: MergeConfig, allow_pickle: bool | None, known: list[Slice] | None = None,
+                       in_memory: dict | None = None) -> list[Slice]:
     """`models:` as one slice over every layer (base appended when absent), as mergekit plans it."""
     if config.slices is not None:
         slices = list(config.slices)
@@ -319,7 +323,7 @@ def _normalised_slices(config: MergeConfig, allow_pickle: bool | None, known: li
         else:
             counts = {}
             for s in sources:
-                counts[s.model] = layer_count(_config_of(s.model, allow_pickle))
+                counts[s.model] = layer_count(_config_of(s.model, allow_pickle, in_memory))
             if len(set(counts.values())) > 1:
                 raise MergeInputError(f"layer counts differ: {counts}; merge matching layers with `slices`")
             n = next(iter(counts.values()))
@@ -330,14 +334,16 @@ def _normalised_slices(config: MergeConfig, allow_pickle: bool | None, known: li
     if known is None:
         for i, sl in enumerate(slices):
             for j, s in enumerate(sl.sources):
-                n = layer_count(_config_of(s.model, allow_pickle))
+                n = layer_count(_config_of(s.model, allow_pickle, in_memory))
                 if n is not None and s.layer_range[1] > n:
                     raise MergeInputError(f"slices.{i}.sources.{j}.layer_range {list(s.layer_range)} is outside "
                                           f"{s.model}, which has {n} layers")
     return slices
 
 
-def _config_of(model: str, allow_pickle) -> dict:
+def _config_of(model: str, allow_pickle, in_memory: dict | None = None) -> dict:
+    if in_memory and model in in_memory:
+        return in_memory[model].config
     return read_config(resolve(model, bool(allow_pickle)))
 
 

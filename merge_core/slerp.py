@@ -93,22 +93,24 @@ def coefficients(geom: Geometry, t: float, dtype: torch.dtype = torch.float32) -
 
 @torch.no_grad()
 def slerp_into(out: torch.Tensor, v0: torch.Tensor, v1: torch.Tensor, s0: float, s1: float) -> torch.Tensor:
-    """Write s0 * v0 + s1 * v1 into `out` (same shape and dtype as v0 and v1).
+    """Write s0 * v0 + s1 * v1 into `out` (same shape and dtype as v0 and v1), bit for bit as mergekit.
 
-    For half types, s0 * v0 + s1 * v1 is a scaled lerp: (s0 + s1) * lerp(v0, v1, s1 / (s0 + s1)).
-    torch.lerp on half tensors runs near copy bandwidth in float32 internally, and the scale is
-    one cheap pass more; the result stays within one ulp of mergekit's. In float32 that double
-    rounding could reach two ulps, so full-precision types take mergekit's own three operations.
+    mergekit multiplies and adds in float32 and rounds once to the output dtype; half types do the
+    same here in cache-sized float32 chunks (two reused scratch buffers), so a chain of stages sees
+    exactly mergekit's intermediate tensors. Full-precision types take mergekit's three operations.
     """
     if out.dtype in (torch.float32, torch.float64):
         torch.mul(v0, s0, out=out)
         return out.add_(v1 * s1)
-    total = s0 + s1
-    if total == 0.0:  # antipodal corner case: nothing to scale
-        return torch.add(v0.mul(s0), v1, alpha=s1, out=out)
-    torch.lerp(v0, v1, s1 / total, out=out)
-    if abs(total - 1.0) > 1e-7:  # the linear branch sums to 1 up to float32 rounding
-        out.mul_(total)
+    flat_out, a, b = out.view(-1), v0.reshape(-1), v1.reshape(-1)
+    size = min(CHUNK_ELEMENTS, max(1, flat_out.numel()))
+    buf_a = torch.empty(size, dtype=torch.float32, device=out.device)
+    buf_b = torch.empty_like(buf_a)
+    for start in range(0, flat_out.numel(), size):
+        n = min(size, flat_out.numel() - start)
+        x = buf_a[:n].copy_(a[start:start + n]).mul_(s0)
+        y = buf_b[:n].copy_(b[start:start + n]).mul_(s1)
+        flat_out[start:start + n].copy_(x.add_(y))
     return out
 
 

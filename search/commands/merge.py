@@ -1,4 +1,5 @@
-"""`search merge CONFIG.yml OUT_DIR`: a drop-in for `mergekit-yaml` on every supported method."""
+"""`search merge CONFIG.yml OUT_DIR`: a drop-in for `mergekit-yaml` on every supported method, and for
+`mergekit-multi` on multi-document configs (stages built in memory, only the final model written)."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ import argparse
 def register(sub: argparse._SubParsersAction) -> None:
     """Add the `merge` sub-command."""
     parser = sub.add_parser("merge", help="build a mergekit config into a model folder (like mergekit-yaml)")
-    parser.add_argument("config", help="mergekit YAML (any supported merge_method)")
+    parser.add_argument("config", help="mergekit YAML (any supported merge_method), or a mergekit-multi file")
     parser.add_argument("out_dir", help="folder to write the merged model to")
     parser.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (default cpu)")
     parser.add_argument("--random-seed", type=int, default=None,
@@ -21,22 +22,27 @@ def register(sub: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     """Plan, then merge and write tensor by tensor behind a progress bar."""
     from merge_core.card import model_card
-    from merge_core.config import load_config
+    from merge_core.chain import ChainPlan, is_chain, parse_chain
+    from merge_core.config import parse_config, read_yaml_documents
     from merge_core.merger import MergePlan, stream_tensors
     from merge_core.refs import resolve
     from merge_core.writer import prepare_output, write_model
     from search.devices import check_device
     from search.progress import console, progress_bar
 
-    config = load_config(args.config)
+    docs = read_yaml_documents(args.config)
     device = check_device(args.device)
     out = prepare_output(args.out_dir, args.overwrite)
-    plan = MergePlan(config, allow_pickle=args.allow_pickle)
+    if is_chain(docs):
+        chain = ChainPlan(parse_chain(docs, args.config), args.allow_pickle, device, args.random_seed, args.config)
+        plan, config, yaml_text = chain.final, chain.final.config, chain.yaml()
+    else:
+        config = parse_config(docs[0] if docs else None, args.config)
+        plan, yaml_text = MergePlan(config, allow_pickle=args.allow_pickle), config.to_yaml()
     tokenizer_folder = plan.reference.folder
     if config.tokenizer_source not in (None, "base"):
         tokenizer_folder = resolve(config.tokenizer_source, args.allow_pickle)
     layout = [(o.name, tuple(plan.shape(o)), plan.output_dtype(o)) for o in plan.outputs]
-    yaml_text = config.to_yaml()
     with progress_bar() as bar:
         writing = bar.add_task("merging + writing", total=len(plan.outputs))
         write_model(

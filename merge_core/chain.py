@@ -1,0 +1,162 @@
+"""Multi-stage merges (mergekit-multi's YAML): named stages whose outputs later stages merge, in memory.
+
+A chain file holds several mergekit configs as YAML documents; each has a `name:` except at most
+one final unnamed document. A later document that names an earlier stage as a model reads that
+stage's output. No intermediate model goes to disk: a stage's output is a `StageOutput`, a tensor
+source like `ModelWeights` (names, shapes, `get`), whose tensors are merged when read. Stages of
+randomised methods are merged whole on first read, in their own order with their own seed, since
+mergekit-multi reseeds every stage (`--random-seed`) and draws in each stage's tensor order.
+"""
+
+from __future__ import annotations
+
+import difflib
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from merge_core.config import MergeConfig, parse_config, read_yaml_documents
+from merge_core.errors import MergeInputError
+from merge_core.plan import MergePlan
+
+
+@dataclass(frozen=True)
+class Stage:
+    """One document of a chain: its name (None for the final unnamed one) and its config."""
+
+    name: str | None
+    config: MergeConfig
+
+
+@dataclass(frozen=True)
+class _Info:
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+
+
+class StageOutput:
+    """A stage's merged model as a tensor source: tensors are merged when read (or all at once if random)."""
+
+    def __init__(self, plan: MergePlan, device: torch.device, seed: int | None):
+        self.plan = plan
+        self.device = device
+        self.seed = seed
+        self.config = plan.merged_config()
+        self.folder = plan.reference.folder  # the tokenizer a later stage copies
+        self.index = {o.name: _Info(plan.output_dtype(o), tuple(plan.shape(o))) for o in plan.outputs}
+        self._by_name = {o.name: i for i, o in enumerate(plan.outputs)}
+        self._values = None
+        self._whole: dict[str, torch.Tensor] | None = None
+
+    def names(self) -> list[str]:
+        """Output tensor names, in merge order."""
+        return list(self.index)
+
+    def get(self, name: str) -> torch.Tensor:
+        """The merged tensor `name` of this stage."""
+        from merge_core.merger import merge_output, stream_tensors
+
+        if self.plan.method.randomised:
+            if self._whole is None:
+                self._whole = dict(stream_tensors(self.plan, self.device, seed=self.seed))
+            return self._whole[name]
+        if self._values is None:
+            self._values = self.plan.values()
+        i = self._by_name[name]
+        return merge_output(self.plan, self.plan.outputs[i], self._values[i], None, self.device)
+
+
+class ChainPlan:
+    """Every stage planned in dependency order; `final` is the stage a chain builds."""
+
+    def __init__(self, stages: list[Stage], allow_pickle: bool = False, device: str | torch.device = "cpu",
+                 seed: int | None = None, source: str = "config"):
+        self.stages = _ordered(stages, source)
+        self.device = torch.device(device)
+        outputs: dict[str, StageOutput] = {}
+        self.plans: list[MergePlan] = []
+        for stage in self.stages:
+            label = f"{source}: stage {stage.name or '(final)'}"
+            try:
+                plan = MergePlan(stage.config, allow_pickle, sources=outputs)
+            except MergeInputError as exc:
+                names = [s.name for s in self.stages if s.name]
+                typo = [difflib.get_close_matches(m, names, n=1) for m in stage.config.model_names() if m not in names]
+                hint = next((f"; did you mean stage {t[0]!r}?" for t in typo if t), "")
+                raise MergeInputError(f"{label}: {exc}{hint}") from None
+            self.plans.append(plan)
+            if stage.name is not None:
+                outputs[stage.name] = StageOutput(plan, self.device, seed)
+        self.final = self.plans[-1]
+
+    def yaml(self) -> str:
+        """The chain as mergekit-multi YAML, stages in dependency order."""
+        docs = []
+        for stage in self.stages:
+            body = stage.config.to_yaml()
+            docs.append(f"name: {stage.name}\n{body}" if stage.name else body)
+        return "---\n".join(docs)
+
+
+def is_chain(data_docs: list) -> bool:
+    """True when a YAML file holds several documents or a named one (mergekit-multi's format)."""
+    return len(data_docs) > 1 or (len(data_docs) == 1 and isinstance(data_docs[0], dict) and "name" in data_docs[0])
+
+
+def parse_chain(docs: list, source: str = "config") -> list[Stage]:
+    """Validate every document; names unique, at most one unnamed document and it comes last."""
+    stages: list[Stage] = []
+    for i, doc in enumerate(docs):
+        where = f"{source}: document {i + 1}"
+        if not isinstance(doc, dict):
+            raise MergeInputError(f"{where}: expected a mapping of mergekit keys")
+        doc = dict(doc)
+        name = doc.pop("name", None)
+        if name is not None and (not isinstance(name, str) or not name.strip()):
+            raise MergeInputError(f"{where}: name must be a non-empty string")
+        if name is None and i != len(docs) - 1:
+            raise MergeInputError(f"{where}: only the final document may be unnamed (a later one would have no way "
+                                  "to use it); give it a name:")
+        if name is not None and any(s.name == name for s in stages):
+            raise MergeInputError(f"{where}: stage name {name!r} is used twice")
+        stages.append(Stage(name, parse_config(doc, f"{where} ({name or 'final'})")))
+    if not stages:
+        raise MergeInputError(f"{source}: no merge documents")
+    return stages
+
+
+def load_chain_file(path: str | Path) -> list[Stage]:
+    """Read a mergekit-multi YAML file (several documents separated by ---)."""
+    return parse_chain(read_yaml_documents(path), str(path))
+
+
+def _ordered(stages: list[Stage], source: str) -> list[Stage]:
+    """Stages in an order where each comes after the stages it merges; the chain's final stage last."""
+    names = {s.name: s for s in stages if s.name is not None}
+    uses = {s.name: [m for m in s.config.model_names() if m in names] for s in stages}
+    order: list[Stage] = []
+    state: dict = {}
+
+    def visit(stage: Stage, path: list[str]) -> None:
+        if state.get(stage.name) == "done":
+            return
+        if state.get(stage.name) == "visiting":
+            cycle = " -> ".join([*path[path.index(stage.name):], stage.name])
+            raise MergeInputError(f"{source}: stages depend on each other in a cycle: {cycle}")
+        state[stage.name] = "visiting"
+        for dep in uses[stage.name]:
+            visit(names[dep], [*path, stage.name])
+        state[stage.name] = "done"
+        order.append(stage)
+
+    for stage in stages:
+        visit(stage, [])
+    unnamed = [s for s in stages if s.name is None]
+    used = {d for deps in uses.values() for d in deps}
+    finals = unnamed or [s for s in stages if s.name not in used]
+    if len(finals) > 1:
+        raise MergeInputError(f"{source}: stages {', '.join(s.name for s in finals)} are all final (no stage uses "
+                              "them); add an unnamed final document, or remove the ones you do not want")
+    order.remove(finals[0])
+    return [*order, finals[0]]
