@@ -46,8 +46,15 @@ class StageOutput:
         self.folder = plan.reference.folder  # the tokenizer a later stage copies
         self.index = {o.name: _Info(plan.output_dtype(o), tuple(plan.shape(o))) for o in plan.outputs}
         self._by_name = {o.name: i for i, o in enumerate(plan.outputs)}
+        self._config = plan.config
         self._values = None
         self._whole: dict[str, torch.Tensor] | None = None
+
+    def use(self, config: MergeConfig) -> None:
+        """Merge this stage with another config of the same structure from now on (a chain candidate)."""
+        self._config = config
+        self._values = None
+        self._whole = None
 
     def names(self) -> list[str]:
         """Output tensor names, in merge order."""
@@ -59,10 +66,10 @@ class StageOutput:
 
         if self.plan.method.randomised:
             if self._whole is None:
-                self._whole = dict(stream_tensors(self.plan, self.device, seed=self.seed))
+                self._whole = dict(stream_tensors(self.plan, self.device, seed=self.seed, config=self._config))
             return self._whole[name]
         if self._values is None:
-            self._values = self.plan.values()
+            self._values = self.plan.values(self._config)
         i = self._by_name[name]
         return merge_output(self.plan, self.plan.outputs[i], self._values[i], None, self.device)
 
@@ -88,15 +95,68 @@ class ChainPlan:
             self.plans.append(plan)
             if stage.name is not None:
                 outputs[stage.name] = StageOutput(plan, self.device, seed)
+        self.outputs = outputs
+        self.seed = seed
         self.final = self.plans[-1]
+
+    def use(self, stages: list[Stage]) -> MergeConfig:
+        """Point every stage at a candidate's configs (same names and structure); returns the final config."""
+        by_name = {s.name: s.config for s in stages}
+        if set(by_name) != {s.name for s in self.stages}:
+            raise ValueError("a chain candidate must name the same stages as the plan")
+        for stage, plan in zip(self.stages, self.plans, strict=True):
+            plan.values(by_name[stage.name])  # same structure, parameters valid
+            if stage.name is not None:
+                self.outputs[stage.name].use(by_name[stage.name])
+        return by_name[self.stages[-1].name]
 
     def yaml(self) -> str:
         """The chain as mergekit-multi YAML, stages in dependency order."""
-        docs = []
-        for stage in self.stages:
-            body = stage.config.to_yaml()
-            docs.append(f"name: {stage.name}\n{body}" if stage.name else body)
-        return "---\n".join(docs)
+        return chain_yaml(self.stages)
+
+
+class ChainMerger:
+    """Builds a chain candidate into a live model: earlier stages merged per tensor as the final stage reads them.
+
+    What depends on an intermediate (SLERP's theta against a merged tensor) is computed per
+    candidate; nothing is kept between candidates but the mapped parents.
+    """
+
+    def __init__(self, chain: ChainPlan):
+        self.chain = chain
+        self.plan = chain.final
+        self._live: tuple[torch.nn.Module, dict[str, torch.Tensor]] | None = None
+
+    @torch.no_grad()
+    def build_into(self, model: torch.nn.Module, stages: list[Stage] | None = None) -> None:
+        """Write the chain candidate (the plan's own stages when None) into the live model."""
+        from merge_core.merger import _generator, _merge_one, live_targets
+
+        final_config = self.chain.use(stages or self.chain.stages)
+        if self._live is None or self._live[0] is not model:
+            self._live = (model, live_targets(self.plan, model))
+        targets = self._live[1]
+        plan = self.plan
+        rng = _generator(plan, self.chain.device, self.chain.seed)
+        for out, values in zip(plan.outputs, plan.values(final_config), strict=True):
+            inputs = plan.inputs(out, self.chain.device)
+            state = plan.method.prepare(inputs) if inputs.tensors[0].is_floating_point() else None
+            _merge_one(plan, out, inputs, state, values, rng, targets[out.name])
+
+    def new_model(self) -> torch.nn.Module:
+        """An empty live model of the chain's final shape."""
+        from merge_core.merger import new_live_model
+
+        return new_live_model(self.plan, self.chain.device)
+
+
+def chain_yaml(stages: list[Stage]) -> str:
+    """Stages as mergekit-multi YAML (documents separated by ---), in the given order."""
+    docs = []
+    for stage in stages:
+        body = stage.config.to_yaml()
+        docs.append(f"name: {stage.name}\n{body}" if stage.name else body)
+    return "---\n".join(docs)
 
 
 def is_chain(data_docs: list) -> bool:

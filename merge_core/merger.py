@@ -112,26 +112,36 @@ class Merger:
 
     def targets(self, model: torch.nn.Module) -> dict[str, torch.Tensor]:
         """The model's tensor for each output name; checks that the two sets agree."""
-        params = dict(model.named_parameters(remove_duplicate=False))
-        params.update(dict(model.named_buffers()))
-        wanted = {o.name for o in self.plan.outputs}
-        missing = sorted(wanted - params.keys())
-        if missing:
-            raise MergeInputError(f"the {type(model).__name__} has no tensor {missing[0]} that the merge writes")
-        written = {params[n].data_ptr() for n in wanted}
-        state = model.state_dict()
-        unset = sorted(n for n, p in params.items() if n in state and p.data_ptr() not in written)
-        if unset:
-            raise MergeInputError(f"the merge does not write {unset[0]} of the {type(model).__name__}")
-        return {n: params[n].data for n in wanted}
+        return live_targets(self.plan, model)
 
     def new_model(self) -> torch.nn.Module:
         """An empty transformers model of the merged shape, on the device, ready for build_into."""
-        import transformers
-        from transformers.initialization import no_init_weights
+        return new_live_model(self.plan, self.device)
 
-        config = transformers.AutoConfig.for_model(**self.plan.merged_config())
-        with no_init_weights(), self.device:
-            model = transformers.AutoModelForCausalLM.from_config(config, dtype=self.plan.model_dtype())
-        model.tie_weights()  # tied lm_head: one tensor, written through the embeddings
-        return model.eval()
+
+def live_targets(plan: MergePlan, model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """A live model's tensor for each output of the plan; checks that the two sets agree."""
+    params = dict(model.named_parameters(remove_duplicate=False))
+    params.update(dict(model.named_buffers()))
+    wanted = {o.name for o in plan.outputs}
+    missing = sorted(wanted - params.keys())
+    if missing:
+        raise MergeInputError(f"the {type(model).__name__} has no tensor {missing[0]} that the merge writes")
+    written = {params[n].data_ptr() for n in wanted}
+    state = model.state_dict()
+    unset = sorted(n for n, p in params.items() if n in state and p.data_ptr() not in written)
+    if unset:
+        raise MergeInputError(f"the merge does not write {unset[0]} of the {type(model).__name__}")
+    return {n: params[n].data for n in wanted}
+
+
+def new_live_model(plan: MergePlan, device: torch.device) -> torch.nn.Module:
+    """An empty transformers model of the plan's merged shape on `device`."""
+    import transformers
+    from transformers.initialization import no_init_weights
+
+    config = transformers.AutoConfig.for_model(**plan.merged_config())
+    with no_init_weights(), device:
+        model = transformers.AutoModelForCausalLM.from_config(config, dtype=plan.model_dtype())
+    model.tie_weights()  # tied lm_head: one tensor, written through the embeddings
+    return model.eval()

@@ -101,3 +101,25 @@ def test_chain_errors(families, tmp_path, case):
         docs.append(dict(docs[2], name="fourth"))
     out = tmp_path / "out"
     assert_refused(run_cli("merge", str(write_docs(tmp_path / "chain.yml", docs)), str(out)), *needles, out=out)
+
+
+def test_chain_candidate_in_memory_equals_search_merge(families, tmp_path):
+    """A chain candidate with other numbers, built into a live model, equals `search merge` of its YAML."""
+    docs = three_stages(families["llama"])
+    chain = ChainPlan(parse_chain(docs), seed=SEED)
+    from merge_core.chain import ChainMerger
+
+    merger = ChainMerger(chain)
+    model = merger.new_model()
+    other = [dict(d) for d in docs]
+    other[0]["parameters"] = {"t": [{"filter": "mlp", "value": [0.9, 0.1]}, {"value": 0.6}]}
+    other[1]["models"][0]["parameters"] = {"weight": 0.2, "density": 0.5}
+    other[2]["parameters"] = {"t": 0.8}
+    merger.build_into(model)  # the plan's own chain first: nothing of it may leak into the next
+    merger.build_into(model, parse_chain(other))
+    path = write_docs(tmp_path / "other.yml", other)
+    assert run_cli("merge", str(path), str(tmp_path / "ours"), "--random-seed", str(SEED)).returncode == 0
+    written = load_folder(tmp_path / "ours")
+    live = {n: p.detach() for n, p in model.state_dict().items() if n in written}
+    assert sorted(live) == sorted(written)
+    assert all(torch.equal(live[n], written[n]) for n in written)
