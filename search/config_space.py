@@ -17,7 +17,7 @@ from typing import Any
 import optuna
 
 from merge_core import methods
-from merge_core.config import MergeConfig, load_config, parse_config
+from merge_core.config import MergeConfig, parse_config, read_yaml_documents
 from merge_core.methods.base import REQUIRED
 from search.errors import StudyError
 from search.study_config import SpaceItem, StudyFile
@@ -81,11 +81,29 @@ class ConfigSpace:
         self.baseline: Recipe = {loc: self._setting_at(config, loc) for loc in self.locations}
 
     @classmethod
-    def of(cls, study: StudyFile) -> ConfigSpace:
-        """The space of a study file with `merge.config`."""
+    def of(cls, study: StudyFile):
+        """The space of a study file with `merge.config`: a ConfigSpace, or a ChainSpace for several stages."""
+        from merge_core.chain import is_chain
+        from search.chain_space import ChainSpace
+
         source = study.merge.config
-        config = load_config(source) if isinstance(source, str) else parse_config(source, "merge.config")
-        return cls(config, list(study.search_space))
+        docs = read_yaml_documents(source) if isinstance(source, str) else (
+            source if isinstance(source, list) else [source])
+        where = source if isinstance(source, str) else "merge.config"
+        if is_chain(docs):
+            return ChainSpace.of(docs, list(study.search_space), where)
+        for i, item in enumerate(study.search_space):
+            if item.stage is not None:
+                raise StudyError(f"search_space.{i}.stage: merge.config has one stage; remove stage")
+        return cls(parse_config(docs[0] if docs else None, where), list(study.search_space))
+
+    def parents(self) -> list[str]:
+        """Every model the merge reads."""
+        return self.config.model_names()
+
+    def yaml_of(self, recipe: Recipe) -> str:
+        """The mergekit YAML of a recipe."""
+        return self.config_of(recipe).to_yaml()
 
     # --- slots --------------------------------------------------------------------------------
     def _expand(self, item: SpaceItem, where: str) -> list[Slot]:

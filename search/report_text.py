@@ -22,10 +22,15 @@ def print_plan(study_file, options, storage_shown: str, console: Console | None 
         params.add_column(col)
     if study_file.is_generic():
         space.params_of(space.baseline)  # the config must be a point of the space: say so before any load
-        config = space.config
-        models = ", ".join(f"{space.aliases[m]}={m}" for m in config.model_names())
-        console.print(f"[bold]merge[/] {config.merge_method}  base {config.base_model or '(none)'}  models {models}  "
-                      f"dtype {config.dtype or '(as stored)'}  random seed {merge.random_seed}")
+        stages = getattr(space, "stages", None)
+        spaces = space.spaces.values() if stages else [space]
+        for i, sub in enumerate(spaces):
+            config = sub.config
+            label = f"stage {stages[i].name or 'final'}: " if stages else ""
+            models = ", ".join(f"{sub.aliases[m]}={m}" for m in config.model_names())
+            console.print(f"[bold]merge[/] {label}{config.merge_method}  base {config.base_model or '(none)'}  "
+                          f"models {models}  dtype {config.dtype or '(as stored)'}  random seed {merge.random_seed}",
+                          soft_wrap=True)
     else:
         other = next(m for m in merge.models if m != merge.base_model)
         layers = f"layers {list(merge.layer_range)}" if merge.layer_range else (

@@ -116,10 +116,21 @@ class Candidates:
         self.space: SearchSpace = space_of(study)
         self.baseline: Recipe = baseline_recipe(study)
         self.space.params_of(self.baseline)  # the baseline must be a point of the space
-        self.plan = MergePlan(self.space.config_of(self.baseline), allow_pickle=study.merge.allow_pickle)
+        self.chain = None
+        if hasattr(self.space, "stages"):  # a multi-stage study: every stage in memory, per candidate
+            from merge_core.chain import ChainPlan
+
+            self.chain = ChainPlan(self.space.config_of(self.baseline), study.merge.allow_pickle, device,
+                                   study.merge.random_seed)
+            self.plan = self.chain.final
+        else:
+            self.plan = MergePlan(self.space.config_of(self.baseline), allow_pickle=study.merge.allow_pickle)
         probe = self.space.recipe({n: _middle(d) for n, d in self.space.distributions().items()})
         try:
-            self.plan.values(self.space.config_of(probe))
+            if self.chain is not None:
+                self.chain.use(self.space.config_of(probe))
+            else:
+                self.plan.values(self.space.config_of(probe))
         except Exception as exc:
             raise StudyError(f"search_space: {exc}; add a `default` entry") from None
         tokenizer_dir = self.plan.base.folder
@@ -131,9 +142,15 @@ class Candidates:
         include = [str(Path(p)) for p in study.objectives.include_path]
         self.suite = Suite.build(specs, tokenizer, include, max_length=study.objectives.max_length)
         on_tensor = (lambda done, total: progress("geometry", done, total)) if progress else None
-        self.merger = Merger(self.plan, device, progress=on_tensor, seed=study.merge.random_seed)
+        if self.chain is not None:
+            from merge_core.chain import ChainMerger
+
+            self.merger = ChainMerger(self.chain)
+        else:
+            self.merger = Merger(self.plan, device, progress=on_tensor, seed=study.merge.random_seed)
         self.model = self.merger.new_model()
-        self.parents = parent_fingerprints(self.plan.config.model_names(), study.merge.allow_pickle)
+        parents = self.space.parents() if hasattr(self.space, "parents") else self.plan.config.model_names()
+        self.parents = parent_fingerprints(parents, study.merge.allow_pickle)
         self.batch_size = study.objectives.batch_size
 
     def build(self, recipe: Recipe) -> float:
@@ -144,11 +161,18 @@ class Candidates:
 
     def mergekit_yaml(self, recipe: Recipe) -> str:
         """The exact mergekit YAML of a candidate (with the seed its random masks need, if any)."""
-        text = self.space.config_of(recipe).to_yaml()
-        if self.plan.method.randomised:
+        if self.chain is not None:
+            text = self.space.yaml_of(recipe)
+            randomised = [p.method.name for p in self.chain.plans if p.method.randomised]
+            tool = "mergekit-multi THIS.yml --out-path OUT -I INTERMEDIATE_DIR"
+        else:
+            text = self.space.config_of(recipe).to_yaml()
+            randomised = [self.plan.method.name] if self.plan.method.randomised else []
+            tool = "mergekit-yaml THIS.yml OUT"
+        if randomised:
             seed = self.study.merge.random_seed
-            text = (f"# {self.plan.method.name} draws random masks: build it with --random-seed {seed}\n"
-                    f"#   mergekit-yaml THIS.yml OUT --random-seed {seed}   (or: search merge THIS.yml OUT "
+            text = (f"# {', '.join(randomised)} draws random masks: build it with --random-seed {seed}\n"
+                    f"#   {tool} --random-seed {seed}   (or: search merge THIS.yml OUT "
                     f"--random-seed {seed})\n") + text
         return text
 

@@ -42,7 +42,8 @@ class StudySection(_Strict):
 class MergeSection(_Strict):
     """What is merged: a mergekit config (any method), or the two parents of a SLERP study."""
 
-    config: str | dict | None = None  # a mergekit YAML path (relative to the study file) or the config inline
+    # a mergekit YAML path (relative to the study file; several documents make a chain) or the config inline
+    config: str | dict | list[dict] | None = None
     models: list[str] | None = Field(default=None, min_length=2, max_length=2)
     base_model: str | None = None
     layer_range: tuple[int, int] | None = None
@@ -97,6 +98,7 @@ class SpaceItem(_Strict):
     """One searched number of a mergekit config: a parameter, for some models, for one filter."""
 
     parameter: str = Field(min_length=1)
+    stage: str | None = None  # in a chain study: which stage (`final` for the unnamed last document)
     models: Literal["all"] | list[str] | None = None  # per-model parameters: which models (default all)
     filter: str | None = None  # None: the entry without filter (every tensor no earlier entry takes)
     anchors: int | None = Field(default=None, ge=1, le=32)  # a gradient of K anchors
@@ -224,6 +226,7 @@ def load_study_file(path: str | Path) -> StudyFile:
 
 DEMO_SCHEME = "demo:"  # `demo:parent_a`: a demo parent, built on first use into ./runs/demo-models
 DEMO_MODELS = Path("runs/demo-models")
+DEMO3_MODELS = Path("runs/demo3-models")  # the second demo's base and three children (its config names them)
 
 
 def model_path(text: str, folder: Path) -> str:

@@ -73,16 +73,27 @@ def load_existing(storage: str, name: str):
 
 
 def ensure_demo_parents(study_file) -> None:
-    """Build the demo parents a study names (`demo:NAME`) on first use, with a progress bar; cached."""
+    """Build the demo models a study reads (`demo:NAME`, or runs/demo3-models/...) on first use; cached."""
+    from demos.models import ThreeRecipe
+    from search.study_config import DEMO3_MODELS, DEMO_MODELS
+
+    if study_file.is_generic():
+        from search.space import space_of
+
+        refs = [Path(m).resolve() for m in space_of(study_file).parents()]  # every stage's, for a chain
+    else:
+        refs = [Path(m) for m in study_file.merge.models or []]
+    for folder, recipe in ((DEMO_MODELS, None), (DEMO3_MODELS, ThreeRecipe())):
+        if any(ref.parent == folder.resolve() for ref in refs):
+            _build_with_bar(folder, recipe)
+
+
+def _build_with_bar(folder: Path, recipe) -> None:
     import time
 
-    from search.demo_models import build_demo_models
+    from demos.models import build_demo_models
     from search.progress import console, progress_bar
-    from search.study_config import DEMO_MODELS
 
-    root = DEMO_MODELS.resolve()
-    if not any(Path(m).parent == root for m in study_file.merge.models or []):
-        return
     start = time.perf_counter()
     built = []
     with progress_bar(transient=True) as bar:
@@ -90,10 +101,10 @@ def ensure_demo_parents(study_file) -> None:
 
         def on_step(stage: str, done: int, total: int) -> None:
             if stage not in tasks:
-                tasks[stage] = bar.add_task(f"demo parents: {stage}", total=total)
+                tasks[stage] = bar.add_task(f"demo models: {stage}", total=total)
             bar.update(tasks[stage], completed=done)
             built.append(stage)
 
-        build_demo_models(DEMO_MODELS, progress=on_step)
+        build_demo_models(folder, progress=on_step, recipe=recipe)
     if built:
-        console.print(f"demo parents built in {DEMO_MODELS} ({time.perf_counter() - start:.0f} s); reused from now on")
+        console.print(f"demo models built in {folder} ({time.perf_counter() - start:.0f} s); reused from now on")
