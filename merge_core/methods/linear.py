@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from merge_core.methods.base import MergeMethod, Param
-from merge_core.methods.chunks import chunk_ranges, working_dtype
+from merge_core.methods.chunks import CHUNK_ELEMENTS, chunk_ranges, working_dtype
 
 
 class Linear(MergeMethod):
@@ -22,10 +22,14 @@ class Linear(MergeMethod):
         coefficients = weights.unbind(0)
         flat_out = out.view(-1)
         flats = [t.reshape(-1) for t in inputs.tensors]
+        same = out.dtype == inputs.tensors[0].dtype
+        acc_buffer = torch.empty(min(flat_out.numel(), CHUNK_ELEMENTS), dtype=dtype, device=out.device)
         for start, stop in chunk_ranges(flat_out.numel()):
-            acc = torch.zeros(stop - start, dtype=dtype, device=out.device)
-            for x, c in zip(flats, coefficients, strict=True):
+            # zeros + addcmul_ of the first input is exactly x * c: start from that product.
+            acc = acc_buffer[: stop - start].copy_(flats[0][start:stop]).mul_(coefficients[0])
+            for x, c in zip(flats[1:], coefficients[1:], strict=True):
                 acc.addcmul_(x[start:stop], c)
             if denominator is not None:
                 acc.div_(denominator)
-            flat_out[start:stop].copy_(acc.to(inputs.tensors[0].dtype))
+            # one rounding to the input dtype, as mergekit's .to(first.dtype); a second to out_dtype
+            flat_out[start:stop].copy_(acc if same else acc.to(inputs.tensors[0].dtype))

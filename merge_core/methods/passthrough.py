@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import torch
+
 from merge_core.methods.base import Contract, MergeMethod, Param
 
 
@@ -15,4 +17,9 @@ class Passthrough(MergeMethod):
     def merge(self, out, inputs, state, values, rng) -> None:
         tensor = inputs.tensors[0]
         scale = values.per_input[0]["scale"]
-        out.copy_(tensor if scale is None else tensor * scale)
+        if scale is None:
+            out.copy_(tensor)
+        elif out.dtype == tensor.dtype:
+            torch.mul(tensor, scale, out=out)  # no full-size temporary
+        else:
+            out.copy_(tensor * scale)

@@ -31,6 +31,47 @@ def stable_positions_mask(w: torch.Tensor, lo: int, hi: int) -> torch.Tensor:
     return mask
 
 
+HALF = (torch.float16, torch.bfloat16)
+
+
+def magnitude_counts(delta: torch.Tensor) -> torch.Tensor | None:
+    """Cumulative counts of a half tensor's magnitudes by bit pattern (int32, 32768 bins), or None.
+
+    |delta| of a float16/bfloat16 tensor has at most 32768 values, ordered as its bits without the
+    sign; their counts give any magnitude threshold exactly, with no selection pass per candidate.
+    """
+    if delta.dtype not in HALF or delta.numel() == 0 or delta.numel() >= 2**31:
+        return None
+    counts = torch.bincount(_magnitude_bits(delta).long(), minlength=32768)
+    return counts.cumsum(0).to(torch.int32)
+
+
+def _magnitude_bits(delta: torch.Tensor) -> torch.Tensor:
+    return delta.reshape(-1).view(torch.int16) & 0x7FFF
+
+
+def _positions_from_counts(bits: torch.Tensor, cum: torch.Tensor, lo: int, hi: int) -> torch.Tensor:
+    """stable_positions_mask for magnitude bits, using the cumulative counts of the bits."""
+    n = bits.numel()
+    lo, hi = max(0, lo), min(n, hi)
+    if hi <= lo:
+        return torch.zeros(n, dtype=torch.bool, device=bits.device)
+    low = int(torch.searchsorted(cum, lo, right=True))  # the value at sorted position lo
+    high = int(torch.searchsorted(cum, hi - 1, right=True))  # ... at position hi - 1
+    mask = (bits > low) & (bits < high)
+    for value in {low, high}:
+        before = int(cum[value - 1]) if value > 0 else 0
+        count = int(cum[value]) - before
+        first, last = max(lo - before, 0), min(hi - before, count)  # ranks among equals that fall in range
+        if last <= first:
+            continue
+        if first == 0 and last == count:
+            mask |= bits == value
+        else:  # a tie group cut by the threshold: lowest indices first (a stable order)
+            mask[(bits == value).nonzero().flatten()[first:last]] = True
+    return mask
+
+
 def rescaled(tensor: torch.Tensor, mask: torch.Tensor, rescale: bool, eps: float = 1e-7) -> torch.Tensor:
     """tensor * mask, scaled to the tensor's L1 norm when `rescale` (mergekit's RescaleNorm.l1)."""
     masked = tensor * mask
@@ -42,13 +83,18 @@ def rescaled(tensor: torch.Tensor, mask: torch.Tensor, rescale: bool, eps: float
     return masked * (before / after)
 
 
-def magnitude(delta: torch.Tensor, density: float, rescale: bool) -> torch.Tensor:
+def magnitude(delta: torch.Tensor, density: float, rescale: bool, cum: torch.Tensor | None = None) -> torch.Tensor:
     """Keep the `density` share of largest magnitudes (at least one element)."""
     if density >= 1:
         return delta
     if density <= 0 or delta.numel() == 0:
         return torch.zeros_like(delta)
     k = max(1, int(density * delta.numel()))
+    if cum is not None:
+        # descending positions [0, k) are ascending positions [n - k, n) with ties taken from the
+        # top: the tie group keeps its lowest indices, as in the kthvalue path below.
+        keep = _top_from_counts(_magnitude_bits(delta), cum, k)
+        return rescaled(delta, keep.to(delta.dtype).reshape_as(delta), rescale)
     w = delta.abs().reshape(-1)
     if w.device.type == "cpu":
         w = w.float()
@@ -56,13 +102,32 @@ def magnitude(delta: torch.Tensor, density: float, rescale: bool) -> torch.Tenso
     return rescaled(delta, keep.to(delta.dtype).reshape_as(delta), rescale)
 
 
-def magnitude_outliers(delta: torch.Tensor, density: float, gamma: float, rescale: bool) -> torch.Tensor:
+def _top_from_counts(bits: torch.Tensor, cum: torch.Tensor, k: int) -> torch.Tensor:
+    """The k largest magnitudes; among equals at the threshold, the lowest indices."""
+    n = bits.numel()
+    value = int(torch.searchsorted(cum, n - k, right=True))  # magnitude at descending position k - 1
+    above = n - int(cum[value])
+    mask = bits > value
+    take = k - above
+    count = int(cum[value]) - (int(cum[value - 1]) if value > 0 else 0)
+    if take >= count:
+        mask |= bits == value
+    elif take > 0:
+        mask[(bits == value).nonzero().flatten()[:take]] = True
+    return mask
+
+
+def magnitude_outliers(delta: torch.Tensor, density: float, gamma: float, rescale: bool,
+                       cum: torch.Tensor | None = None) -> torch.Tensor:
     """Drop the `gamma` share of largest magnitudes, then the smallest, keeping `density`."""
     if density >= 1:
         return delta
     n = delta.numel()
     keep_n, top_n = int(density * n), int(gamma * n)
     bottom_n = max(0, n - keep_n - top_n)
+    if cum is not None:
+        keep = _positions_from_counts(_magnitude_bits(delta), cum, bottom_n, bottom_n + keep_n)
+        return rescaled(delta, keep.to(delta.dtype).reshape_as(delta), rescale)
     w = delta.abs().reshape(-1)
     if w.device.type == "cpu":
         w = w.float()

@@ -10,6 +10,7 @@ import torch
 
 from merge_core.methods import sparsify
 from merge_core.methods.base import Contract, MergeMethod, Param
+from merge_core.methods.chunks import CHUNK_ELEMENTS, chunk_ranges
 
 
 class TaskArithmetic(MergeMethod):
@@ -53,12 +54,19 @@ class TaskArithmetic(MergeMethod):
             if density + epsilon >= 1 or density - epsilon <= 0:
                 raise ValueError(f"density {density:g} +/- epsilon {epsilon:g} must stay inside (0, 1)")
 
-    def _sparsify(self, delta: torch.Tensor, p: dict, rescale: bool, rng) -> torch.Tensor:
+    def prepare(self, inputs):
+        """Magnitude counts of each task vector (half types): exact thresholds with no sort per candidate."""
+        if self.sparsification not in ("magnitude", "magnitude_outliers") or inputs.base is None:
+            return None
+        base = inputs.base_tensor
+        return {i: sparsify.magnitude_counts(inputs.tensors[i] - base) for i in inputs.non_base}
+
+    def _sparsify(self, delta: torch.Tensor, p: dict, rescale: bool, rng, cum=None) -> torch.Tensor:
         kind = self.sparsification
         if kind == "magnitude":
-            return sparsify.magnitude(delta, p["density"], rescale)
+            return sparsify.magnitude(delta, p["density"], rescale, cum)
         if kind == "magnitude_outliers":
-            return sparsify.magnitude_outliers(delta, p["density"], p["gamma"], rescale)
+            return sparsify.magnitude_outliers(delta, p["density"], p["gamma"], rescale, cum)
         if kind == "random":
             return sparsify.bernoulli(delta, p["density"], rescale, rng)
         return sparsify.della_magprune(delta, p["density"], p["epsilon"], rescale, rng)
@@ -71,31 +79,44 @@ class TaskArithmetic(MergeMethod):
             out.copy_(base)
             return
         shared = values.shared
-        deltas = base.new_empty((len(others), *base.shape))
-        for row, i in enumerate(others):
-            delta = inputs.tensors[i] - base
-            if self.sparsification:
-                delta = self._sparsify(delta, values.per_input[i], shared["rescale"], rng)
-            deltas[row] = delta
-            del delta
-        weights = torch.tensor(values.of("weight", others), dtype=deltas.dtype, device=deltas.device)
-        weights = weights.reshape(-1, *([1] * base.dim()))
-        deltas.mul_(weights)
-        if self.consensus:
-            mask = _sign_consensus(deltas, torch.int8 if shared["int8_mask"] else base.dtype)
-            mixed = (deltas * mask).sum(dim=0)
-            divisor = (weights * mask).sum(dim=0)
-            divisor[divisor == 0] = 1
-        else:
-            mixed = deltas.sum(dim=0)
-            divisor = weights.sum(dim=0)
-            divisor[divisor.abs() < 1e-8] = 1
-        del deltas
-        if shared["normalize"]:
-            mixed /= divisor
-        if shared["lambda"] != 1:
-            mixed *= shared["lambda"]
-        out.copy_((base + mixed).to(base.dtype))
+        # Sparsification needs whole tensors (thresholds, masks, L1 norms), so those deltas are
+        # made whole; everything after is elementwise across the inputs and runs in chunks of the
+        # same operations in the same dtypes, with no full-size temporaries.
+        sparse = None
+        if self.sparsification:
+            sparse = [self._sparsify(inputs.tensors[i] - base, values.per_input[i], shared["rescale"], rng,
+                                     state.get(i) if state else None).reshape(-1) for i in others]
+        weights = torch.tensor(values.of("weight", others), dtype=base.dtype, device=base.device).reshape(-1, 1)
+        mask_dtype = torch.int8 if shared["int8_mask"] else base.dtype
+        flat_base, flat_out = base.reshape(-1), out.view(-1)
+        flats = [inputs.tensors[i].reshape(-1) for i in others]
+        same = out.dtype == base.dtype
+        size = min(CHUNK_ELEMENTS, max(1, flat_base.numel()))
+        buffer = base.new_empty((len(others), size))
+        for start, stop in chunk_ranges(flat_base.numel()):
+            b = flat_base[start:stop]
+            deltas = buffer[:, : stop - start]
+            for row, x in enumerate(flats):
+                if sparse is None:
+                    torch.sub(x[start:stop], b, out=deltas[row])
+                else:
+                    deltas[row].copy_(sparse[row][start:stop])
+            deltas.mul_(weights)
+            if self.consensus:
+                mask = _sign_consensus(deltas, mask_dtype)
+                mixed = (deltas * mask).sum(dim=0)
+                divisor = (weights * mask).sum(dim=0)
+                divisor[divisor == 0] = 1
+            else:
+                mixed = deltas.sum(dim=0)
+                divisor = weights.sum(dim=0)
+                divisor[divisor.abs() < 1e-8] = 1
+            if shared["normalize"]:
+                mixed /= divisor
+            if shared["lambda"] != 1:
+                mixed *= shared["lambda"]
+            mixed += b  # base + mixed: addition commutes exactly
+            flat_out[start:stop].copy_(mixed if same else mixed.to(base.dtype))
 
 
 def _sign_consensus(deltas: torch.Tensor, mask_dtype: torch.dtype) -> torch.Tensor:
