@@ -10,7 +10,7 @@ import torch
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from search.demo_models import VOCAB, DemoRecipe, build_demo_models, task_items, write_task_data
+from demos.models import VOCAB, DemoRecipe, build_demo_models, task_items, write_task_data
 
 REPO = Path(__file__).resolve().parents[1]
 TASK_DIR = REPO / "studies" / "demo" / "tasks"
@@ -119,7 +119,7 @@ def test_two_processes_building_at_once_share_one_build(tmp_path: Path) -> None:
     import sys
 
     code = ("import sys; from pathlib import Path; from tests.test_demo_models import SMALL; "
-            "from search.demo_models import build_demo_models; n = []; "
+            "from demos.models import build_demo_models; n = []; "
             "build_demo_models(Path(sys.argv[1]), progress=lambda *a: n.append(a), recipe=SMALL); print(len(n))")
     out = tmp_path / "demo-models"
     procs = [subprocess.Popen([sys.executable, "-c", code, str(out)], cwd=REPO, stdout=subprocess.PIPE,
