@@ -13,7 +13,7 @@ from typing import Any
 import optuna
 
 from merge_core.chain import Stage, chain_yaml, parse_chain
-from search.config_space import ConfigSpace
+from search.config_space import ConfigSpace, suggest_all
 from search.errors import StudyError
 from search.study_config import SpaceItem
 
@@ -52,15 +52,7 @@ class ChainSpace:
 
     def suggest(self, trial: optuna.Trial) -> dict[str, Any]:
         """Sample a chain recipe for a trial."""
-        params = {}
-        for name, dist in self.distributions().items():
-            if isinstance(dist, optuna.distributions.CategoricalDistribution):
-                params[name] = trial.suggest_categorical(name, dist.choices)
-            elif isinstance(dist, optuna.distributions.IntDistribution):
-                params[name] = trial.suggest_int(name, dist.low, dist.high, log=dist.log)
-            else:
-                params[name] = trial.suggest_float(name, dist.low, dist.high, log=dist.log)
-        return self.recipe(params)
+        return self.recipe(suggest_all(trial, self.distributions()))
 
     def recipe(self, params: dict[str, Any]) -> dict[str, Any]:
         """Each stage's recipe for these parameter values."""

@@ -162,15 +162,7 @@ class ConfigSpace:
     # --- recipes ------------------------------------------------------------------------------
     def suggest(self, trial: optuna.Trial) -> Recipe:
         """Sample a recipe for a trial."""
-        params = {}
-        for name, dist in self.distributions().items():
-            if isinstance(dist, optuna.distributions.CategoricalDistribution):
-                params[name] = trial.suggest_categorical(name, dist.choices)
-            elif isinstance(dist, optuna.distributions.IntDistribution):
-                params[name] = trial.suggest_int(name, dist.low, dist.high, log=dist.log)
-            else:
-                params[name] = trial.suggest_float(name, dist.low, dist.high, log=dist.log)
-        return self.recipe(params)
+        return self.recipe(suggest_all(trial, self.distributions()))
 
     def recipe(self, params: dict[str, Any]) -> Recipe:
         """Each searched location's mergekit setting for these parameter values."""
@@ -255,6 +247,19 @@ class ConfigSpace:
                 if src["model"] == model and parameter in (src.get("parameters") or {}):
                     return src["parameters"][parameter]
         return None
+
+
+def suggest_all(trial: optuna.Trial, distributions: dict) -> dict[str, Any]:
+    """Ask the trial for every distribution, by name."""
+    params = {}
+    for name, dist in distributions.items():
+        if isinstance(dist, optuna.distributions.CategoricalDistribution):
+            params[name] = trial.suggest_categorical(name, dist.choices)
+        elif isinstance(dist, optuna.distributions.IntDistribution):
+            params[name] = trial.suggest_int(name, dist.low, dist.high, log=dist.log)
+        else:
+            params[name] = trial.suggest_float(name, dist.low, dist.high, log=dist.log)
+    return params
 
 
 def _entries(setting) -> list[dict]:
