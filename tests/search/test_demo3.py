@@ -44,29 +44,35 @@ def _tensors(folder: Path) -> dict[str, torch.Tensor]:
 
 def test_demo3_runs_and_its_export_builds_the_same_through_mergekit(workdir: Path, monkeypatch) -> None:
     storage = "sqlite:///runs/demo3-small.db"
-    result = run_cli("demo", "--study", str(STUDY), "--n-trials", "4", "--storage", storage, cwd=workdir)
+    result = run_cli("demo", "--study", str(STUDY), "--n-trials", "4", "--storage", storage,
+                     "--study-name", "demo3-small", cwd=workdir)
     assert result.returncode == 0, result.stderr[-3000:]
     for name in ("base", *CHILDREN):
         assert (workdir / "runs" / "demo3-models" / name / "model.safetensors").is_file()
-    status = _status(workdir, "--storage", storage)
+    status = _status(workdir, "--storage", storage, "--study-name", "demo3-small")
     assert status["n_complete"] + status["n_pruned"] == 4
     assert status["baseline"]["holdout"] is not None and status["best"]["holdout"] is not None
 
-    best = sorted((workdir / "runs" / "demo3" / "export").glob("01-*.yml"))[0]
+    _export_builds_the_same(workdir, "demo3-small", monkeypatch)
+
+
+def _export_builds_the_same(workdir: Path, study_name: str, monkeypatch) -> None:
+    """The exported best through mergekit's run_merge (the study's seed) equals `search merge` of it."""
+    from mergekit.config import MergeConfiguration
+    from mergekit.merge import MergeOptions, run_merge
+
+    out = study_name
+    best = sorted((workdir / "runs" / study_name / "export").glob("01-*.yml"))[0]
     config = yaml.safe_load(best.read_text())
     assert config["merge_method"] == "dare_ties" and len(config["models"]) == 3
     seed = yaml.safe_load(STUDY.read_text())["merge"]["random_seed"]
     assert f"--random-seed {seed}" in best.read_text()  # the export says how to rebuild its masks
-
-    ours = run_cli("merge", str(best), "ours", "--random-seed", str(seed), cwd=workdir)
+    ours = run_cli("merge", str(best), f"{out}-ours", "--random-seed", str(seed), cwd=workdir)
     assert ours.returncode == 0, ours.stderr[-2000:]
-    from mergekit.config import MergeConfiguration
-    from mergekit.merge import MergeOptions, run_merge
-
     monkeypatch.chdir(workdir)  # the exported model paths are relative to the folder the demo ran in
-    run_merge(MergeConfiguration.model_validate(config), "theirs",
+    run_merge(MergeConfiguration.model_validate(config), f"{out}-mergekit",
               MergeOptions(quiet=True, write_model_card=False, random_seed=seed))
-    mine, theirs = _tensors(workdir / "ours"), _tensors(workdir / "theirs")
+    mine, theirs = _tensors(workdir / f"{out}-ours"), _tensors(workdir / f"{out}-mergekit")
     assert sorted(mine) == sorted(theirs)
     for name, tensor in theirs.items():
         assert mine[name].dtype == tensor.dtype and torch.equal(mine[name], tensor), name
@@ -89,7 +95,7 @@ def holdout_scores(model_dir: Path) -> dict[str, float]:
 
 
 @pytest.mark.slow
-def test_demo3_full_run_beats_its_baseline_and_every_child_held_out(workdir: Path) -> None:
+def test_demo3_full_run_beats_its_baseline_and_every_child_held_out(workdir: Path, monkeypatch) -> None:
     result = run_cli("demo", "--study", str(STUDY), cwd=workdir)
     assert result.returncode == 0, result.stderr[-3000:]
     status = _status(workdir)
@@ -98,3 +104,4 @@ def test_demo3_full_run_beats_its_baseline_and_every_child_held_out(workdir: Pat
     print(json.dumps({"baseline": baseline, "best": best, "children": children}))
     assert best >= baseline + 0.05
     assert all(best > score for score in children.values()), children
+    _export_builds_the_same(workdir, "demo3", monkeypatch)
