@@ -10,7 +10,7 @@ import torch
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from demos.models import VOCAB, DemoRecipe, build_demo_models, task_items, write_task_data
+from demos.models import VOCAB, VOCAB3, DemoRecipe, ThreeRecipe, build_demo_models, task_items, write_task_data
 
 REPO = Path(__file__).resolve().parents[1]
 TASK_DIR = REPO / "studies" / "demo" / "tasks"
@@ -97,11 +97,12 @@ def test_tasks_load_through_lm_eval(monkeypatch: pytest.MonkeyPatch, tmp_path: P
 
     # the YAML data_files are relative to the YAML's folder, so any working directory will do
     monkeypatch.chdir(tmp_path)
-    manager = task_manager(["demo_letters", "demo_digits"], [TASK_DIR])
+    names = ["demo_letters", "demo_digits", "demo_capitals"]
+    manager = task_manager(names, [TASK_DIR])
     tasks = {}
-    for name in ("demo_letters", "demo_digits"):
+    for name in names:
         tasks.update(load_task(TaskSpec(name=name), manager).tasks)
-    assert set(tasks) == {"demo_letters", "demo_digits"}
+    assert set(tasks) == set(names)
     for name, task in tasks.items():
         docs = list(task.test_docs())
         assert len(docs) == len(SEARCH_ROWS) + len(HELD_OUT_ROWS) == 400
@@ -130,3 +131,27 @@ def test_two_processes_building_at_once_share_one_build(tmp_path: Path) -> None:
     assert steps == [0, SMALL.base_steps + 2 * SMALL.parent_steps]  # exactly one of them trained
     assert sorted(p.name for p in tmp_path.iterdir()) == [".demo-models.lock", "demo-models"]  # no staging left
     assert (out / "BUILD").read_text().strip() == SMALL.digest()
+
+
+def test_the_first_demo_recipe_is_unchanged() -> None:
+    # the README's measured demo table is for these weights: a new field or default rebuilds them
+    assert DemoRecipe().digest() == "70d137da2485db0c"
+
+
+def test_second_demo_children_train_every_module_and_share_one_base(tmp_path: Path) -> None:
+    small = ThreeRecipe(hidden=32, layers=4, batch=16, base_steps=6, parent_steps=4)
+    calls: list[tuple] = []
+    paths = build_demo_models(tmp_path, progress=lambda *a: calls.append(a), recipe=small)
+    assert sorted(paths) == ["base", "double", "mirror", "shift"]
+    assert calls[-1][1:] == (6 + 3 * 4,) * 2
+    base = _tensors(paths["base"])
+    assert base["model.embed_tokens.weight"].shape[0] == len(VOCAB3)
+    for child in ("shift", "double", "mirror"):
+        tensors = _tensors(paths[child])
+        changed = {k.split(".")[3] for k, v in tensors.items() if k.startswith("model.layers.")
+                   and not torch.equal(v, base[k])}
+        assert {"mlp", "self_attn"} <= changed, child  # fine-tuned on all modules, not a chosen few
+    tokenizer = AutoTokenizer.from_pretrained(paths["mirror"], local_files_only=True)
+    item = task_items("demo_capitals")[0]
+    text = f"{item['query']} {item['choices'][0]}"
+    assert tokenizer(text)["input_ids"] == [VOCAB3.index(w) for w in text.split()]
