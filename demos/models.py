@@ -98,9 +98,8 @@ class DemoRecipe:
 class ThreeRecipe(DemoRecipe):
     """The second demo: a base copying three symbol sets, three children fine-tuned on all modules."""
 
-    base_steps: int = 150
-    parent_steps: int = 60
-    demo: str = "three"
+    base_steps: int = 150  # three symbol sets to copy
+    demo: str = "three"  # in the digest: never mistaken for a first-demo build
 
     @property
     def vocab(self) -> list[str]:
