@@ -29,8 +29,8 @@ def main() -> None:
     parser.add_argument("--n-trials", type=int, default=40)
     args = parser.parse_args()
 
+    from demos.models import build_demo_models
     from search import results
-    from search.demo_models import build_demo_models
     from search.runner import Candidates, RunOptions, StudyRunner
     from search.storage import quiet_optuna
     from search.study_config import load_study_file

@@ -19,6 +19,7 @@ PRUNED_COLOR = "#bbbbbb"
 TRIAL_COLORS = ["#1f77b4", "#ff7f0e", "#2ca02c", "#9467bd", "#8c564b", "#e377c2", "#17becf", "#bcbd22"]
 TEMPLATE = "plotly_white"
 T_AXIS = "t (0 = base model, 1 = other model)"
+PANELS_PER_ROW = 4
 
 
 def _message(title: str, text: str) -> go.Figure:
@@ -74,34 +75,38 @@ def gradient_figure(study: optuna.Study, slices: list[int] | None = None) -> go.
     slices = slices or study.user_attrs.get("slice_lengths")
     base_curves = searched_curves(base) if base is not None else {}
     names = list(best_curves)
-    fig = make_subplots(rows=1, cols=len(names), subplot_titles=[_panel_title(n) for n in names],
-                        shared_yaxes=True, horizontal_spacing=0.04 if len(names) > 3 else 0.06)
+    cols = min(len(names), PANELS_PER_ROW)  # many searched gradients wrap onto rows of four
+    rows = math.ceil(len(names) / cols)
+    fig = make_subplots(rows=rows, cols=cols, subplot_titles=[_panel_title(n) for n in names],
+                        shared_yaxes=True, horizontal_spacing=0.04 if cols > 3 else 0.06,
+                        vertical_spacing=min(0.3, 0.6 / rows))
     mode, shown = "lines+markers", [0.0, 1.0]
-    for col, name in enumerate(names, 1):
-        first = col == 1
+    for index, name in enumerate(names):
+        row, col = index // cols + 1, index % cols + 1
+        first = index == 0
         if name in base_curves:
             x, t = t_curve(base_curves[name], slices)
             shown += t
             label = "baseline" + (f" (trial {base.number})" if base is not None else "")
             fig.add_trace(go.Scatter(x=x, y=t, mode=mode, name=label, legendgroup="baseline", showlegend=first,
                                      line={"color": BASELINE_COLOR, "dash": "dash"},
-                                     marker={"color": BASELINE_COLOR, "size": 5, "symbol": "circle"}), 1, col)
+                                     marker={"color": BASELINE_COLOR, "size": 5, "symbol": "circle"}), row, col)
         x, t = t_curve(best_curves[name], slices)
         shown += t
         fig.add_trace(go.Scatter(x=x, y=t, mode=mode, name=f"best (trial {best.number})", legendgroup="best",
                                  showlegend=first, line={"color": BEST_COLOR, "width": 3},
-                                 marker={"color": BEST_COLOR, "size": 6, "symbol": "circle"}), 1, col)
+                                 marker={"color": BEST_COLOR, "size": 6, "symbol": "circle"}), row, col)
         x_title = "layer" if slices is not None else "relative depth (0 = first layer, 1 = last)"
-        fig.update_xaxes(title_text=x_title, row=1, col=col)
+        fig.update_xaxes(title_text=x_title if row == rows else None, row=row, col=col)
         if slices is not None:
-            fig.update_xaxes(dtick=max(1, round(sum(slices) / 4)), row=1, col=col)
+            fig.update_xaxes(dtick=max(1, round(sum(slices) / 4)), row=row, col=col)
     fig.update_yaxes(title_text=T_AXIS if title.startswith("t ") else "value", row=1, col=1)
     fig.update_yaxes(range=[min(shown) - 0.03, max(shown) + 0.03])
     score = f"best trial {best.number} ({best.user_attrs['score']:.4f})"
     if base is not None:
         score += f" against baseline ({base.user_attrs['score']:.4f})"
-    fig.update_layout(title=f"{title}: {score}", template=TEMPLATE, height=420,
-                      legend={"orientation": "h", "x": 0, "y": -0.22})
+    fig.update_layout(title=f"{title}: {score}", template=TEMPLATE, height=120 + 300 * rows,
+                      legend={"orientation": "h", "x": 0, "y": -0.22 / rows})
     return fig
 
 
