@@ -46,6 +46,18 @@ class SignalGuard:
             raise Interrupted(signum)
 
     @contextmanager
+    def immediate(self) -> Iterator[None]:
+        """Inside a deferred block, let signals raise at once again (a trial's own work)."""
+        saved = self._depth
+        self._depth = 0
+        try:
+            if self.received is not None:
+                raise Interrupted(self.received)  # held while the trial was being set up
+            yield
+        finally:
+            self._depth = saved
+
+    @contextmanager
     def deferred(self) -> Iterator[None]:
         """Hold a first signal until the block ends, then raise it."""
         self._depth += 1

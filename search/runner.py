@@ -293,9 +293,13 @@ class StudyRunner:
                 continue
             self._current = None
             try:
-                claim_next(study, self.me)
-                study.optimize(self.objective, n_trials=1, catch=(Exception,), callbacks=callbacks,
-                               gc_after_trial=False)
+                # Optuna writes a trial's start and its result to storage around the objective; a
+                # signal there would cut a storage write in half, so it waits for the write and the
+                # callbacks (the objective itself is interruptible: `immediate` below).
+                with self.guard.deferred():
+                    claim_next(study, self.me)
+                    study.optimize(self.objective, n_trials=1, catch=(Exception,), callbacks=callbacks,
+                                   gc_after_trial=False)
             except KeyboardInterrupt:
                 with self.guard.deferred():
                     self._give_back(study)
@@ -341,7 +345,8 @@ class StudyRunner:
         fault_point("start", trial.number)  # before the trial's first heartbeat: only the claim names its owner
         with Heartbeat(trial.study, trial._trial_id, self.me):
             try:
-                return self._objective(trial)
+                with self.guard.immediate():
+                    return self._objective(trial)
             except BudgetReached as exc:
                 trial.set_user_attr("fail_reason", str(exc))
                 raise
