@@ -50,10 +50,10 @@ class StageOutput:
         self._values = None
         self._whole: dict[str, torch.Tensor] | None = None
 
-    def use(self, config: MergeConfig) -> None:
+    def use(self, config: MergeConfig, values: list | None = None) -> None:
         """Merge this stage with another config of the same structure from now on (a chain candidate)."""
         self._config = config
-        self._values = None
+        self._values = values  # the plan's values for this config, when the caller has them already
         self._whole = None
 
     def names(self) -> list[str]:
@@ -99,16 +99,17 @@ class ChainPlan:
         self.seed = seed
         self.final = self.plans[-1]
 
-    def use(self, stages: list[Stage]) -> MergeConfig:
-        """Point every stage at a candidate's configs (same names and structure); returns the final config."""
+    def use(self, stages: list[Stage]) -> list:
+        """Point every stage at a candidate's configs (same names and structure); the final stage's values."""
         by_name = {s.name: s.config for s in stages}
         if set(by_name) != {s.name for s in self.stages}:
             raise ValueError("a chain candidate must name the same stages as the plan")
+        values = []
         for stage, plan in zip(self.stages, self.plans, strict=True):
-            plan.values(by_name[stage.name])  # same structure, parameters valid
+            values = plan.values(by_name[stage.name])  # same structure, parameters valid: once per candidate
             if stage.name is not None:
-                self.outputs[stage.name].use(by_name[stage.name])
-        return by_name[self.stages[-1].name]
+                self.outputs[stage.name].use(by_name[stage.name], values)
+        return values
 
     def yaml(self) -> str:
         """The chain as mergekit-multi YAML, stages in dependency order."""
@@ -132,13 +133,13 @@ class ChainMerger:
         """Write the chain candidate (the plan's own stages when None) into the live model."""
         from merge_core.merger import _generator, _merge_one, live_targets
 
-        final_config = self.chain.use(stages or self.chain.stages)
+        final_values = self.chain.use(stages or self.chain.stages)
         if self._live is None or self._live[0] is not model:
             self._live = (model, live_targets(self.plan, model))
         targets = self._live[1]
         plan = self.plan
         rng = _generator(plan, self.chain.device, self.chain.seed)
-        for out, values in zip(plan.outputs, plan.values(final_config), strict=True):
+        for out, values in zip(plan.outputs, final_values, strict=True):
             inputs = plan.inputs(out, self.chain.device)
             state = plan.method.prepare(inputs) if inputs.tensors[0].is_floating_point() else None
             _merge_one(plan, out, inputs, state, values, rng, targets[out.name])
