@@ -40,15 +40,39 @@ class ItemScore:
     value: float
 
 
+@dataclass(frozen=True)
+class ItemValues:
+    """Per scored item, in the split's fixed order: its task, its metric value, its weight in the score.
+
+    Two full passes over one split list the same items in the same order, so their values pair up
+    item by item (what a paired test of two candidates needs). For a plain mean metric the suite
+    score is sum(coef * value); a task's score is its items' coef-weighted mean.
+    """
+
+    tasks: tuple[str, ...]
+    values: tuple[float, ...]
+    coefs: tuple[float, ...]
+
+    def as_dict(self) -> dict[str, list]:
+        """JSON-ready form."""
+        return {"tasks": list(self.tasks), "values": list(self.values), "coefs": list(self.coefs)}
+
+    @classmethod
+    def from_dict(cls, data: dict) -> ItemValues:
+        """Inverse of as_dict."""
+        return cls(tuple(data["tasks"]), tuple(float(v) for v in data["values"]), tuple(data["coefs"]))
+
+
 @dataclass
 class SuiteResult:
-    """lm-eval metrics per task (fractions, lm-eval keys) and the weighted suite score."""
+    """lm-eval metrics per task (fractions, lm-eval keys), the weighted suite score, the item values."""
 
     metrics: dict[str, dict[str, float]]
     task_scores: dict[str, float]
     score: float
     items_scored: int
     complete: bool
+    items: ItemValues | None = None
 
 
 @dataclass
@@ -123,7 +147,7 @@ class Suite:
         return cls(loaded, metric_keys, items, shared, tokenizer, order_seed)
 
     def n_items(self, split: str = "search") -> int:
-        """Number of items in a split ("search" or "holdout")."""
+        """Number of items in a split ("search", "validation" or "holdout")."""
         return len(self._items[_check_split(split)])
 
     def doc_ids(self, split: str = "search") -> dict[str, list[int]]:
@@ -167,6 +191,7 @@ class SuiteRun:
         # Requests computed per round before yielding: enough for full batches, small enough to prune.
         self._window = 8 * batch_size if window == -1 else window
         self._per_doc: list[dict[tuple[str, int], dict[MetricKey, Any]]] = [{} for _ in suite.specs]
+        self._raw: dict[int, tuple[str, float, float]] = {}  # step -> (task, metric value, coef)
         self.items_scored = 0
         self.engine_seconds = 0.0  # wall time inside the engine (forward passes and request packing)
         self._started = False
@@ -202,6 +227,7 @@ class SuiteRun:
                 self._per_doc[item.spec][(item.doc.leaf, item.doc.index)] = values
                 self.items_scored += 1
                 value = item_value(values.get(suite._metric_keys[item.spec], math.nan))
+                self._raw[step] = (lt.spec.name, value, item.coef)
                 yield ItemScore(step=step, task=lt.spec.name, value=n * item.coef * value)
             pos = end
 
@@ -273,7 +299,9 @@ class SuiteRun:
         total = sum(weights[t] for t in task_scores)
         score = sum(weights[t] * v for t, v in task_scores.items()) / total if total else math.nan
         n = len(suite._items[self._split])
-        return SuiteResult(metrics, task_scores, score, self.items_scored, self.items_scored == n)
+        raw = [self._raw[step] for step in sorted(self._raw)]
+        items = ItemValues(tuple(r[0] for r in raw), tuple(r[1] for r in raw), tuple(r[2] for r in raw))
+        return SuiteResult(metrics, task_scores, score, self.items_scored, self.items_scored == n, items)
 
 
 def _check_split(split: str) -> str:

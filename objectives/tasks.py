@@ -27,7 +27,9 @@ if TYPE_CHECKING:
     from lm_eval.api.task import Task
     from lm_eval.tasks import TaskManager
 
-SPLITS = ("search", "holdout")
+# search: the items that steer the search; validation: re-scores the top candidates to pick the final
+# merge (items the search never saw); holdout: reports that pick against the baseline, used for nothing else.
+SPLITS = ("search", "validation", "holdout")
 SUBSETS = ("first", "random")
 # Loggers of the libraries that lm-eval drives while it builds tasks; silenced so library code stays quiet.
 _NOISY_LOGGERS = ("lm_eval", "datasets", "huggingface_hub", "fsspec", "filelock")
@@ -45,6 +47,7 @@ class TaskSpec:
     search_items: int | None = None
     holdout_items: int = 0
     subset: str = "random"
+    validation_items: int = 0
     seed: int = 0
 
 
@@ -104,6 +107,8 @@ def check_specs(specs: Sequence[TaskSpec]) -> None:
             )
         if spec.holdout_items < 0:
             raise TaskInputError(f"{where}: holdout_items must be >= 0, got {spec.holdout_items}")
+        if spec.validation_items < 0:
+            raise TaskInputError(f"{where}: validation_items must be >= 0, got {spec.validation_items}")
         if spec.num_fewshot is not None and spec.num_fewshot < 0:
             raise TaskInputError(f"{where}: num_fewshot must be >= 0, got {spec.num_fewshot}")
         if spec.subset not in SUBSETS:
@@ -288,35 +293,42 @@ def _set_fewshot(task: Task, spec: TaskSpec) -> None:
 def select_docs(loaded: LoadedTask) -> dict[str, dict[str, int | list[int] | None]]:
     """Docs per split and leaf task: None = all docs, an int = lm-eval's `limit`, a list = its `samples`.
 
-    'first' applies lm-eval's limit to each leaf task (search = first N, holdout = the last M docs).
+    'first' applies lm-eval's limit to each leaf task (search = first N, holdout = the last M docs,
+    validation = the V docs before those).
     'random' draws from the union of the leaf tasks' docs with a seeded shuffle: the held-out items
-    are drawn first, so changing search_items never moves an item between search and holdout.
+    are drawn first, then the validation items, so changing search_items never moves an item
+    between splits.
     """
     spec = loaded.spec
     sizes = {name: len(task.eval_docs) for name, task in loaded.tasks.items()}
-    hold, search = spec.holdout_items, spec.search_items
-    out: dict[str, dict[str, int | list[int] | None]] = {"search": {}, "holdout": {}}
+    hold, val, search = spec.holdout_items, spec.validation_items, spec.search_items
+    out: dict[str, dict[str, int | list[int] | None]] = {split: {} for split in SPLITS}
     if spec.subset == "first":
         for name, size in sizes.items():
-            if hold >= size:
+            if hold + val >= size:
                 raise TaskInputError(
-                    f"task '{spec.name}': holdout_items={hold} leaves none of the {size} items "
-                    f"of {name} to search"
+                    f"task '{spec.name}': holdout_items={hold} + validation_items={val} leave none of the "
+                    f"{size} items of {name} to search"
                 )
-            n_search = size - hold if search is None else min(search, size - hold)
+            n_search = size - hold - val if search is None else min(search, size - hold - val)
             out["search"][name] = None if n_search == size else n_search
             if hold:
                 out["holdout"][name] = list(range(size - hold, size))
+            if val:
+                out["validation"][name] = list(range(size - hold - val, size - hold))
         return out
     pool = [(name, i) for name, size in sizes.items() for i in range(size)]
-    if hold >= len(pool):
+    if hold + val >= len(pool):
         raise TaskInputError(
-            f"task '{spec.name}': holdout_items={hold} leaves none of its {len(pool)} items to search"
+            f"task '{spec.name}': holdout_items={hold} + validation_items={val} leave none of its "
+            f"{len(pool)} items to search"
         )
     order = random.Random(spec.seed).sample(pool, len(pool))
+    rest = order[hold + val:]
     chosen = {
         "holdout": order[:hold],
-        "search": order[hold:] if search is None else order[hold : hold + search],
+        "validation": order[hold:hold + val],
+        "search": rest if search is None else rest[:search],
     }
     for split, pairs in chosen.items():
         for name in sizes:

@@ -134,6 +134,8 @@ class TaskEntry(_Strict):
     holdout_items: int = Field(default=0, ge=0)
     subset: Literal["first", "random"] = "random"
     seed: int = 0
+    # items that pick the final merge among the top candidates (selection.top_k); 0: the best search score picks
+    validation_items: int = Field(default=0, ge=0)
 
 
 class ObjectivesSection(_Strict):
@@ -154,6 +156,15 @@ class PrunerSection(_Strict):
     check_every: int = Field(default=5, gt=0)  # items between pruning checks (each reads the study)
 
 
+class SelectionSection(_Strict):
+    """How the final merge is picked and how its gain over the baseline is judged."""
+
+    top_k: int = Field(default=5, gt=0)  # best search scores re-scored on the validation items
+    alpha: float = Field(default=0.05, gt=0, lt=1)  # confidence level 1 - alpha; significant when p < alpha
+    resamples: int = Field(default=10000, ge=1000)  # bootstrap resamples and sign-flip draws
+    seed: int = 0
+
+
 class ExportSection(_Strict):
     """What `search export` writes by default."""
 
@@ -170,6 +181,7 @@ class StudyFile(_Strict):
     baseline: list[ConditionalValue] | float | list[float] | None = None
     objectives: ObjectivesSection
     pruner: PrunerSection = PrunerSection()
+    selection: SelectionSection = SelectionSection()
     export: ExportSection = ExportSection()
 
     @field_validator("search_space")

@@ -113,3 +113,35 @@ def test_a_run_scores_once(suite, model):
     next(iter(run))
     with pytest.raises(RuntimeError):
         iter(run)
+
+
+@pytest.mark.parametrize("subset", ["random", "first"])
+def test_validation_split_is_disjoint_and_stable(tokenizer, task_dir, subset):
+    from lm_eval.tasks import TaskManager
+
+    from objectives.tasks import load_task
+
+    manager = TaskManager(include_path=str(task_dir), include_defaults=False)
+    spec = TaskSpec("tiny_mc", search_items=10, holdout_items=6, validation_items=7, subset=subset, seed=9)
+    loaded = load_task(spec, manager)
+    chosen = select_docs(loaded)
+
+    def ids(split):
+        picked = chosen[split]["tiny_mc"]
+        return set(range(picked)) if isinstance(picked, int) else set(picked)
+
+    search, val, hold = ids("search"), ids("validation"), ids("holdout")
+    assert (len(search), len(val), len(hold)) == (10, 7, 6)
+    assert not (search & val or search & hold or val & hold)
+    bigger = LoadedTask(TaskSpec("tiny_mc", search_items=20, holdout_items=6, validation_items=7, subset=subset,
+                                 seed=9), loaded.tasks, None)
+    assert select_docs(bigger)["validation"] == chosen["validation"]
+    assert select_docs(bigger)["holdout"] == chosen["holdout"]
+
+
+def test_item_values_pair_across_passes(suite, model):
+    a = suite.evaluate(model, split="holdout")
+    b = suite.evaluate(model, split="holdout")
+    assert a.items == b.items and len(a.items.values) == suite.n_items("holdout")
+    assert sum(c * v for c, v in zip(a.items.coefs, a.items.values, strict=True)) == pytest.approx(a.score)
+    assert a.items.tasks.count("tiny_gen") == 5
