@@ -8,7 +8,7 @@ from pathlib import Path
 from search.commands._common import positive_int
 from search.study_config import SAMPLERS
 
-SHIPPED = ("demo", "demo3")  # demo studies `--study NAME` finds inside the package
+SHIPPED = ("demo", "demo3", "demo-chain")  # demo studies `--study NAME` finds inside the package
 
 
 def demo_study(name: str = "demo") -> Path:
@@ -27,7 +27,8 @@ def demo_study(name: str = "demo") -> Path:
 def register(sub: argparse._SubParsersAction) -> None:
     """Add the `demo` sub-command."""
     parser = sub.add_parser("demo", help="run the offline demo study end to end (minutes on a laptop CPU)")
-    parser.add_argument("--study", help="study file, or the name of a shipped demo study: demo (default), demo3")
+    parser.add_argument("--study", help="study file, or the name of a shipped demo study: demo (default), demo3, "
+                        "demo-chain")
     parser.add_argument("--n-trials", type=positive_int, help="override study.n_trials")
     parser.add_argument("--sampler", choices=SAMPLERS, help="override study.sampler")
     parser.add_argument("--seed", type=int, help="override study.seed")
@@ -63,6 +64,13 @@ def run(args: argparse.Namespace) -> int:
     console.print(export_trials(study, study_file.export.top_k, out))
     # DARE-style masks depend on the seed; the exported YAML says it too
     seed = f" --random-seed {study_file.merge.random_seed}" if study_file.is_generic() else ""
+    tool = "mergekit-multi" if study_file.is_generic() and _is_chain(study_file) else "mergekit-yaml"
     console.print(f"demo finished in {time.perf_counter() - start:.0f} s; merge the best with: "
-                  f"search merge {out}/01-*.yml OUT_DIR{seed}   (or mergekit-yaml)")
+                  f"search merge {out}/01-*.yml OUT_DIR{seed}   (or {tool})")
     return 0
+
+
+def _is_chain(study_file) -> bool:
+    from search.space import space_of
+
+    return hasattr(space_of(study_file), "stages")
