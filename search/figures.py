@@ -11,6 +11,7 @@ from plotly.subplots import make_subplots
 
 from merge_core.gradient import interpolate, position
 from search import results
+from search.trial_record import StudyRecord, TrialRecord
 
 BASELINE_COLOR = "#555555"
 BEST_COLOR = "#1f77b4"
@@ -31,7 +32,7 @@ def _message(title: str, text: str) -> go.Figure:
     return fig
 
 
-def searched_curves(trial: optuna.trial.FrozenTrial) -> dict[str, list[float]]:
+def searched_curves(trial: TrialRecord | optuna.trial.FrozenTrial) -> dict[str, list[float]]:
     """Each searched gradient of a trial by name (`t.mlp`, `weight.child_1.default`): its anchors in order."""
     curves: dict[str, list[float]] = {}
     for name, value in trial.params.items():
@@ -72,7 +73,7 @@ def gradient_figure(study: optuna.Study, slices: list[int] | None = None) -> go.
         return _message(title, "the study searches no numeric gradient")
     if all(n.startswith("t.") for n in best_curves):
         title = "t across the layers"
-    slices = slices or study.user_attrs.get("slice_lengths")
+    slices = slices or StudyRecord.of(study).slice_lengths
     base_curves = searched_curves(base) if base is not None else {}
     names = list(best_curves)
     cols = min(len(names), PANELS_PER_ROW)  # many searched gradients wrap onto rows of four
@@ -102,9 +103,9 @@ def gradient_figure(study: optuna.Study, slices: list[int] | None = None) -> go.
             fig.update_xaxes(dtick=max(1, round(sum(slices) / 4)), row=row, col=col)
     fig.update_yaxes(title_text=T_AXIS if title.startswith("t ") else "value", row=1, col=1)
     fig.update_yaxes(range=[min(shown) - 0.03, max(shown) + 0.03])
-    score = f"best trial {best.number} ({best.user_attrs['score']:.4f})"
+    score = f"best trial {best.number} ({best.score:.4f})"
     if base is not None:
-        score += f" against baseline ({base.user_attrs['score']:.4f})"
+        score += f" against baseline ({base.score:.4f})"
     fig.update_layout(title=f"{title}: {score}", template=TEMPLATE, height=120 + 300 * rows,
                       legend={"orientation": "h", "x": 0, "y": -0.22 / rows})
     return fig
@@ -119,35 +120,33 @@ def history_figure(study: optuna.Study) -> go.Figure:
     scored = sorted(scored, key=lambda t: t.number)
     base = results.baseline_trial(study)
     fig = go.Figure()
-    pruned = [t for t in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))
-              if t.user_attrs.get("pruned") and t.values and len(t.values) == 1]
+    pruned = [r for r in results.records(study, (optuna.trial.TrialState.COMPLETE,))
+              if r.pruned and r.values and len(r.values) == 1]
     if pruned:
-        fig.add_trace(go.Scatter(x=[t.number for t in pruned], y=[t.value for t in pruned], mode="markers",
+        fig.add_trace(go.Scatter(x=[t.number for t in pruned], y=[t.values[0] for t in pruned], mode="markers",
                                  name="pruned (mean when stopped)",
                                  marker={"color": PRUNED_COLOR, "symbol": "x", "size": 7}))
-    fig.add_trace(go.Scatter(x=[t.number for t in scored], y=[t.user_attrs["score"] for t in scored],
+    fig.add_trace(go.Scatter(x=[t.number for t in scored], y=[t.score for t in scored],
                              mode="markers", name="trial (search items)",
                              marker={"color": BEST_COLOR, "size": 7, "symbol": "circle"}))
     running, xs, ys = -math.inf, [], []
     for t in scored:
-        running = max(running, t.user_attrs["score"])
+        running = max(running, t.score)
         xs.append(t.number)
         ys.append(running)
     fig.add_trace(go.Scatter(x=xs, y=ys, mode="lines", name="best so far", line={"color": BEST_COLOR, "shape": "hv"}))
-    held = [(t, results.holdout_of(study, t)) for t in scored]
-    held = [(t, h) for t, h in held if h is not None]
+    held = [t for t in scored if t.holdout is not None]
     if held:
-        fig.add_trace(go.Scatter(x=[t.number for t, _ in held], y=[h["score"] for _, h in held], mode="markers",
+        fig.add_trace(go.Scatter(x=[t.number for t in held], y=[t.holdout.score for t in held], mode="markers",
                                  name="held-out items (baseline and new bests)",
                                  marker={"color": HELD_OUT_COLOR, "symbol": "diamond", "size": 9}))
     last = max([t.number for t in scored] + [t.number for t in pruned])
     if base is not None:
-        score = base.user_attrs["score"]
+        score = base.score
         fig.add_trace(go.Scatter(x=[0, last], y=[score, score], mode="lines", name=f"baseline search ({score:.4f})",
                                  line={"color": BASELINE_COLOR, "dash": "dash"}))
-        base_held = results.holdout_of(study, base)
-        if base_held is not None:
-            score = base_held["score"]
+        if base.holdout is not None:
+            score = base.holdout.score
             fig.add_trace(go.Scatter(x=[0, last], y=[score, score], mode="lines",
                                      name=f"baseline held-out ({score:.4f})",
                                      line={"color": HELD_OUT_COLOR, "dash": "dot"}))
@@ -166,12 +165,12 @@ def task_scores_figure(study: optuna.Study, top: int = 5) -> go.Figure:
         trials = [base, *trials]
     if not trials:
         return _message(title, "no fully scored trial yet")
-    tasks = study.user_attrs.get("task_names") or list(trials[0].user_attrs.get("task_scores", {}))
+    tasks = StudyRecord.of(study).task_names or list(trials[0].task_scores)
     categories = [*tasks, "weighted"]
     fig = go.Figure()
     for i, t in enumerate(trials):
         is_base = base is not None and t.number == base.number
-        values = [t.user_attrs["task_scores"].get(name) for name in tasks] + [t.user_attrs["score"]]
+        values = [t.task_scores.get(name) for name in tasks] + [t.score]
         label = f"baseline (trial {t.number})" if is_base else f"trial {t.number}"
         if best is not None and t.number == best.number:
             label += " (best)"
@@ -192,11 +191,11 @@ def importance_figure(study: optuna.Study, min_trials: int = 5) -> go.Figure:
         return _message(title, f"importance needs {min_trials} fully scored trials; {len(scored)} so far")
     # Pruned trials only carry a running mean: rank anchors on fully scored trials alone.
     only = optuna.create_study(directions=study.directions)
-    only.add_trials(scored)
+    only.add_trials([r.trial for r in scored])
     try:
         importances = optuna.importance.get_param_importances(
             only, evaluator=optuna.importance.FanovaImportanceEvaluator(seed=0),
-            target=lambda t: t.user_attrs["score"])
+            target=lambda t: TrialRecord.of(t).score)
     except (RuntimeError, ValueError) as exc:  # e.g. every trial scored the same
         return _message(title, f"importance unavailable: {exc}")
     if not importances or not all(math.isfinite(v) for v in importances.values()):

@@ -12,6 +12,7 @@ import optuna
 
 from search import results
 from search.storage import is_journal, mask
+from search.trial_record import SLICE_LENGTHS, StudyRecord
 
 log = logging.getLogger(__name__)
 
@@ -47,15 +48,18 @@ def score_rows(study: optuna.Study) -> list[dict]:
     base, best = results.baseline_trial(study), results.best_trial(study)
     if base is None or best is None:
         return []
-    hb, hx = results.holdout_of(study, base) or {}, results.holdout_of(study, best) or {}
-    tasks = study.user_attrs.get("task_names") or list(base.user_attrs.get("task_scores", {}))
-    rows = [{"task": name, "base": base.user_attrs["task_scores"].get(name),
-             "best": best.user_attrs["task_scores"].get(name),
-             "base_held": (hb.get("task_scores") or {}).get(name), "best_held": (hx.get("task_scores") or {}).get(name)}
+    hb, hx = base.holdout, best.holdout
+    tasks = StudyRecord.of(study).task_names or list(base.task_scores)
+    rows = [{"task": name, "base": base.task_scores.get(name), "best": best.task_scores.get(name),
+             "base_held": _held_task(hb, name), "best_held": _held_task(hx, name)}
             for name in tasks]
-    rows.append({"task": "weighted", "base": base.user_attrs["score"], "best": best.user_attrs["score"],
-                 "base_held": hb.get("score"), "best_held": hx.get("score")})
+    rows.append({"task": "weighted", "base": base.score, "best": best.score,
+                 "base_held": hb.score if hb else None, "best_held": hx.score if hx else None})
     return rows
+
+
+def _held_task(held, name: str) -> float | None:
+    return (held.task_scores or {}).get(name) if held is not None else None
 
 
 def reproduce_commands(study: optuna.Study, trial_number: int, study_path: str | None = None,
@@ -84,13 +88,13 @@ def note_markdown(study: optuna.Study, reproduce: str | None = None, last_trial:
     if best is None:
         lines.append("No fully scored trial yet.")
         return "\n".join(lines) + "\n"
-    held = results.holdout_of(study, best)
-    head = f"Best: **trial {best.number}**, weighted score {best.user_attrs['score']:.4f} on search items"
+    held = best.holdout
+    head = f"Best: **trial {best.number}**, weighted score {best.score:.4f} on search items"
     if base is not None:
-        gain = best.user_attrs["score"] - base.user_attrs["score"]
+        gain = best.score - base.score
         head += f" ({gain:+.4f} against the baseline, trial {base.number})"
     if held is not None:
-        head += f", {held['score']:.4f} on held-out items"
+        head += f", {held.score:.4f} on held-out items"
     lines += [head + ".", ""]
     rows = score_rows(study)
     if rows:
@@ -111,7 +115,7 @@ def note_markdown(study: optuna.Study, reproduce: str | None = None, last_trial:
         lines.append("")
     if reproduce:
         lines += ["### Rebuild the best merge", "", "```sh", reproduce, "```", ""]
-        if optuna.artifacts.get_all_artifact_meta(best, storage=study._storage):
+        if optuna.artifacts.get_all_artifact_meta(best.trial, storage=study._storage):
             lines += [f"Trial {best.number} also carries its mergekit YAML as an artifact (trial page, Artifacts).", ""]
     lines += ["_Written by merge-search after each trial; edits here are overwritten._"]
     return "\n".join(lines) + "\n"
@@ -165,8 +169,8 @@ class StudyNotes:
             reproduce = reproduce_commands(study, best.number, self.study_path, self.storage_url, self.export_dir)
         save_note(study, note_markdown(study, reproduce, last_trial))
         if figures:
-            if self.slices and study.user_attrs.get("slice_lengths") != self.slices:
-                study.set_user_attr("slice_lengths", self.slices)  # for `search report` and the dashboard
+            if self.slices and StudyRecord.of(study).slice_lengths != self.slices:
+                study.set_user_attr(SLICE_LENGTHS, self.slices)  # for `search report` and the dashboard
             save_figures(study, self.slices)
 
     def after_trial(self, study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:

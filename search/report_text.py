@@ -71,14 +71,17 @@ def print_final_table(study: optuna.Study, console: Console) -> None:
     table = Table(title=f"baseline (trial {base.number}) against best (trial {best.number})")
     for col in ("task", "baseline search", "best search", "baseline held-out", "best held-out"):
         table.add_column(col, justify="right" if col != "task" else "left")
-    hb, hx = results.holdout_of(study, base) or {}, results.holdout_of(study, best) or {}
-    for name in base.user_attrs.get("task_scores", {}):
-        table.add_row(name, _fmt(base.user_attrs["task_scores"].get(name)),
-                      _fmt(best.user_attrs["task_scores"].get(name)),
-                      _fmt((hb.get("task_scores") or {}).get(name)), _fmt((hx.get("task_scores") or {}).get(name)))
-    table.add_row("[bold]weighted", _fmt(base.user_attrs["score"]), _fmt(best.user_attrs["score"]),
-                  _fmt(hb.get("score")), _fmt(hx.get("score")))
+    hb, hx = base.holdout, best.holdout
+    for name in base.task_scores:
+        table.add_row(name, _fmt(base.task_scores.get(name)), _fmt(best.task_scores.get(name)),
+                      _fmt(_held_task(hb, name)), _fmt(_held_task(hx, name)))
+    table.add_row("[bold]weighted", _fmt(base.score), _fmt(best.score),
+                  _fmt(hb.score if hb else None), _fmt(hx.score if hx else None))
     console.print(table)
+
+
+def _held_task(held, name: str) -> float | None:
+    return (held.task_scores or {}).get(name) if held is not None else None
 
 
 def _fmt(value) -> str:

@@ -19,6 +19,15 @@ from search.samplers import make_sampler
 from search.space import Recipe, SearchSpace, baseline_recipe, space_of
 from search.storage import open_storage
 from search.study_config import StudyFile
+from search.trial_record import (
+    BASELINE_RECIPE,
+    TASK_NAMES,
+    HeldOut,
+    TrialRecord,
+    write,
+    write_holdout,
+    write_late_holdout,
+)
 from search.workers import (
     BUDGET,
     INTERRUPTED,
@@ -222,8 +231,8 @@ class StudyRunner:
             if created:
                 study.set_user_attr(PARENTS, self.c.parents)
                 study.set_metric_names(self.task_names if self.multi else ["weighted score"])
-                study.set_user_attr("baseline_recipe", self.c.baseline)
-                study.set_user_attr("task_names", self.task_names)
+                study.set_user_attr(BASELINE_RECIPE, self.c.baseline)
+                study.set_user_attr(TASK_NAMES, self.task_names)
                 if self.on_create is not None:
                     self.on_create(study)
                 refill(study, self.options.n_trials, self._baseline_params(), self.options.n_trials)
@@ -313,7 +322,7 @@ class StudyRunner:
                 fail(study, trial, INTERRUPTED)
         if self._current is not None:
             trial = study.get_trials(deepcopy=False)[self._current]
-            if trial.state == TrialState.FAIL and trial.user_attrs.get("fail_reason") == INTERRUPTED \
+            if trial.state == TrialState.FAIL and TrialRecord.of(trial).fail_reason == INTERRUPTED \
                     and trial.user_attrs.get(SLOT):
                 retry(study, trial)
 
@@ -324,7 +333,7 @@ class StudyRunner:
         if self._current is None:
             return
         trial = study.get_trials(deepcopy=False)[self._current]
-        reason = str(trial.user_attrs.get("fail_reason") or "")
+        reason = str(TrialRecord.of(trial).fail_reason or "")
         if trial.state != TrialState.FAIL or reason.startswith((SURPLUS, "n_trials reached")):
             repeats.clear()
             return
@@ -348,15 +357,15 @@ class StudyRunner:
                 with self.guard.immediate():
                     return self._objective(trial)
             except BudgetReached as exc:
-                trial.set_user_attr("fail_reason", str(exc))
+                write(trial, fail_reason=str(exc))
                 raise
             except KeyboardInterrupt:
-                trial.set_user_attr("fail_reason", INTERRUPTED)
+                write(trial, fail_reason=INTERRUPTED)
                 raise
             except BaseException as exc:
                 # Its slot comes back through the refill, with fresh parameters (a NaN candidate would
                 # fail again), unless failures run away.
-                trial.set_user_attr("fail_reason", f"{type(exc).__name__}: {str(exc)[:500]}")
+                write(trial, fail_reason=f"{type(exc).__name__}: {str(exc)[:500]}")
                 raise
 
     def _objective(self, trial: optuna.Trial) -> float | list[float]:
@@ -366,19 +375,20 @@ class StudyRunner:
         if surplus(trial.study, trial.number, trial.study.user_attrs.get(BUDGET, self.options.n_trials)):
             # Two workers refilled the same lost slot at once: the budget needs only one of them.
             raise BudgetReached(f"{SURPLUS}: the other trials already make up n_trials")
-        if trial.user_attrs.get("fail_reason"):  # a retry carries the failed trial's attributes
-            trial.set_user_attr("fail_reason", None)
-        is_baseline = bool(trial.user_attrs.get("baseline"))
+        record = TrialRecord.of(trial)
+        if record.fail_reason:  # a retry carries the failed trial's attributes
+            write(trial, fail_reason=None)
+        is_baseline = record.baseline
         recipe = self.c.space.suggest(trial)
         if is_baseline:
             recipe = self.c.baseline
-        trial.set_user_attr("recipe", recipe)
+        write(trial, recipe=recipe)
         yaml_text = self.c.mergekit_yaml(recipe)
-        trial.set_user_attr("mergekit_yaml", yaml_text)
+        write(trial, mergekit_yaml=yaml_text)
         if self.notes is not None:  # an artifact can only be attached while the trial runs
             self.notes.attach_yaml(trial, yaml_text)
         fault_point("merge", trial.number)
-        trial.set_user_attr("merge_seconds", round(self.c.build(recipe), 4))
+        write(trial, merge_seconds=round(self.c.build(recipe), 4))
 
         start = time.perf_counter()
         run = self.c.suite.run(self.c.model, "search", self.c.batch_size)
@@ -399,12 +409,8 @@ class StudyRunner:
                 pruned = True
                 break
         result = run.result()
-        trial.set_user_attr("scoring_seconds", round(time.perf_counter() - start, 4))
-        trial.set_user_attr("items_scored", len(values))
-        trial.set_user_attr("pruned", pruned)
-        trial.set_user_attr("metrics", result.metrics)
-        trial.set_user_attr("task_scores", result.task_scores)
-        trial.set_user_attr("score", result.score)
+        write(trial, scoring_seconds=round(time.perf_counter() - start, 4), items_scored=len(values), pruned=pruned,
+              metrics=result.metrics, task_scores=result.task_scores, score=result.score)
         if not math.isfinite(result.score):
             raise CandidateFailed("non-finite suite score: NaN/Inf in the merge")
         if pruned:
@@ -421,20 +427,17 @@ class StudyRunner:
             return
         start = time.perf_counter()
         held = self.c.suite.evaluate(self.c.model, "holdout", self.c.batch_size)
-        trial.set_user_attr("holdout_score", held.score)
-        trial.set_user_attr("holdout_task_scores", held.task_scores)
-        trial.set_user_attr("holdout_metrics", held.metrics)
-        trial.set_user_attr("holdout_seconds", round(time.perf_counter() - start, 4))
+        write_holdout(trial, HeldOut(held.score, held.task_scores, held.metrics,
+                                     round(time.perf_counter() - start, 4)))
 
     def ensure_holdout(self, study: optuna.Study) -> None:
         """Score held-out items for the baseline and the best if a race left them without."""
-        for trial in (results.baseline_trial(study), results.best_trial(study)):
-            if trial is None or results.holdout_of(study, trial) is not None or self.c.suite.n_items("holdout") == 0:
+        for record in (results.baseline_trial(study), results.best_trial(study)):
+            if record is None or record.holdout is not None or self.c.suite.n_items("holdout") == 0:
                 continue
-            self.c.build(trial.user_attrs["recipe"])
+            self.c.build(record.recipe)
             held = self.c.suite.evaluate(self.c.model, "holdout", self.c.batch_size)
-            study.set_user_attr(f"holdout.{trial.number}", {"score": held.score, "task_scores": held.task_scores,
-                                                            "metrics": held.metrics})
+            write_late_holdout(study, record.number, HeldOut(held.score, held.task_scores, held.metrics))
 
 
 def _advice(reason: str) -> str:

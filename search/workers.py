@@ -19,6 +19,8 @@ from dataclasses import dataclass
 
 import optuna
 
+from search.trial_record import TrialRecord, key_of, write_failure
+
 TrialState = optuna.trial.TrialState
 FrozenTrial = optuna.trial.FrozenTrial
 OWNER = "owner"  # trial system attr: the Owner dict of the worker running it
@@ -132,7 +134,7 @@ def orphan_reason(trial: FrozenTrial, me: Owner, now: float | None = None) -> st
 def retry(study: optuna.Study, trial: FrozenTrial) -> None:
     """Enqueue a slot that runs `trial`'s parameters again (the baseline stays the baseline)."""
     history = list(trial.system_attrs.get("retry_history", [])) + [trial.number]
-    user_attrs = {k: trial.user_attrs[k] for k in (SLOT, "baseline") if k in trial.user_attrs}
+    user_attrs = {k: trial.user_attrs[k] for k in (SLOT, key_of("baseline")) if k in trial.user_attrs}
     study.add_trial(optuna.trial.create_trial(
         state=TrialState.WAITING, params=trial.params, distributions=trial.distributions, user_attrs=user_attrs,
         system_attrs={"failed_trial": trial.system_attrs.get("failed_trial", trial.number),
@@ -143,7 +145,7 @@ def fail(study: optuna.Study, trial: FrozenTrial, reason: str) -> bool:
     """Mark a RUNNING trial FAIL with its reason; False if it finished meanwhile (someone else did it)."""
     storage = study._storage
     try:
-        storage.set_trial_user_attr(trial._trial_id, "fail_reason", reason)
+        write_failure(storage, trial._trial_id, reason)
         return storage.set_trial_state_values(trial._trial_id, state=TrialState.FAIL)
     except (optuna.exceptions.UpdateFinishedTrialError, RuntimeError):
         return False
@@ -186,8 +188,8 @@ def refill(study: optuna.Study, budget: int, baseline_params: dict, max_failures
     if failures >= max_failures:
         return 0
     added = 0
-    if not any(t.user_attrs.get("baseline") for t in live):
-        study.enqueue_trial(baseline_params, user_attrs={"baseline": True, SLOT: True})
+    if not any(TrialRecord.of(t).baseline for t in live):
+        study.enqueue_trial(baseline_params, user_attrs={key_of("baseline"): True, SLOT: True})
         added += 1
     for _ in range(missing - added):
         study.enqueue_trial({}, user_attrs={SLOT: True})
@@ -196,7 +198,7 @@ def refill(study: optuna.Study, budget: int, baseline_params: dict, max_failures
 
 
 def _no_fault(trial: FrozenTrial) -> bool:
-    reason = str(trial.user_attrs.get("fail_reason") or "")
+    reason = str(TrialRecord.of(trial).fail_reason or "")
     return reason.startswith((INTERRUPTED, ORPHANED, SURPLUS, "BudgetReached")) or not trial.user_attrs.get(SLOT)
 
 

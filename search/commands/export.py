@@ -48,11 +48,11 @@ def export_trials(study, top: int, out: Path):
         table.add_column(col)
     for rank, trial in enumerate(trials, 1):
         path = out / f"{rank:02d}-trial{trial.number}.yml"
-        tag = " (baseline)" if trial.user_attrs.get("baseline") else ""
+        tag = " (baseline)" if trial.baseline else ""
         header = f"# merge-search study {study.study_name}, trial {trial.number}{tag}: "
-        header += f"score {trial.user_attrs['score']:.4f}\n"
-        path.write_text(header + trial.user_attrs["mergekit_yaml"])
-        held = results.holdout_of(study, trial)
-        table.add_row(str(rank), f"{trial.number}{tag}", f"{trial.user_attrs['score']:.4f}",
-                      "-" if held is None else f"{held['score']:.4f}", str(path))
+        header += f"score {trial.score:.4f}\n"
+        path.write_text(header + trial.mergekit_yaml)
+        held = trial.holdout
+        table.add_row(str(rank), f"{trial.number}{tag}", f"{trial.score:.4f}",
+                      "-" if held is None else f"{held.score:.4f}", str(path))
     return table

@@ -99,7 +99,7 @@ def render_html(study, figs: dict, study_path: str | None = None, storage_url: s
         parts += ["<h2>Rebuild the best merge</h2>",
                   f"<pre>{esc(reproduce_commands(study, best.number, study_path, storage_url, export_dir))}</pre>",
                   f"<details><summary>mergekit YAML of trial {best.number}</summary>"
-                  f"<pre>{esc(best.user_attrs.get('mergekit_yaml', ''))}</pre></details>"]
+                  f"<pre>{esc(best.mergekit_yaml or '')}</pre></details>"]
     for fig_id, fig in figs.items():
         div = pio.to_html(fig, full_html=False, include_plotlyjs=False, div_id=fig_id,
                           config={"displaylogo": False, "responsive": True})

@@ -96,5 +96,5 @@ def _trial_text(study) -> str:
     best, base = results.best_trial(study), results.baseline_trial(study)
     if best is None or base is None:
         return "trials"
-    delta = best.user_attrs["score"] - base.user_attrs["score"]
-    return f"trials  best {best.user_attrs['score']:.3f} ({delta:+.3f} vs baseline)"
+    delta = best.score - base.score
+    return f"trials  best {best.score:.3f} ({delta:+.3f} vs baseline)"
