@@ -102,8 +102,8 @@ def render_study(header: list[str], name: str, config_ref: str | dict, items: li
         f"#   search start {out} [--device cuda]",
         yaml.safe_dump(study, sort_keys=False, default_flow_style=None, width=120).rstrip(),
         "# One item per searched number: `anchors` searches a gradient of that many values in",
-        "# [low, high]; `choices` a switch. Narrow, widen or delete items as you like; the baseline's",
-        "# own values must stay inside the ranges.",
+        "# [low, high]; `blocks` one value per block of layers; `choices` a switch. Narrow, widen or",
+        "# delete items as you like; the baseline's own values must stay inside the ranges.",
         yaml.safe_dump({"search_space": items or [{"parameter": "CHANGE_ME", "anchors": 1}]},
                        sort_keys=False, default_flow_style=None, width=120).rstrip(),
         "# Starter objectives: a fast search subset and held-out items per task (lm-eval task names,",
@@ -142,9 +142,8 @@ def from_evolve(genome_file: dict, num_layers: int) -> tuple[dict, list[dict], l
     notes: list[str] = []
     granularity = int(genome.get("layer_granularity") or 0)
     groups = num_layers // granularity if granularity > 0 else 1
-    if granularity > 0 and not genome.get("smooth"):
-        notes.append(f"layer_granularity {granularity} (a value per block of layers) became a gradient of "
-                     f"{groups} anchors (as smooth: true)")
+    # layer_granularity without smooth: one value per block of layers (blocks); smooth: a gradient over them.
+    shape = {"blocks": groups} if granularity > 0 and not genome.get("smooth") else {"anchors": groups}
     filters = list(genome.get("filters") or [])
     negative = bool(genome.get("allow_negative_weights"))
     normalize = genome.get("normalize")
@@ -160,7 +159,7 @@ def from_evolve(genome_file: dict, num_layers: int) -> tuple[dict, list[dict], l
     if method == "slerp":
         config["models"] = [{"model": m} for m in models]
         config["parameters"] = {"t": start["t"]}
-        items.append({"parameter": "t", "anchors": groups, "low": 0.0, "high": 1.0})
+        items.append({"parameter": "t"} | shape | {"low": 0.0, "high": 1.0})
     else:
         config["parameters"] = {"normalize": normalize} | ({"int8_mask": True} if method != "linear" else {})
         config["models"] = [{"model": m, "parameters": {p: start[p] for p in EVOLVE_PARAMS[method]}} for m in models]
@@ -169,7 +168,7 @@ def from_evolve(genome_file: dict, num_layers: int) -> tuple[dict, list[dict], l
         for param in EVOLVE_PARAMS[method]:
             low = -1.0 if negative and param == "weight" else 0.0
             for flt in [*filters, None]:
-                item = {"parameter": param, "models": "all", "anchors": groups, "low": low, "high": 1.0}
+                item = {"parameter": param, "models": "all"} | shape | {"low": low, "high": 1.0}
                 items.append(item | ({"filter": flt} if flt else {}))
     tasks = []
     for task in genome_file.get("tasks") or []:

@@ -141,15 +141,16 @@ def test_from_evolve(families, tmp_path):
     assert made.returncode == 0, made.stderr
     # What could not be carried over is said in one line.
     notes = [line for line in made.stdout.splitlines() if line.startswith("changed from mergekit-evolve")]
-    assert len(notes) == 1 and "layer_granularity 2" in notes[0] and "shuffle" in notes[0]
+    assert len(notes) == 1 and "layer_granularity" not in notes[0] and "shuffle" in notes[0]
     assert run_cli("start", str(tmp_path / "study.yaml"), "--dry-run").returncode == 0
     study_file = load_study_file(tmp_path / "study.yaml")
     space = space_of(study_file)
-    # models -> per-model weight over every child; filters + the default -> one entry each; a gradient of
-    # num_layers / layer_granularity anchors; allow_negative_weights -> low -1; tasks keep weight and metric;
-    # limit -> search_items; normalize unset -> off for task_arithmetic (mergekit-evolve's rule).
+    # models -> per-model weight over every child; filters + the default -> one entry each; one value per
+    # block of layer_granularity layers (blocks: num_layers / layer_granularity); allow_negative_weights ->
+    # low -1; tasks keep weight and metric; limit -> search_items; normalize unset -> off for
+    # task_arithmetic (mergekit-evolve's rule).
     names = list(space.distributions())
-    assert len(names) == 3 * 3 * 2 and "weight.child_1.self_attn.0" in names and "weight.child_3.default.1" in names
+    assert len(names) == 3 * 3 * 2 and "weight.child_1.self_attn.b0" in names and "weight.child_3.default.b1" in names
     assert all(d.low == -1.0 and d.high == 1.0 for d in space.distributions().values())
     assert space.config.merge_method == "task_arithmetic" and space.config.base_model == str(f["base"])
     assert space.config.parameters["normalize"] is False
