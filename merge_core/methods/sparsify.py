@@ -32,6 +32,7 @@ def stable_positions_mask(w: torch.Tensor, lo: int, hi: int) -> torch.Tensor:
 
 
 HALF = (torch.float16, torch.bfloat16)
+COUNT_CHUNK = 4 * 1024 * 1024
 
 
 def magnitude_counts(delta: torch.Tensor) -> torch.Tensor | None:
@@ -42,7 +43,10 @@ def magnitude_counts(delta: torch.Tensor) -> torch.Tensor | None:
     """
     if delta.dtype not in HALF or delta.numel() == 0 or delta.numel() >= 2**31:
         return None
-    counts = torch.bincount(_magnitude_bits(delta).long(), minlength=32768)
+    bits = _magnitude_bits(delta)
+    counts = torch.zeros(32768, dtype=torch.int64, device=delta.device)
+    for start in range(0, bits.numel(), COUNT_CHUNK):  # int64 copies of 4M elements, not of the whole tensor
+        counts += torch.bincount(bits[start:start + COUNT_CHUNK].long(), minlength=32768)
     return counts.cumsum(0).to(torch.int32)
 
 
@@ -133,6 +137,97 @@ def magnitude_outliers(delta: torch.Tensor, density: float, gamma: float, rescal
         w = w.float()
     keep = stable_positions_mask(w, bottom_n, bottom_n + keep_n)
     return rescaled(delta, keep.to(delta.dtype).reshape_as(delta), rescale)
+
+
+class MagnitudeCut:
+    """The magnitude selection of one half-type task vector, applied chunk by chunk in index order.
+
+    Keeps the same elements as `magnitude` / `magnitude_outliers` with per-study counts (the
+    values strictly between two magnitude bounds, and at each bound the tie group's elements whose
+    rank among equals, in index order, falls in [first, last)), without whole-tensor temporaries:
+    each chunk is masked with integer operations on the delta's bits (bool masks and masked_fill
+    are 20-50x slower on half tensors here). Dropped elements become +0 where mergekit's
+    `delta * mask` gives -0 for negative deltas; the half-type merge pass sums from +0, so no
+    zero's sign reaches its result.
+    """
+
+    def __init__(self, lower: int, upper: int, groups: list[list[int]]):
+        self.lower, self.upper = lower, upper  # exclusive magnitude-bit bounds
+        self.groups = groups  # [value, first, last, count, seen]
+
+    @classmethod
+    def top(cls, cum: torch.Tensor, n: int, density: float) -> MagnitudeCut | None:
+        """`magnitude`'s selection (None when density keeps everything)."""
+        if density >= 1:
+            return None
+        if density <= 0 or n == 0:
+            return cls(32767, 32768, [])
+        k = max(1, int(density * n))
+        value = int(torch.searchsorted(cum, n - k, right=True))
+        before = int(cum[value - 1]) if value > 0 else 0
+        count = int(cum[value]) - before
+        take = min(k - (n - int(cum[value])), count)
+        return cls(value, 32768, [[value, 0, take, count, 0]] if take > 0 else [])
+
+    @classmethod
+    def positions(cls, cum: torch.Tensor, n: int, density: float, gamma: float) -> MagnitudeCut | None:
+        """`magnitude_outliers`'s selection (None when density keeps everything)."""
+        if density >= 1:
+            return None
+        keep_n, top_n = int(density * n), int(gamma * n)
+        lo = max(0, max(0, n - keep_n - top_n))
+        hi = min(n, max(0, n - keep_n - top_n) + keep_n)
+        if hi <= lo:
+            return cls(32767, 32768, [])
+        low = int(torch.searchsorted(cum, lo, right=True))
+        high = int(torch.searchsorted(cum, hi - 1, right=True))
+        groups = []
+        for value in sorted({low, high}):
+            before = int(cum[value - 1]) if value > 0 else 0
+            count = int(cum[value]) - before
+            first, last = max(lo - before, 0), min(hi - before, count)
+            if last > first:
+                groups.append([value, first, last, count, 0])
+        return cls(low, high, groups)
+
+    def apply(self, delta: torch.Tensor, bits: torch.Tensor, scratch: torch.Tensor, flags: torch.Tensor) -> None:
+        """Zero the dropped elements of the next chunk of the task vector (half `delta`, in place)."""
+        lower, upper = self.lower, self.upper
+        as_int = delta.view(torch.int16)
+        torch.bitwise_and(as_int, 0x7FFF, out=bits)
+        restore = []
+        for group in self.groups:
+            value, first, last, count, seen = group
+            if seen >= last:
+                continue  # past the group's kept ranks: the strict bound drops it
+            if seen >= first and last == count:
+                cut = None  # every remaining element of the group is kept
+            else:
+                in_chunk = int(torch.eq(bits, value, out=flags).sum())
+                group[4] = seen + in_chunk
+                a, z = max(first - seen, 0), min(last - seen, in_chunk)
+                if z <= a:
+                    continue
+                cut = None if a == 0 and z == in_chunk else (a, z)
+            if cut is None:  # widen the bound at this value to keep the whole group here
+                if value == self.lower:
+                    lower = value - 1
+                if value == self.upper:
+                    upper = value + 1
+            else:
+                where = flags.nonzero().flatten()[cut[0]:cut[1]]
+                restore.append((where, delta[where]))
+        if lower >= 32767 or upper <= 0 or upper <= lower + 1:
+            delta.zero_()
+        else:
+            if lower >= 0:  # keep bits > lower: sign bit of (bits - lower - 1) clear
+                torch.sub(bits, lower + 1, out=scratch).bitwise_right_shift_(15).bitwise_not_()
+                as_int.bitwise_and_(scratch)
+            if upper <= 32767:  # keep bits < upper: sign bit of (bits - upper) set
+                torch.sub(bits, upper, out=scratch).bitwise_right_shift_(15)
+                as_int.bitwise_and_(scratch)
+        for where, kept in restore:
+            delta[where] = kept
 
 
 def _random_dtype(tensor: torch.Tensor) -> torch.dtype:
