@@ -65,7 +65,7 @@ def _panel_title(name: str) -> str:
 def gradient_figure(study: optuna.Study, slices: list[int] | None = None) -> go.Figure:
     """Every searched gradient across the layers: best trial (solid) against the baseline (dashed)."""
     title = "searched values across the layers"
-    best, base = results.best_trial(study), results.baseline_trial(study)
+    best, base = results.final_pick(study), results.baseline_trial(study)
     if best is None:
         return _message(title, "no fully scored trial yet")
     best_curves = searched_curves(best)

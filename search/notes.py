@@ -45,7 +45,7 @@ def _delta(new: float | None, old: float | None) -> str:
 
 def score_rows(study: optuna.Study) -> list[dict]:
     """Baseline and best per task (and weighted) on search and held-out items; [] before both exist."""
-    base, best = results.baseline_trial(study), results.best_trial(study)
+    base, best = results.baseline_trial(study), results.final_pick(study)
     if base is None or best is None:
         return []
     hb, hx = base.holdout, best.holdout
@@ -79,7 +79,7 @@ def reproduce_commands(study: optuna.Study, trial_number: int, study_path: str |
 def note_markdown(study: optuna.Study, reproduce: str | None = None, last_trial: int | None = None) -> str:
     """The study note: counts, baseline against best per task, the best recipe and how to rebuild it."""
     counts = results.counts(study)
-    base, best = results.baseline_trial(study), results.best_trial(study)
+    base, best = results.baseline_trial(study), results.final_pick(study)
     lines = [f"## merge-search: {study.study_name}", ""]
     names = ", ".join(study.metric_names or ["weighted score"])
     status = f"{counts['n_complete']} complete, {counts['n_pruned']} pruned, {counts['n_failed']} failed"
@@ -105,8 +105,8 @@ def note_markdown(study: optuna.Study, reproduce: str | None = None, last_trial:
             search = f"{_fmt(r['base'])} | {_fmt(r['best'])} | {_delta(r['best'], r['base'])}"
             held_out = f"{_fmt(r['base_held'])} | {_fmt(r['best_held'])} | {_delta(r['best_held'], r['base_held'])}"
             lines.append(f"| {task} | {search} | {held_out} |")
-        lines += ["", "Held-out items never steer the search (only the baseline and each new best are scored on them), "
-                  "so a gain there is not fitted to the search items.", ""]
+        lines += ["", "Held-out items never steer the search or the pick, so a gain there is not fitted to them.", ""]
+    lines += selection_markdown(study)
     if best.params:
         lines += ["### Best parameters", "", "| parameter | best | baseline |", "|---|---:|---:|"]
         base_params = base.params if base is not None else {}
@@ -119,6 +119,31 @@ def note_markdown(study: optuna.Study, reproduce: str | None = None, last_trial:
             lines += [f"Trial {best.number} also carries its mergekit YAML as an artifact (trial page, Artifacts).", ""]
     lines += ["_Written by merge-search after each trial; edits here are overwritten._"]
     return "\n".join(lines) + "\n"
+
+
+def selection_markdown(study: optuna.Study) -> list[str]:
+    """The final pick and the paired held-out comparison with the baseline, as markdown lines."""
+    from search.selection import comparison_rows, gap_sentence, how_picked, summary, verdict
+
+    chosen = summary(study)
+    if chosen is None:
+        return ["_No final pick yet: `search start` makes it when the trials are done._", ""]
+    lines = [f"### Final pick: {how_picked(chosen)}", ""]
+    rows = comparison_rows(chosen)
+    if rows:
+        lines += [f"| held-out | baseline | pick | difference | {1 - chosen['alpha']:.0%} CI | p | test |",
+                  "|---|---:|---:|---:|---|---:|---|"]
+        for r in rows:
+            name = f"**{r.name}**" if r.name == "weighted" else r.name
+            diff = f"{r.diff:+.4f}" + ("" if r.significant else " (n.s.)")
+            lines.append(f"| {name} | {r.baseline:.4f} | {r.candidate:.4f} | {diff} | "
+                         f"[{r.ci_low:+.4f}, {r.ci_high:+.4f}] | {r.p_value:.3g} | {r.test} |")
+        lines.append("")
+    lines += [f"**{verdict(chosen)}**", ""]
+    gap = gap_sentence(chosen)
+    if gap:
+        lines += [gap[0].upper() + gap[1:] + ".", ""]
+    return lines
 
 
 def _param(value) -> str:
@@ -163,7 +188,7 @@ class StudyNotes:
         """Rewrite the note, and the figures when asked."""
         from optuna_dashboard import save_note
 
-        best = results.best_trial(study)
+        best = results.final_pick(study)
         reproduce = None
         if best is not None:
             reproduce = reproduce_commands(study, best.number, self.study_path, self.storage_url, self.export_dir)

@@ -47,21 +47,29 @@ def print_plan(study_file, options, storage_shown: str, console: Console | None 
                 params.add_row(f"t.{name}", "fixed", str(entry.value))
     console.print(params)
     tasks = Table(title="objectives")
-    for col in ("task", "weight", "metric", "shots", "search items", "held-out items"):
+    for col in ("task", "weight", "metric", "shots", "search items", "validation items", "held-out items"):
         tasks.add_column(col)
     for t in study_file.objectives.tasks:
         tasks.add_row(t.name, f"{t.weight:g}", t.metric or "(task default)",
                       "default" if t.num_fewshot is None else str(t.num_fewshot),
-                      "all" if t.search_items is None else f"{t.search_items} ({t.subset})", str(t.holdout_items))
+                      "all" if t.search_items is None else f"{t.search_items} ({t.subset})", str(t.validation_items),
+                      str(t.holdout_items))
     console.print(tasks)
     per_trial = [t.search_items for t in study_file.objectives.tasks]
     total = "all items" if None in per_trial else f"{sum(per_trial)} items"
     console.print(f"each trial: one in-memory merge + {total}; pruner {study_file.pruner.type}")
+    pick = study_file.selection
+    if any(t.validation_items for t in study_file.objectives.tasks):
+        console.print(f"final pick: the best validation score among the top {pick.top_k} by search score; "
+                      f"reported against the baseline on held-out items (paired, alpha {pick.alpha:g})")
+    else:
+        console.print("final pick: the best search score (no validation_items: give some to pick on items the "
+                      "search did not see); reported against the baseline on held-out items")
 
 
 def print_final_table(study: optuna.Study, console: Console) -> None:
     """Baseline and best, per task, on search items and on held-out items."""
-    base, best = results.baseline_trial(study), results.best_trial(study)
+    base, best = results.baseline_trial(study), results.final_pick(study)
     counts = results.counts(study)
     console.print(f"study {study.study_name}: {counts['n_complete']} complete, {counts['n_pruned']} pruned, "
                   f"{counts['n_failed']} failed")
@@ -78,6 +86,35 @@ def print_final_table(study: optuna.Study, console: Console) -> None:
     table.add_row("[bold]weighted", _fmt(base.score), _fmt(best.score),
                   _fmt(hb.score if hb else None), _fmt(hx.score if hx else None))
     console.print(table)
+    print_selection(study, console)
+
+
+def print_selection(study: optuna.Study, console: Console) -> None:
+    """How the final pick was made and whether its held-out gain over the baseline is significant."""
+    from search.selection import comparison_rows, gap_sentence, how_picked, summary, verdict
+
+    chosen = summary(study)
+    if chosen is None:
+        console.print("no final pick yet: `search start` makes it when the trials are done")
+        return
+    console.print(f"final pick: {how_picked(chosen)}")
+    rows = comparison_rows(chosen)
+    if rows:
+        confidence = f"{1 - chosen['alpha']:.0%}"
+        table = Table(title=f"held-out items: final pick (trial {chosen['winner']}) minus baseline "
+                            f"(trial {chosen['baseline']}), paired")
+        for col in ("task", "baseline", "pick", "difference", f"{confidence} CI", "p", "test", "items"):
+            table.add_column(col, justify="left" if col in ("task", "test") else "right")
+        for r in rows:
+            mark = "" if r.significant else " (n.s.)"
+            table.add_row(f"[bold]{r.name}" if r.name == "weighted" else r.name, f"{r.baseline:.4f}",
+                          f"{r.candidate:.4f}", f"{r.diff:+.4f}{mark}", f"[{r.ci_low:+.4f}, {r.ci_high:+.4f}]",
+                          f"{r.p_value:.3g}", r.test, str(r.n_items))
+        console.print(table)
+    console.print(verdict(chosen))
+    gap = gap_sentence(chosen)
+    if gap:
+        console.print(gap)
 
 
 def _held_task(held, name: str) -> float | None:

@@ -6,7 +6,7 @@ import math
 
 import optuna
 
-from search.trial_record import StudyRecord, TrialRecord
+from search.trial_record import SELECTION, StudyRecord, TrialRecord
 
 TrialState = optuna.trial.TrialState
 
@@ -51,6 +51,16 @@ def best_trial(study: optuna.Study) -> TrialRecord | None:
     return top[0] if top else None
 
 
+def final_pick(study: optuna.Study) -> TrialRecord | None:
+    """The merge to publish: the selection's winner once `search start` made it, else the best search score."""
+    chosen = study.user_attrs.get(SELECTION)
+    if chosen:
+        pick = next((r for r in scored(study) if r.number == chosen["winner"]), None)
+        if pick is not None:
+            return pick
+    return best_trial(study)
+
+
 def baseline_trial(study: optuna.Study) -> TrialRecord | None:
     """The hand-written baseline's trial (trial 0 unless it failed and was retried)."""
     return next((r for r in scored(study) if r.baseline), None)
@@ -71,4 +81,6 @@ def status(study: optuna.Study) -> dict:
     """What `search status --json` prints."""
     return {"study": study.study_name, **counts(study),
             "baseline": trial_summary(baseline_trial(study)),
-            "best": trial_summary(best_trial(study))}
+            "best": trial_summary(best_trial(study)),
+            "final_pick": trial_summary(final_pick(study)),
+            "selection": study.user_attrs.get(SELECTION)}

@@ -26,7 +26,6 @@ from search.trial_record import (
     TrialRecord,
     write,
     write_holdout,
-    write_late_holdout,
 )
 from search.workers import (
     BUDGET,
@@ -203,7 +202,7 @@ class StudyRunner:
         self.options = options
         self.c = candidates
         self.multi = study.study.per_task(options.sampler)
-        self.pruning = study.pruner.type == "wilcoxon" and not self.multi
+        self.pruning = study.pruner.type != "none" and not self.multi
         self.task_names = [t.name for t in study.objectives.tasks]
         self.guard = guard or SignalGuard()
         self.me = Owner.me(options.heartbeat or 30)
@@ -272,10 +271,10 @@ class StudyRunner:
         return self.c.space.params_of(self.c.baseline)
 
     def _pruner(self) -> optuna.pruners.BasePruner:
+        from search.pruners import optuna_pruner
+
         cfg = self.study_file.pruner
-        if not self.pruning:
-            return optuna.pruners.NopPruner()
-        return optuna.pruners.WilcoxonPruner(p_threshold=cfg.p_threshold, n_startup_steps=cfg.n_startup_steps)
+        return optuna_pruner(cfg.type if self.pruning else "none", cfg.p_threshold, cfg.n_startup_steps)
 
     def optimize(self, study: optuna.Study, callbacks: list | None = None,
                  on_wait: Callable[[int], None] | None = None) -> None:
@@ -392,7 +391,15 @@ class StudyRunner:
 
         start = time.perf_counter()
         run = self.c.suite.run(self.c.model, "search", self.c.batch_size)
-        values: list[float] = []
+        cfg = self.study_file.pruner
+        race = None
+        if self.pruning and cfg.type == "racing" and not is_baseline:
+            from search.pruners import Race
+
+            race = Race(self.c.suite.n_items("search"), cfg.p_threshold, cfg.n_startup_steps)
+            incumbent = results.best_trial(trial.study)  # read once: a worker's own trials are its only writes
+            incumbent_values = incumbent.item_values if incumbent is not None else None
+        values: list[float] = []  # in the suite's item order: step i is values[i]
         pruned = False
         for item in run:
             if not math.isfinite(item.value):
@@ -400,44 +407,68 @@ class StudyRunner:
             values.append(item.value)
             if len(values) == 1:
                 fault_point("scoring", trial.number)
-            if not self.pruning:  # each report is a storage write; only the pruner reads them
+            if not self.pruning:
                 continue
-            trial.report(item.value, item.step)
-            if is_baseline or len(values) % self.study_file.pruner.check_every:
+            if cfg.type == "wilcoxon":  # Optuna's pruner reads the values back from storage, one write each
+                trial.report(item.value, item.step)
+            if is_baseline or len(values) % cfg.check_every:
                 continue
-            if trial.should_prune():
+            if race.lost(values, incumbent_values) if race is not None else trial.should_prune():
                 pruned = True
                 break
         result = run.result()
         write(trial, scoring_seconds=round(time.perf_counter() - start, 4), items_scored=len(values), pruned=pruned,
-              metrics=result.metrics, task_scores=result.task_scores, score=result.score)
+              metrics=result.metrics, task_scores=result.task_scores, score=result.score, item_values=values)
         if not math.isfinite(result.score):
             raise CandidateFailed("non-finite suite score: NaN/Inf in the merge")
         if pruned:
-            # Optuna's advice for WilcoxonPruner: finish with the running mean rather than raise TrialPruned.
-            return sum(values) / len(values)
+            # A pruned trial finishes COMPLETE (Optuna's advice for WilcoxonPruner). Its running mean would
+            # mislead the sampler (it depends on which items came first), so the sampler is told a paired
+            # estimate: the best's full score plus the mean difference on the items both scored.
+            estimate = paired_estimate(trial.study, values)
+            write(trial, estimate=estimate)
+            return estimate
         if is_baseline or result.score > results.best_score(trial.study):
-            self._score_holdout(trial)
+            self._score_new_best(trial)
         if self.multi:
             return [result.task_scores[name] for name in self.task_names]
         return result.score
 
-    def _score_holdout(self, trial: optuna.Trial) -> None:
+    def _score_new_best(self, trial: optuna.Trial) -> None:
+        """The baseline and each new best: validation scores if the study has them, else held-out scores.
+
+        With a validation split the held-out items are kept for the final pick and the baseline alone
+        (search.selection), so nothing else ever looks at them.
+        """
+        if self.c.suite.n_items("validation"):
+            from search.selection import VALIDATION
+
+            result = self.c.suite.evaluate(self.c.model, "validation", self.c.batch_size)
+            trial.study.set_user_attr(f"{VALIDATION}{trial.number}",
+                                      {"score": result.score, "task_scores": result.task_scores})
+            return
         if self.c.suite.n_items("holdout") == 0:
             return
         start = time.perf_counter()
         held = self.c.suite.evaluate(self.c.model, "holdout", self.c.batch_size)
         write_holdout(trial, HeldOut(held.score, held.task_scores, held.metrics,
-                                     round(time.perf_counter() - start, 4)))
+                                     round(time.perf_counter() - start, 4), held.items.as_dict()))
 
-    def ensure_holdout(self, study: optuna.Study) -> None:
-        """Score held-out items for the baseline and the best if a race left them without."""
-        for record in (results.baseline_trial(study), results.best_trial(study)):
-            if record is None or record.holdout is not None or self.c.suite.n_items("holdout") == 0:
-                continue
-            self.c.build(record.recipe)
-            held = self.c.suite.evaluate(self.c.model, "holdout", self.c.batch_size)
-            write_late_holdout(study, record.number, HeldOut(held.score, held.task_scores, held.metrics))
+    def finalize(self, study: optuna.Study) -> dict | None:
+        """The final pick and its paired comparison with the baseline on held-out items (search.selection)."""
+        from search.selection import finalize
+
+        return finalize(study, self.c, self.study_file)
+
+
+def paired_estimate(study: optuna.Study, mine: list[float]) -> float:
+    """A partly scored trial's full search score: the best's score + mean(mine - best's) on shared items."""
+    best = results.best_trial(study)
+    theirs = best.item_values if best is not None else None
+    n = min(len(mine), len(theirs or []))
+    if n == 0:
+        return sum(mine) / len(mine)
+    return best.score + sum(a - b for a, b in zip(mine[:n], theirs[:n], strict=True)) / n
 
 
 def _advice(reason: str) -> str:

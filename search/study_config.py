@@ -150,7 +150,7 @@ class ObjectivesSection(_Strict):
 class PrunerSection(_Strict):
     """Stop a candidate early when its items are significantly worse than the best's."""
 
-    type: Literal["wilcoxon", "none"] = "wilcoxon"
+    type: Literal["racing", "wilcoxon", "none"] = "wilcoxon"  # search/pruners.py
     p_threshold: float = Field(default=0.1, gt=0, lt=1)
     n_startup_steps: int = Field(default=20, ge=0)
     check_every: int = Field(default=5, gt=0)  # items between pruning checks (each reads the study)

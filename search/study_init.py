@@ -87,7 +87,8 @@ def study_text(config: MergeConfig, config_path: Path, out: Path, tasks: list[di
     header = [f"# Study written by `search init {config_path}` on {date.today()}.",
               f"# Trial 0 (the baseline) is {config_path.name} as written; the search varies the numbers below."]
     return render_study(header, name or _safe_name(config_path.stem), relative, space_items(config),
-                        [t | {"search_items": 100, "holdout_items": 300} for t in (tasks or LEADERBOARD_TASKS)],
+                        [t | {"search_items": 100, "validation_items": 100, "holdout_items": 300}
+                         for t in (tasks or LEADERBOARD_TASKS)],
                         include_path, n_trials, out)
 
 
@@ -106,8 +107,9 @@ def render_study(header: list[str], name: str, config_ref: str | dict, items: li
         "# delete items as you like; the baseline's own values must stay inside the ranges.",
         yaml.safe_dump({"search_space": items or [{"parameter": "CHANGE_ME", "anchors": 1}]},
                        sort_keys=False, default_flow_style=None, width=120).rstrip(),
-        "# Starter objectives: a fast search subset and held-out items per task (lm-eval task names,",
-        "# or tasks in include_path). Replace them with what your merge is for.",
+        "# Starter objectives (lm-eval task names, or tasks in include_path): per task a fast search",
+        "# subset, validation items that pick the final merge among the top candidates, and held-out items",
+        "# that judge it against the baseline (paired CI and p-value). Replace them with what your merge is for.",
         yaml.safe_dump({"objectives": {"include_path": include_path, "batch_size": 16, "max_length": 2048,
                                        "tasks": tasks}}, sort_keys=False, default_flow_style=None,
                        width=120).rstrip(),
@@ -175,7 +177,8 @@ def from_evolve(genome_file: dict, num_layers: int) -> tuple[dict, list[dict], l
         task = {"name": task} if isinstance(task, str) else dict(task)
         metric = str(task.get("metric", "acc,none")).removesuffix(",none")
         entry = {"name": task["name"], "weight": float(task.get("weight", 1.0)), "metric": metric,
-                 "search_items": int(genome_file.get("limit") or 100), "holdout_items": 300}
+                 "search_items": int(genome_file.get("limit") or 100), "validation_items": 100,
+                 "holdout_items": 300}
         if genome_file.get("num_fewshot") is not None:
             entry["num_fewshot"] = int(genome_file["num_fewshot"])
         tasks.append(entry)

@@ -27,6 +27,8 @@ TASK_NAMES = "task_names"
 SLICE_LENGTHS = "slice_lengths"
 BASELINE_RECIPE = "baseline_recipe"
 LATE_HOLDOUT = "holdout."  # + trial number: held-out scores written after the trial finished
+VALIDATION = "validation."  # + trial number: {"score", "task_scores"} on the validation items
+SELECTION = "selection"  # the final pick and its comparison with the baseline (search/selection.py)
 
 
 def stored(key: str, default: Any = None, factory: Any = None) -> Any:
@@ -44,22 +46,23 @@ class HeldOut:
     task_scores: dict[str, float] | None = None
     metrics: dict | None = None
     seconds: float | None = None  # None when scored after the trial (not timed)
+    items: dict | None = None  # objectives.ItemValues.as_dict(): per-item values for paired tests
 
     def as_dict(self) -> dict:
-        """The dict earlier versions stored in a `holdout.<number>` study attribute."""
-        return {"score": self.score, "task_scores": self.task_scores, "metrics": self.metrics}
+        """The dict stored in a `holdout.<number>` study attribute."""
+        return {"score": self.score, "task_scores": self.task_scores, "metrics": self.metrics, "items": self.items}
 
     @classmethod
     def from_dict(cls, data: dict | None) -> HeldOut | None:
         """A study attribute `holdout.<number>` as a record, None when absent."""
         if not isinstance(data, dict) or data.get("score") is None:
             return None
-        return cls(data["score"], data.get("task_scores"), data.get("metrics"), data.get("seconds"))
+        return cls(data["score"], data.get("task_scores"), data.get("metrics"), data.get("seconds"), data.get("items"))
 
 
 # The trial attributes that make up HeldOut, one per field (the study attribute holds them as one dict).
 HOLDOUT_KEYS = {"score": "holdout_score", "task_scores": "holdout_task_scores", "metrics": "holdout_metrics",
-                "seconds": "holdout_seconds"}
+                "seconds": "holdout_seconds", "items": "holdout_items"}
 
 
 @dataclass(frozen=True)
@@ -78,6 +81,12 @@ class TrialRecord:
     items_scored: int | None = stored("items_scored")
     pruned: bool = stored("pruned", False)
     score: float | None = stored("score")  # weighted score on the search items (the running mean if pruned)
+    # a pruned trial's estimate of its full search score (what the sampler was told): the best trial's
+    # score plus the mean paired difference on the items both scored
+    estimate: float | None = stored("estimate")
+    # the search items' values in the suite's order (as many as were scored): the pruner's and the
+    # paired estimate's reference; older studies have Optuna's intermediate values instead
+    item_values: list[float] | None = stored("item_values")
     task_scores: dict[str, float] = stored("task_scores", factory=dict)
     metrics: dict = stored("metrics", factory=dict)
     fail_reason: str | None = stored("fail_reason")

@@ -30,13 +30,15 @@ def run(args: argparse.Namespace) -> int:
 
 
 def export_trials(study, top: int, out: Path):
-    """Write the top trials' mergekit YAML into `out`, best first; returns a rich table of them."""
+    """Write the final pick's and the top trials' mergekit YAML into `out`, pick first; returns a rich table."""
     from rich.table import Table
 
     from search import results
     from search.errors import StudyError
 
-    trials = results.ranked(study)[:top]
+    pick = results.final_pick(study)  # the selection's winner comes first, then the best search scores
+    trials = ([pick] if pick else []) + [r for r in results.ranked(study) if pick is None or r.number != pick.number]
+    trials = trials[:top]
     if not trials:
         raise StudyError(f"study {study.study_name!r} has no fully scored trial to export yet")
     try:

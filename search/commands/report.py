@@ -76,10 +76,11 @@ def render_html(study, figs: dict, study_path: str | None = None, storage_url: s
 
     from search import results
     from search.notes import reproduce_commands, score_rows
+    from search.selection import comparison_rows, gap_sentence, how_picked, summary, verdict
 
     esc = html.escape
     counts = results.counts(study)
-    best = results.best_trial(study)
+    best = results.final_pick(study)
     parts = [f"<h1>merge-search report: {esc(study.study_name)}</h1>",
              f"<p>{counts['n_complete']} complete, {counts['n_pruned']} pruned, {counts['n_failed']} failed trials; "
              f"objective: {esc(', '.join(study.metric_names or ['weighted score']))}.</p>"]
@@ -93,8 +94,24 @@ def render_html(study, figs: dict, study_path: str | None = None, storage_url: s
             cells = "".join(f"<td>{'-' if r[k] is None else f'{r[k]:.4f}'}</td>"
                             for k in ("base", "best", "base_held", "best_held"))
             parts.append(f"<tr><td>{esc(r['task'])}</td>{cells}</tr>")
-        parts.append("</table><p class='muted'>Held-out items never steer the search: only the baseline and each "
-                     "new best are scored on them.</p>")
+        parts.append("</table><p class='muted'>Held-out items never steer the search or the pick.</p>")
+    chosen = summary(study)
+    if chosen is not None:
+        parts.append(f"<h2>Is the gain real?</h2><p>Final pick: {esc(how_picked(chosen))}.</p>")
+        stat_rows = comparison_rows(chosen)
+        if stat_rows:
+            parts.append(f"<table><tr><th>held-out</th><th>baseline</th><th>pick</th><th>difference</th>"
+                         f"<th>{1 - chosen['alpha']:.0%} CI</th><th>p</th><th>test</th></tr>")
+            for r in stat_rows:
+                diff = f"{r.diff:+.4f}" + ("" if r.significant else " (n.s.)")
+                parts.append(f"<tr><td>{esc(r.name)}</td><td>{r.baseline:.4f}</td><td>{r.candidate:.4f}</td>"
+                             f"<td>{diff}</td><td>[{r.ci_low:+.4f}, {r.ci_high:+.4f}]</td><td>{r.p_value:.3g}</td>"
+                             f"<td>{esc(r.test)}</td></tr>")
+            parts.append("</table>")
+        parts.append(f"<p><b>{esc(verdict(chosen))}</b></p>")
+        gap = gap_sentence(chosen)
+        if gap:
+            parts.append(f"<p class='muted'>{esc(gap)}</p>")
     if best is not None:
         parts += ["<h2>Rebuild the best merge</h2>",
                   f"<pre>{esc(reproduce_commands(study, best.number, study_path, storage_url, export_dir))}</pre>",

@@ -84,7 +84,9 @@ def run_study(study_file, storage=None, study_name=None, n_trials=None, timeout=
                 bar.update(task, description=f"waiting for {running} running trial(s) of other workers")
 
             runner.optimize(study, callbacks=[after_trial, notes.after_trial], on_wait=on_wait)
-        runner.ensure_holdout(study)
+        with progress_bar(transient=True) as bar:
+            bar.add_task("final pick: validation and held-out items", total=None)
+            runner.finalize(study)
         notes.finish(study)
     print_final_table(study, Console())
     return study

@@ -6,6 +6,7 @@ import json
 import random
 
 import optuna
+import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
@@ -26,7 +27,8 @@ def biased_parent(folder, seed: int, word: str):
     return folder
 
 
-def test_wilcoxon_prunes_bad_candidates(tmp_path):
+@pytest.mark.parametrize("pruner", ["wilcoxon", "racing"])
+def test_pruner_stops_bad_candidates(tmp_path, pruner):
     # parent_a answers "mat" (always right), parent_b answers "dog" (always a wrong choice):
     # lm_head takes the `default` t, so candidates with t.default.0 well above 0.5 are clearly bad.
     parts = {"a": biased_parent(tmp_path / "a", 1, "mat"), "b": biased_parent(tmp_path / "b", 2, "dog")}
@@ -43,7 +45,7 @@ def test_wilcoxon_prunes_bad_candidates(tmp_path):
     parts["tasks"] = tasks
 
     study = study_dict(parts, tmp_path, study={"sampler": "random", "n_trials": 12, "seed": 3},
-                       pruner={"type": "wilcoxon", "p_threshold": 0.1, "n_startup_steps": 5},
+                       pruner={"type": pruner, "p_threshold": 0.1, "n_startup_steps": 5},
                        search_space={"self_attn": {"value": 0.5}, "mlp": {"value": 0.5},
                                      "default": {"anchors": 1}})
     study["baseline"] = [{"filter": "self_attn", "value": 0.5}, {"filter": "mlp", "value": 0.5}, {"value": 0.1}]
@@ -64,3 +66,30 @@ def test_wilcoxon_prunes_bad_candidates(tmp_path):
         assert 0 <= trial.value <= 1
     status = json.loads(run_cli("status", str(path), "--json").stdout)
     assert status["n_pruned"] == len(pruned) and status["n_complete"] == 12 - len(pruned)
+    # the sampler is told a paired estimate, not the running mean: the best's score plus the mean
+    # difference on the items both scored (the baseline, trial 0, is the best: it answers every item)
+    best = trials[0].user_attrs["item_values"]
+    assert len(best) == 60
+    for trial in pruned:
+        mine = trial.user_attrs["item_values"]
+        assert len(mine) == trial.user_attrs["items_scored"]
+        expected = trials[0].value + sum(a - b for a, b in zip(mine, best, strict=False)) / len(mine)
+        assert trial.value == trial.user_attrs["estimate"]
+        assert abs(trial.value - expected) < 1e-9
+        # racing decides in the worker: no per-item storage writes
+        assert bool(trial.intermediate_values) == (pruner == "wilcoxon")
+
+
+def test_race_uses_the_items_left():
+    from search.pruners import Race
+
+    race = Race(n_items=100, p_threshold=0.1, n_startup_steps=10)
+    incumbent = [1.0, 0.0] * 50
+    assert not race.lost([1.0, 0.0] * 5, incumbent)  # level so far
+    assert race.lost([0.0, 0.0] * 10, incumbent)  # 10 of 20 items lost, none won
+    # one item lost in 20: too little evidence early, decisive when almost every item is scored
+    behind_by_one = [0.0] + incumbent[1:]
+    assert not race.lost(behind_by_one[:20], incumbent)
+    assert race.lost(behind_by_one[:99], incumbent)
+    assert not race.lost(behind_by_one[:9], incumbent)  # before n_startup_steps
+    assert not race.lost([0.0] * 50, None)  # no incumbent yet

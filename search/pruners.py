@@ -1,0 +1,56 @@
+"""Stopping a candidate's scoring early: the pruners a study's `pruner.type` names.
+
+The trial loop scores the search items in the suite's seeded order (objectives.suite: the mean of
+the item values over all items is the weighted search score, over the first k an unbiased estimate
+of it) and compares the candidate with the best trial so far on the items both scored.
+
+- `racing` (search.pruners.Race): stop once the candidate is confidently worse than the best on the
+  whole search set. With d the paired differences (candidate - best) on the n shared items of N, the
+  full-set difference is estimated by mean(d), with standard error sd(d) / sqrt(n) * sqrt((N - n) /
+  (N - 1)): the finite-population factor says that once most of the search set is scored little is
+  left to learn, so a candidate that trails by a small margin late is stopped too. Stop when
+  mean(d) + z * stderr < 0, z the one-sided normal quantile of 1 - p_threshold. It runs in the
+  worker: the best's item values are read once when the trial starts (one storage read) and the
+  candidate's values are stored once when it ends (one write), where Optuna's pruners need a storage
+  write per item (trial.report), which costs more than scoring a small model's item.
+- `wilcoxon`: Optuna's WilcoxonPruner (a signed-rank test on the shared items, reported item by item).
+- `none`: every candidate scores every item.
+"""
+
+from __future__ import annotations
+
+import math
+from statistics import NormalDist
+
+import optuna
+
+PRUNERS = ("racing", "wilcoxon", "none")
+
+
+class Race:
+    """Whether a candidate's item values so far are confidently worse than the incumbent's."""
+
+    def __init__(self, n_items: int, p_threshold: float = 0.1, n_startup_steps: int = 20):
+        self.n_items = n_items
+        self.z = NormalDist().inv_cdf(1 - p_threshold)
+        self.n_startup_steps = max(2, n_startup_steps)
+
+    def lost(self, mine: list[float], incumbent: list[float] | None) -> bool:
+        """True when the upper confidence bound of (mine - incumbent) on the full search set is below 0."""
+        if not incumbent:
+            return False
+        n = min(len(mine), len(incumbent))  # both are values of the same items in the same order
+        if n < self.n_startup_steps:
+            return False
+        diffs = [a - b for a, b in zip(mine[:n], incumbent[:n], strict=True)]
+        mean = sum(diffs) / n
+        var = sum((d - mean) ** 2 for d in diffs) / (n - 1)
+        remaining = max(0.0, (self.n_items - n) / (self.n_items - 1)) if self.n_items > 1 else 0.0
+        return mean + self.z * math.sqrt(var / n * remaining) < 0
+
+
+def optuna_pruner(kind: str, p_threshold: float, n_startup_steps: int) -> optuna.pruners.BasePruner:
+    """The Optuna pruner of a study: Wilcoxon's, or none (racing decides in the worker)."""
+    if kind == "wilcoxon":
+        return optuna.pruners.WilcoxonPruner(p_threshold=p_threshold, n_startup_steps=n_startup_steps)
+    return optuna.pruners.NopPruner()
