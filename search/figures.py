@@ -32,19 +32,31 @@ def _message(title: str, text: str) -> go.Figure:
     return fig
 
 
+class Blocks(list):
+    """Per-block values (`blocks: B` items, Optuna names ending `.b<i>`): constant over each block of layers."""
+
+
 def searched_curves(trial: TrialRecord | optuna.trial.FrozenTrial) -> dict[str, list[float]]:
-    """Each searched gradient of a trial by name (`t.mlp`, `weight.child_1.default`): its anchors in order."""
+    """Each searched gradient of a trial by name (`t.mlp`, `weight.child_1.default`): its anchors in order.
+
+    Per-block values come as a Blocks list (one value per block, in layer order).
+    """
     curves: dict[str, list[float]] = {}
     for name, value in trial.params.items():
         prefix, _, index = name.rpartition(".")
-        if not prefix or not index.isdigit() or isinstance(value, bool) or not isinstance(value, int | float):
+        if isinstance(value, bool) or not isinstance(value, int | float):
             continue  # a categorical switch, not a curve
-        curves.setdefault(prefix, []).append(float(value))
+        if prefix and index.isdigit():
+            curves.setdefault(prefix, []).append(float(value))
+        elif prefix and index[:1] == "b" and index[1:].isdigit():
+            curves.setdefault(prefix, Blocks()).append(float(value))
     return curves
 
 
 def t_curve(value: float | list[float], slices: list[int] | None) -> tuple[list[float], list[float]]:
     """(x, value) of one gradient: per output layer when slices are known, else anchors over depth 0..1."""
+    if isinstance(value, Blocks):
+        return _block_curve(value, sum(slices) if slices else None)
     anchors = [float(v) for v in value] if isinstance(value, list) else [float(value)]
     if slices is None:
         if len(anchors) == 1:
@@ -56,6 +68,20 @@ def t_curve(value: float | list[float], slices: list[int] | None) -> tuple[list[
             xs.append(len(xs))
             ts.append(interpolate(anchors, position(i, n)))
     return xs, ts
+
+
+def _block_curve(values: list[float], layers: int | None) -> tuple[list[float], list[float]]:
+    """Steps: block i holds layers [i*L//B, (i+1)*L//B) (search/config_space.py cuts them so)."""
+    n = len(values)
+    if layers is None:  # unknown depth: each block over its share of 0..1
+        xs = [x for i in range(n) for x in (i / n, (i + 1) / n)]
+        return xs, [v for v in values for _ in range(2)]
+    xs, ys = [], []
+    for i, v in enumerate(values):
+        for layer in range(i * layers // n, (i + 1) * layers // n):
+            xs.append(layer)
+            ys.append(v)
+    return xs, ys
 
 
 def _panel_title(name: str) -> str:

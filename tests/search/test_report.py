@@ -155,3 +155,16 @@ def test_searched_curves_group_anchors_and_skip_switches():
                        "int8_mask.default": optuna.distributions.CategoricalDistribution([True, False])},
         value=1.0)
     assert searched_curves(trial) == {"weight.child_1.mlp": [0.2, 0.8], "t.default": [0.5]}
+
+
+def test_block_values_are_steps_over_the_layers():
+    from search.figures import Blocks, searched_curves, t_curve
+
+    trial = optuna.trial.create_trial(params={"weight.a.mlp.b0": 0.1, "weight.a.mlp.b1": 0.9, "t.default.0": 0.5},
+                                      distributions={n: optuna.distributions.FloatDistribution(0, 1) for n in
+                                                     ("weight.a.mlp.b0", "weight.a.mlp.b1", "t.default.0")},
+                                      value=0.0)
+    curves = searched_curves(trial)
+    assert isinstance(curves["weight.a.mlp"], Blocks) and curves["weight.a.mlp"] == [0.1, 0.9]
+    assert t_curve(curves["weight.a.mlp"], [5]) == ([0, 1, 2, 3, 4], [0.1, 0.1, 0.9, 0.9, 0.9])
+    assert t_curve(curves["weight.a.mlp"], None) == ([0.0, 0.5, 0.5, 1.0], [0.1, 0.1, 0.9, 0.9])
