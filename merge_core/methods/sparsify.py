@@ -35,18 +35,24 @@ HALF = (torch.float16, torch.bfloat16)
 COUNT_CHUNK = 4 * 1024 * 1024
 
 
-def magnitude_counts(delta: torch.Tensor) -> torch.Tensor | None:
-    """Cumulative counts of a half tensor's magnitudes by bit pattern (int32, 32768 bins), or None.
+def magnitude_counts(tensor: torch.Tensor, base: torch.Tensor | None = None) -> torch.Tensor | None:
+    """Cumulative counts of a half tensor's magnitudes (of tensor - base when given) by bit pattern
+    (int32, 32768 bins), or None.
 
     |delta| of a float16/bfloat16 tensor has at most 32768 values, ordered as its bits without the
     sign; their counts give any magnitude threshold exactly, with no selection pass per candidate.
+    The delta is taken slice by slice (elementwise: the same values), so no whole-size copy is made.
     """
-    if delta.dtype not in HALF or delta.numel() == 0 or delta.numel() >= 2**31:
+    if tensor.dtype not in HALF or tensor.numel() == 0 or tensor.numel() >= 2**31:
         return None
-    bits = _magnitude_bits(delta)
-    counts = torch.zeros(32768, dtype=torch.int64, device=delta.device)
-    for start in range(0, bits.numel(), COUNT_CHUNK):  # int64 copies of 4M elements, not of the whole tensor
-        counts += torch.bincount(bits[start:start + COUNT_CHUNK].long(), minlength=32768)
+    flat = tensor.reshape(-1)
+    flat_base = base.reshape(-1) if base is not None else None
+    counts = torch.zeros(32768, dtype=torch.int64, device=tensor.device)
+    for start in range(0, flat.numel(), COUNT_CHUNK):
+        piece = flat[start:start + COUNT_CHUNK]
+        if flat_base is not None:
+            piece = piece - flat_base[start:start + COUNT_CHUNK]
+        counts += torch.bincount(_magnitude_bits(piece).long(), minlength=32768)
     return counts.cumsum(0).to(torch.int32)
 
 

@@ -60,7 +60,7 @@ class TaskArithmetic(MergeMethod):
         if self.sparsification not in ("magnitude", "magnitude_outliers") or inputs.base is None:
             return None
         base = inputs.base_tensor
-        return {i: sparsify.magnitude_counts(inputs.tensors[i] - base) for i in inputs.non_base}
+        return {i: sparsify.magnitude_counts(inputs.tensors[i], base) for i in inputs.non_base}
 
     def _cut(self, cum, n: int, p: dict) -> sparsify.MagnitudeCut | None:
         if self.sparsification == "magnitude":
