@@ -70,15 +70,18 @@ def uniform_reference(candidates, study_file) -> dict:
             "baseline_holdout": base_held}
 
 
-def one_run(study_file, candidates, sampler: str, seed: int, pruner: str, n_trials: int, folder: Path) -> dict:
+def one_run(study_file, candidates, sampler: str, seed: int, pruner: str, n_trials: int, folder: Path,
+            pruner_settings: dict | None = None) -> dict:
     """One study from scratch; its final pick and what it cost."""
     from search import results
     from search.runner import RunOptions, StudyRunner
     from search.selection import finalize
     from search.study_config import PrunerSection
 
-    if pruner != "study":
-        settings = study_file.pruner.model_dump() | {"type": pruner}
+    if pruner != "study" or pruner_settings:
+        settings = study_file.pruner.model_dump() | (pruner_settings or {})
+        if pruner != "study":
+            settings["type"] = pruner
         study_file = study_file.model_copy(update={"pruner": PrunerSection(**settings)})
     name = f"{study_file.study.name}-{sampler}-{seed}-{pruner}"
     options = RunOptions(storage=f"sqlite:///{folder / name}.db", study_name=name, n_trials=n_trials, timeout=None,
@@ -117,6 +120,9 @@ def main() -> None:
     parser.add_argument("--pruner", default="study",
                         help="study (the study file's), racing, wilcoxon, none, or a list: racing,wilcoxon,none")
     parser.add_argument("--n-trials", type=int, help="default: each study's n_trials")
+    parser.add_argument("--p-threshold", type=float, help="override pruner.p_threshold")
+    parser.add_argument("--n-startup-steps", type=int, help="override pruner.n_startup_steps")
+    parser.add_argument("--against", choices=("top_k", "best"), help="override pruner.against (racing)")
     parser.add_argument("--json", help="also write every run as JSON lines here")
     args = parser.parse_args()
     torch.set_num_threads(1)
@@ -140,8 +146,11 @@ def main() -> None:
             for sampler in args.samplers.split(","):
                 for seed in (int(s) for s in args.seeds.split(",")):
                     for pruner in args.pruner.split(","):
+                        overrides = {k: v for k, v in (("p_threshold", args.p_threshold),
+                                                       ("n_startup_steps", args.n_startup_steps),
+                                                       ("against", args.against)) if v is not None}
                         run = one_run(study_file, candidates, sampler, seed, pruner,
-                                      args.n_trials or study_file.study.n_trials, Path(tmp))
+                                      args.n_trials or study_file.study.n_trials, Path(tmp), overrides)
                         run["vs_uniform"] = run["pick_holdout"] - ref["holdout"]
                         run["uniform"] = ref
                         runs.append(run)

@@ -4,13 +4,16 @@ The trial loop scores the search items in the suite's seeded order (objectives.s
 the item values over all items is the weighted search score, over the first k an unbiased estimate
 of it) and compares the candidate with the best trial so far on the items both scored.
 
-- `racing` (search.pruners.Race): stop once the candidate is confidently worse than the best on the
-  whole search set. With d the paired differences (candidate - best) on the n shared items of N, the
+- `racing` (search.pruners.Race): stop once the candidate is confidently worse than the k-th best
+  trial (k = selection.top_k, the candidates the final pick is made from; no pruning until k trials
+  are fully scored) on the whole search set. Racing against the best alone stopped nearly every
+  candidate after a lucky best and left the pick a thin pool (BENCHMARKS.md). With d the paired
+  differences (candidate - k-th best) on the n shared items of N, the
   full-set difference is estimated by mean(d), with standard error sd(d) / sqrt(n) * sqrt((N - n) /
   (N - 1)): the finite-population factor says that once most of the search set is scored little is
   left to learn, so a candidate that trails by a small margin late is stopped too. Stop when
   mean(d) + z * stderr < 0, z the one-sided normal quantile of 1 - p_threshold. It runs in the
-  worker: the best's item values are read once when the trial starts (one storage read) and the
+  worker: the k-th best's item values are read once when the trial starts (one storage read) and the
   candidate's values are stored once when it ends (one write), where Optuna's pruners need a storage
   write per item (trial.report), which costs more than scoring a small model's item.
 - `wilcoxon`: Optuna's WilcoxonPruner (a signed-rank test on the shared items, reported item by item).

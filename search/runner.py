@@ -397,7 +397,10 @@ class StudyRunner:
             from search.pruners import Race
 
             race = Race(self.c.suite.n_items("search"), cfg.p_threshold, cfg.n_startup_steps)
-            incumbent = results.best_trial(trial.study)  # read once: a worker's own trials are its only writes
+            # The race is against the k-th best (k = selection.top_k): a candidate stops when it cannot
+            # enter the top k that the final pick is made from; read once, when the trial starts.
+            k = self.study_file.selection.top_k if cfg.against == "top_k" else 1
+            incumbent = contender(trial.study, k)
             incumbent_values = incumbent.item_values if incumbent is not None else None
         values: list[float] = []  # in the suite's item order: step i is values[i]
         pruned = False
@@ -425,7 +428,7 @@ class StudyRunner:
             # A pruned trial finishes COMPLETE (Optuna's advice for WilcoxonPruner). Its running mean would
             # mislead the sampler (it depends on which items came first), so the sampler is told a paired
             # estimate: the best's full score plus the mean difference on the items both scored.
-            estimate = paired_estimate(trial.study, values)
+            estimate = paired_estimate(incumbent if race is not None else results.best_trial(trial.study), values)
             write(trial, estimate=estimate)
             return estimate
         if is_baseline or result.score > results.best_score(trial.study):
@@ -461,14 +464,19 @@ class StudyRunner:
         return finalize(study, self.c, self.study_file)
 
 
-def paired_estimate(study: optuna.Study, mine: list[float]) -> float:
-    """A partly scored trial's full search score: the best's score + mean(mine - best's) on shared items."""
-    best = results.best_trial(study)
-    theirs = best.item_values if best is not None else None
+def contender(study: optuna.Study, k: int) -> TrialRecord | None:
+    """The k-th best fully scored trial, None while fewer than k trials are fully scored."""
+    top = results.ranked(study)
+    return top[k - 1] if len(top) >= k else None
+
+
+def paired_estimate(reference: TrialRecord | None, mine: list[float]) -> float:
+    """A partly scored trial's full search score: a fully scored reference's score + mean(mine - its values)."""
+    theirs = reference.item_values if reference is not None else None
     n = min(len(mine), len(theirs or []))
     if n == 0:
         return sum(mine) / len(mine)
-    return best.score + sum(a - b for a, b in zip(mine[:n], theirs[:n], strict=True)) / n
+    return reference.score + sum(a - b for a, b in zip(mine[:n], theirs[:n], strict=True)) / n
 
 
 def _advice(reason: str) -> str:

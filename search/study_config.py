@@ -150,10 +150,12 @@ class ObjectivesSection(_Strict):
 class PrunerSection(_Strict):
     """Stop a candidate early when its items are significantly worse than the best's."""
 
-    type: Literal["racing", "wilcoxon", "none"] = "wilcoxon"  # search/pruners.py
+    type: Literal["racing", "wilcoxon", "none"] = "racing"  # search/pruners.py; chosen in BENCHMARKS.md
     p_threshold: float = Field(default=0.1, gt=0, lt=1)
     n_startup_steps: int = Field(default=20, ge=0)
     check_every: int = Field(default=5, gt=0)  # items between pruning checks (each reads the study)
+    # racing: against the k-th best (k = selection.top_k, the pool the final pick comes from) or the best
+    against: Literal["top_k", "best"] = "top_k"
 
 
 class SelectionSection(_Strict):

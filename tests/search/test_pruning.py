@@ -46,6 +46,7 @@ def test_pruner_stops_bad_candidates(tmp_path, pruner):
 
     study = study_dict(parts, tmp_path, study={"sampler": "random", "n_trials": 12, "seed": 3},
                        pruner={"type": pruner, "p_threshold": 0.1, "n_startup_steps": 5},
+                       selection={"top_k": 1},  # racing runs against the k-th best: here the best
                        search_space={"self_attn": {"value": 0.5}, "mlp": {"value": 0.5},
                                      "default": {"anchors": 1}})
     study["baseline"] = [{"filter": "self_attn", "value": 0.5}, {"filter": "mlp", "value": 0.5}, {"value": 0.1}]
