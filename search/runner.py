@@ -355,6 +355,8 @@ class StudyRunner:
             try:
                 with self.guard.immediate():
                     return self._objective(trial)
+            except optuna.TrialPruned:
+                raise
             except BudgetReached as exc:
                 write(trial, fail_reason=str(exc))
                 raise
@@ -430,6 +432,8 @@ class StudyRunner:
             # estimate: the best's full score plus the mean difference on the items both scored.
             estimate = paired_estimate(incumbent if race is not None else results.best_trial(trial.study), values)
             write(trial, estimate=estimate)
+            if cfg.pruned_trials == "hidden":  # the sampler sees no value at all (Optuna's PRUNED state)
+                raise optuna.TrialPruned(f"pruned after {len(values)} items")
             return estimate
         if is_baseline or result.score > results.best_score(trial.study):
             self._score_new_best(trial)

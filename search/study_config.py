@@ -156,6 +156,8 @@ class PrunerSection(_Strict):
     check_every: int = Field(default=5, gt=0)  # items between pruning checks (each reads the study)
     # racing: against the k-th best (k = selection.top_k, the pool the final pick comes from) or the best
     against: Literal["top_k", "best"] = "top_k"
+    # what the sampler learns of a pruned trial: a paired estimate of its full score, or nothing (PRUNED)
+    pruned_trials: Literal["estimate", "hidden"] = "estimate"
 
 
 class SelectionSection(_Strict):

@@ -53,7 +53,9 @@ def test_demo3_runs_and_its_export_builds_the_same_through_mergekit(workdir: Pat
         assert (workdir / "runs" / "demo3-models" / name / "model.safetensors").is_file()
     status = _status(workdir, "--storage", storage, "--study-name", "demo3-small")
     assert status["n_complete"] + status["n_pruned"] == 4
-    assert status["baseline"]["holdout"] is not None and status["best"]["holdout"] is not None
+    # held-out items judge the final pick (made on validation items) and the baseline, nothing else
+    assert status["baseline"]["holdout"] is not None and status["final_pick"]["holdout"] is not None
+    assert status["selection"]["picked_on"] == "validation"
 
     _export_builds_the_same(workdir, "demo3-small", monkeypatch)
 
@@ -101,7 +103,7 @@ def test_demo3_full_run_beats_its_baseline_and_every_child_held_out(workdir: Pat
     result = run_cli("demo", "--study", str(STUDY), cwd=workdir)
     assert result.returncode == 0, result.stderr[-3000:]
     status = _status(workdir)
-    baseline, best = status["baseline"]["holdout"], status["best"]["holdout"]
+    baseline, best = status["baseline"]["holdout"], status["final_pick"]["holdout"]
     children = {name: holdout_scores(workdir / "runs" / "demo3-models" / name)["weighted"] for name in CHILDREN}
     print(json.dumps({"baseline": baseline, "best": best, "children": children}))
     assert best >= baseline + 0.05
