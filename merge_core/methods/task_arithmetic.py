@@ -137,8 +137,10 @@ class TaskArithmetic(MergeMethod):
                 mixed /= chunk_divisor
             if shared["lambda"] != 1:
                 mixed *= shared["lambda"]
-            mixed += b  # base + mixed: addition commutes exactly
-            flat_out[start:stop].copy_(mixed if same else mixed.to(base.dtype))
+            if same:  # base + mixed (addition commutes exactly), written straight into the output
+                torch.add(mixed, b, out=flat_out[start:stop])
+            else:
+                flat_out[start:stop].copy_(mixed.add_(b))
 
 
 class _Scratch:
