@@ -32,7 +32,7 @@ def stable_positions_mask(w: torch.Tensor, lo: int, hi: int) -> torch.Tensor:
 
 
 HALF = (torch.float16, torch.bfloat16)
-COUNT_CHUNK = 4 * 1024 * 1024
+COUNT_CHUNK = 256 * 1024  # small slices: glibc keeps freed blocks under 32 MB in the heap
 
 
 def magnitude_counts(tensor: torch.Tensor, base: torch.Tensor | None = None) -> torch.Tensor | None:
@@ -52,7 +52,7 @@ def magnitude_counts(tensor: torch.Tensor, base: torch.Tensor | None = None) -> 
         piece = flat[start:start + COUNT_CHUNK]
         if flat_base is not None:
             piece = piece - flat_base[start:start + COUNT_CHUNK]
-        counts += torch.bincount(_magnitude_bits(piece).long(), minlength=32768)
+        counts += torch.bincount(_magnitude_bits(piece), minlength=32768)  # int16 bits, no int64 copy
     return counts.cumsum(0).to(torch.int32)
 
 
