@@ -150,7 +150,7 @@ def history_figure(study: optuna.Study) -> go.Figure:
               if r.pruned and r.values and len(r.values) == 1]
     if pruned:
         fig.add_trace(go.Scatter(x=[t.number for t in pruned], y=[t.values[0] for t in pruned], mode="markers",
-                                 name="pruned (mean when stopped)",
+                                 name="pruned (estimated score)",
                                  marker={"color": PRUNED_COLOR, "symbol": "x", "size": 7}))
     fig.add_trace(go.Scatter(x=[t.number for t in scored], y=[t.score for t in scored],
                              mode="markers", name="trial (search items)",
@@ -164,7 +164,7 @@ def history_figure(study: optuna.Study) -> go.Figure:
     held = [t for t in scored if t.holdout is not None]
     if held:
         fig.add_trace(go.Scatter(x=[t.number for t in held], y=[t.holdout.score for t in held], mode="markers",
-                                 name="held-out items (baseline and new bests)",
+                                 name="held-out items (baseline and each scored best or pick)",
                                  marker={"color": HELD_OUT_COLOR, "symbol": "diamond", "size": 9}))
     last = max([t.number for t in scored] + [t.number for t in pruned])
     if base is not None:

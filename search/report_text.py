@@ -101,16 +101,19 @@ def print_selection(study: optuna.Study, console: Console) -> None:
     rows = comparison_rows(chosen)
     if rows:
         confidence = f"{1 - chosen['alpha']:.0%}"
-        table = Table(title=f"held-out items: final pick (trial {chosen['winner']}) minus baseline "
-                            f"(trial {chosen['baseline']}), paired")
-        for col in ("task", "baseline", "pick", "difference", f"{confidence} CI", "p", "test", "items"):
-            table.add_column(col, justify="left" if col in ("task", "test") else "right")
+        table = Table(title=f"held-out: final pick (trial {chosen['winner']}) - baseline (trial {chosen['baseline']})")
+        for col in ("task", "baseline", "pick", "difference", f"{confidence} CI", "p"):
+            table.add_column(col, justify="left" if col == "task" else "right")
         for r in rows:
-            mark = "" if r.significant else " (n.s.)"
+            mark = "" if r.significant else " n.s."
             table.add_row(f"[bold]{r.name}" if r.name == "weighted" else r.name, f"{r.baseline:.4f}",
-                          f"{r.candidate:.4f}", f"{r.diff:+.4f}{mark}", f"[{r.ci_low:+.4f}, {r.ci_high:+.4f}]",
-                          f"{r.p_value:.3g}", r.test, str(r.n_items))
+                          f"{r.candidate:.4f}", f"{r.diff:+.4f}{mark}", f"{r.ci_low:+.4f}..{r.ci_high:+.4f}",
+                          f"{r.p_value:.2g}")
         console.print(table)
+        tests = ", ".join(f"{name}: {test}" for test, name in
+                          {r.test: ", ".join(x.name for x in rows if x.test == r.test) for r in rows}.items())
+        console.print(f"paired over {rows[-1].n_items} held-out items; p-values from {tests}; n.s. = not "
+                      f"significant at alpha {chosen['alpha']:g}", style="dim")
     console.print(verdict(chosen))
     gap = gap_sentence(chosen)
     if gap:

@@ -64,6 +64,8 @@ def finalize(study: optuna.Study, candidates, study_file) -> dict | None:
         held = {r.number: _holdout_items(study, candidates, r) for r in (base, winner)}
         rows = stats.compare(held[base.number].items, held[winner.number].items, cfg.alpha, cfg.resamples,
                              cfg.seed)
+        order = {spec.name: i for i, spec in enumerate(suite.specs)}  # the study's task order, weighted last
+        rows.sort(key=lambda row: order.get(row.name, len(order)))
         out["comparison"] = [row.as_dict() for row in rows]
         out["gap"] = winner.score - held[winner.number].score
         out["baseline_gap"] = base.score - held[base.number].score
