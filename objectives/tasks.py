@@ -306,10 +306,8 @@ def select_docs(loaded: LoadedTask) -> dict[str, dict[str, int | list[int] | Non
     if spec.subset == "first":
         for name, size in sizes.items():
             if hold + val >= size:
-                raise TaskInputError(
-                    f"task '{spec.name}': holdout_items={hold} + validation_items={val} leave none of the "
-                    f"{size} items of {name} to search"
-                )
+                raise TaskInputError(f"task '{spec.name}': {_taken(hold, val)} leaves none of the {size} items "
+                                     f"of {name} to search")
             n_search = size - hold - val if search is None else min(search, size - hold - val)
             out["search"][name] = None if n_search == size else n_search
             if hold:
@@ -319,10 +317,7 @@ def select_docs(loaded: LoadedTask) -> dict[str, dict[str, int | list[int] | Non
         return out
     pool = [(name, i) for name, size in sizes.items() for i in range(size)]
     if hold + val >= len(pool):
-        raise TaskInputError(
-            f"task '{spec.name}': holdout_items={hold} + validation_items={val} leave none of its "
-            f"{len(pool)} items to search"
-        )
+        raise TaskInputError(f"task '{spec.name}': {_taken(hold, val)} leaves none of its {len(pool)} items to search")
     order = random.Random(spec.seed).sample(pool, len(pool))
     rest = order[hold + val:]
     chosen = {
@@ -338,6 +333,10 @@ def select_docs(loaded: LoadedTask) -> dict[str, dict[str, int | list[int] | Non
             elif picked:
                 out[split][name] = picked
     return out
+
+
+def _taken(hold: int, val: int) -> str:
+    return f"holdout_items={hold}" if not val else f"holdout_items={hold} + validation_items={val}"
 
 
 def build_docs(loaded: LoadedTask) -> None:
