@@ -115,16 +115,12 @@ def family_models(method_name: str) -> tuple[list[str], bool] | str:
 
     contract = methods.get(method_name).contract
     take = len(CHILDREN) if contract.max_inputs is None else contract.max_inputs
-    if contract.base == "required":
-        models = ["base", *CHILDREN][:take]
-    elif contract.base == "optional":  # a base given is one of the inputs
+    if contract.base in ("required", "optional"):  # a base given is one of the inputs
         models = ["base", *CHILDREN][:take]
     else:
         models = list(CHILDREN[:take])
     if len(models) < contract.min_inputs:
         return f"needs at least {contract.min_inputs} models; the family has {len(CHILDREN) + 1}"
-    if contract.base == "required" and len(models) < 2 and contract.min_inputs > 1:
-        return "needs a base and other models"
     return models, contract.base in ("required", "optional")
 
 

@@ -12,11 +12,10 @@ from __future__ import annotations
 
 import difflib
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 
-from merge_core.config import MergeConfig, parse_config, read_yaml_documents
+from merge_core.config import MergeConfig, parse_config
 from merge_core.errors import MergeInputError
 from merge_core.plan import MergePlan
 
@@ -38,7 +37,7 @@ class _Info:
 class StageOutput:
     """A stage's merged model as a tensor source: tensors are merged when read (or all at once if random)."""
 
-    def __init__(self, plan: MergePlan, device: torch.device, seed: int | None):
+    def __init__(self, plan: MergePlan, device: torch.device, seed: int | None, reads_stages: bool = False):
         self.plan = plan
         self.device = device
         self.seed = seed
@@ -49,6 +48,8 @@ class StageOutput:
         self._config = plan.config
         self._values = None
         self._whole: dict[str, torch.Tensor] | None = None
+        # what depends on the parents alone is prepared once per study; against a merged input, per candidate
+        self._states: dict | None = None if reads_stages else {}
 
     def use(self, config: MergeConfig, values: list | None = None) -> None:
         """Merge this stage with another config of the same structure from now on (a chain candidate)."""
@@ -71,7 +72,7 @@ class StageOutput:
         if self._values is None:
             self._values = self.plan.values(self._config)
         i = self._by_name[name]
-        return merge_output(self.plan, self.plan.outputs[i], self._values[i], None, self.device)
+        return merge_output(self.plan, self.plan.outputs[i], self._values[i], None, self.device, states=self._states)
 
 
 class ChainPlan:
@@ -83,6 +84,7 @@ class ChainPlan:
         self.device = torch.device(device)
         outputs: dict[str, StageOutput] = {}
         self.plans: list[MergePlan] = []
+        self.reads_stages: list[bool] = []  # per stage: whether it merges an earlier stage's output
         for stage in self.stages:
             label = f"{source}: stage {stage.name or '(final)'}"
             try:
@@ -93,8 +95,9 @@ class ChainPlan:
                 hint = next((f"; did you mean stage {t[0]!r}?" for t in typo if t), "")
                 raise MergeInputError(f"{label}: {exc}{hint}") from None
             self.plans.append(plan)
+            self.reads_stages.append(any(m in outputs for m in stage.config.model_names()))
             if stage.name is not None:
-                outputs[stage.name] = StageOutput(plan, self.device, seed)
+                outputs[stage.name] = StageOutput(plan, self.device, seed, self.reads_stages[-1])
         self.outputs = outputs
         self.seed = seed
         self.final = self.plans[-1]
@@ -120,18 +123,19 @@ class ChainMerger:
     """Builds a chain candidate into a live model: earlier stages merged per tensor as the final stage reads them.
 
     What depends on an intermediate (SLERP's theta against a merged tensor) is computed per
-    candidate; nothing is kept between candidates but the mapped parents.
+    candidate; what a stage prepares from models on disk alone is kept for the study.
     """
 
     def __init__(self, chain: ChainPlan):
         self.chain = chain
         self.plan = chain.final
         self._live: tuple[torch.nn.Module, dict[str, torch.Tensor]] | None = None
+        self._states: dict | None = None if chain.reads_stages[-1] else {}
 
     @torch.no_grad()
     def build_into(self, model: torch.nn.Module, stages: list[Stage] | None = None) -> None:
         """Write the chain candidate (the plan's own stages when None) into the live model."""
-        from merge_core.merger import _generator, _merge_one, live_targets
+        from merge_core.merger import _generator, live_targets, merge_output
 
         final_values = self.chain.use(stages or self.chain.stages)
         if self._live is None or self._live[0] is not model:
@@ -140,9 +144,7 @@ class ChainMerger:
         plan = self.plan
         rng = _generator(plan, self.chain.device, self.chain.seed)
         for out, values in zip(plan.outputs, final_values, strict=True):
-            inputs = plan.inputs(out, self.chain.device)
-            state = plan.method.prepare(inputs) if inputs.tensors[0].is_floating_point() else None
-            _merge_one(plan, out, inputs, state, values, rng, targets[out.name])
+            merge_output(plan, out, values, rng, self.chain.device, targets[out.name], self._states)
 
     def new_model(self) -> torch.nn.Module:
         """An empty live model of the chain's final shape."""
@@ -185,11 +187,6 @@ def parse_chain(docs: list, source: str = "config") -> list[Stage]:
     if not stages:
         raise MergeInputError(f"{source}: no merge documents")
     return stages
-
-
-def load_chain_file(path: str | Path) -> list[Stage]:
-    """Read a mergekit-multi YAML file (several documents separated by ---)."""
-    return parse_chain(read_yaml_documents(path), str(path))
 
 
 def _ordered(stages: list[Stage], source: str) -> list[Stage]:

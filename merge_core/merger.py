@@ -45,11 +45,21 @@ def _merge_one(plan: MergePlan, out: OutputTensor, inputs: Inputs, state, values
 
 
 def merge_output(plan: MergePlan, out: OutputTensor, values: Values, rng: torch.Generator | None,
-                 device: torch.device) -> torch.Tensor:
-    """One output tensor, freshly merged from its inputs (nothing kept)."""
+                 device: torch.device, target: torch.Tensor | None = None, states: dict | None = None) -> torch.Tensor:
+    """One output tensor merged from its inputs, into `target` (a new tensor when None).
+
+    `states` keeps each output's `prepare` result across calls, for inputs that never change (a
+    chain stage that reads only models on disk); without it the state is computed and dropped.
+    """
     inputs = plan.inputs(out, device)
-    state = plan.method.prepare(inputs) if inputs.tensors[0].is_floating_point() else None
-    target = torch.empty(plan.shape(out), dtype=plan.output_dtype(out), device=device)
+    if states is not None and out.name in states:
+        state = states[out.name]
+    else:
+        state = plan.method.prepare(inputs) if inputs.tensors[0].is_floating_point() else None
+        if states is not None:
+            states[out.name] = state
+    if target is None:
+        target = torch.empty(plan.shape(out), dtype=plan.output_dtype(out), device=device)
     _merge_one(plan, out, inputs, state, values, rng, target)
     return target
 

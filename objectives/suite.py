@@ -57,11 +57,6 @@ class ItemValues:
         """JSON-ready form."""
         return {"tasks": list(self.tasks), "values": list(self.values), "coefs": list(self.coefs)}
 
-    @classmethod
-    def from_dict(cls, data: dict) -> ItemValues:
-        """Inverse of as_dict."""
-        return cls(tuple(data["tasks"]), tuple(float(v) for v in data["values"]), tuple(data["coefs"]))
-
 
 @dataclass
 class SuiteResult:

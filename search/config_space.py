@@ -27,10 +27,10 @@ from typing import Any
 import optuna
 
 from merge_core import methods
-from merge_core.config import MergeConfig, parse_config, read_yaml_documents
+from merge_core.config import MergeConfig, parse_config
 from merge_core.methods.base import REQUIRED
 from search.errors import StudyError
-from search.study_config import SpaceItem, StudyFile
+from search.study_config import SpaceItem
 
 Recipe = dict[str, Any]  # location ("lambda", "weight@<model>") -> its mergekit setting (None: unset)
 PER_SLICE = "per_slice"  # a recipe's setting of a location in a space cut into blocks: one per slice
@@ -106,21 +106,12 @@ class ConfigSpace:
             self.baseline = {loc: self._setting_at(config, loc) for loc in self.locations}
 
     @classmethod
-    def of(cls, study: StudyFile):
-        """The space of a study file with `merge.config`: a ConfigSpace, or a ChainSpace for several stages."""
-        from merge_core.chain import is_chain
-        from search.chain_space import ChainSpace
-
-        source = study.merge.config
-        docs = read_yaml_documents(source) if isinstance(source, str) else (
-            source if isinstance(source, list) else [source])
-        where = source if isinstance(source, str) else "merge.config"
-        if is_chain(docs):
-            return ChainSpace.of(docs, list(study.search_space), where)
-        for i, item in enumerate(study.search_space):
+    def of(cls, docs: list, items: list[SpaceItem], where: str) -> ConfigSpace:
+        """The space of a one-stage study: `docs` is its mergekit config as a list of one document."""
+        for i, item in enumerate(items):
             if item.stage is not None:
                 raise StudyError(f"search_space.{i}.stage: merge.config has one stage; remove stage")
-        return cls(parse_config(docs[0] if docs else None, where), list(study.search_space))
+        return cls(parse_config(docs[0] if docs else None, where), items)
 
     def parents(self) -> list[str]:
         """Every model the merge reads."""

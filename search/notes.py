@@ -123,21 +123,19 @@ def note_markdown(study: optuna.Study, reproduce: str | None = None, last_trial:
 
 def selection_markdown(study: optuna.Study) -> list[str]:
     """The final pick and the paired held-out comparison with the baseline, as markdown lines."""
-    from search.selection import comparison_rows, gap_sentence, how_picked, summary, verdict
+    from search.selection import comparison_table, gap_sentence, how_picked, verdict
+    from search.trial_record import selection_of
 
-    chosen = summary(study)
+    chosen = selection_of(study)
     if chosen is None:
         return ["_No final pick yet: `search start` makes it when the trials are done._", ""]
     lines = [f"### Final pick: {how_picked(chosen)}", ""]
-    rows = comparison_rows(chosen)
-    if rows:
-        lines += [f"| held-out | baseline | pick | difference | {1 - chosen['alpha']:.0%} CI | p | test |",
-                  "|---|---:|---:|---:|---|---:|---|"]
-        for r in rows:
-            name = f"**{r.name}**" if r.name == "weighted" else r.name
-            diff = f"{r.diff:+.4f}" + ("" if r.significant else " (n.s.)")
-            lines.append(f"| {name} | {r.baseline:.4f} | {r.candidate:.4f} | {diff} | "
-                         f"[{r.ci_low:+.4f}, {r.ci_high:+.4f}] | {r.p_value:.3g} | {r.test} |")
+    header, cells = comparison_table(chosen)
+    if cells:
+        lines += ["| " + " | ".join(["held-out", *header[1:]]) + " |", "|---|---:|---:|---:|---|---:|---|"]
+        for row in cells:
+            name = f"**{row[0]}**" if row[0] == "weighted" else row[0]
+            lines.append("| " + " | ".join([name, *row[1:]]) + " |")
         lines.append("")
     lines += [f"**{verdict(chosen)}**", ""]
     gap = gap_sentence(chosen)

@@ -27,27 +27,36 @@ from statistics import NormalDist
 
 import optuna
 
-PRUNERS = ("racing", "wilcoxon", "none")
-
 
 class Race:
-    """Whether a candidate's item values so far are confidently worse than the incumbent's."""
+    """Whether a candidate's item values so far are confidently worse than the incumbent's.
+
+    Call `lost` with the candidate's growing list of values: the paired differences are summed as
+    they arrive, so each check costs the items added since the last one, not all items so far.
+    """
 
     def __init__(self, n_items: int, p_threshold: float = 0.1, n_startup_steps: int = 20):
         self.n_items = n_items
         self.z = NormalDist().inv_cdf(1 - p_threshold)
         self.n_startup_steps = max(2, n_startup_steps)
+        self._lists: tuple[int, int] | None = None  # ids of the (mine, incumbent) lists the sums belong to
+        self._n, self._sum, self._squares = 0, 0.0, 0.0
 
     def lost(self, mine: list[float], incumbent: list[float] | None) -> bool:
         """True when the upper confidence bound of (mine - incumbent) on the full search set is below 0."""
         if not incumbent:
             return False
+        if self._lists != (id(mine), id(incumbent)) or len(mine) < self._n:  # another race: start again
+            self._lists, self._n, self._sum, self._squares = (id(mine), id(incumbent)), 0, 0.0, 0.0
         n = min(len(mine), len(incumbent))  # both are values of the same items in the same order
+        for a, b in zip(mine[self._n:n], incumbent[self._n:n], strict=True):
+            self._sum += a - b
+            self._squares += (a - b) ** 2
+        self._n = n
         if n < self.n_startup_steps:
             return False
-        diffs = [a - b for a, b in zip(mine[:n], incumbent[:n], strict=True)]
-        mean = sum(diffs) / n
-        var = sum((d - mean) ** 2 for d in diffs) / (n - 1)
+        mean = self._sum / n
+        var = max(0.0, (self._squares - self._sum * mean) / (n - 1))
         remaining = max(0.0, (self.n_items - n) / (self.n_items - 1)) if self.n_items > 1 else 0.0
         return mean + self.z * math.sqrt(var / n * remaining) < 0
 

@@ -91,24 +91,22 @@ def print_final_table(study: optuna.Study, console: Console) -> None:
 
 def print_selection(study: optuna.Study, console: Console) -> None:
     """How the final pick was made and whether its held-out gain over the baseline is significant."""
-    from search.selection import comparison_rows, gap_sentence, how_picked, summary, verdict
+    from search.selection import comparison_rows, comparison_table, gap_sentence, how_picked, verdict
+    from search.trial_record import selection_of
 
-    chosen = summary(study)
+    chosen = selection_of(study)
     if chosen is None:
         console.print("no final pick yet: `search start` makes it when the trials are done")
         return
     console.print(f"final pick: {how_picked(chosen)}")
     rows = comparison_rows(chosen)
     if rows:
-        confidence = f"{1 - chosen['alpha']:.0%}"
+        header, cells = comparison_table(chosen)
         table = Table(title=f"held-out: final pick (trial {chosen['winner']}) - baseline (trial {chosen['baseline']})")
-        for col in ("task", "baseline", "pick", "difference", f"{confidence} CI", "p"):
+        for col in header[:-1]:  # the test column goes to the footnote: the table fits 80 columns
             table.add_column(col, justify="left" if col == "task" else "right")
-        for r in rows:
-            mark = "" if r.significant else " n.s."
-            table.add_row(f"[bold]{r.name}" if r.name == "weighted" else r.name, f"{r.baseline:.4f}",
-                          f"{r.candidate:.4f}", f"{r.diff:+.4f}{mark}", f"{r.ci_low:+.4f}..{r.ci_high:+.4f}",
-                          f"{r.p_value:.2g}")
+        for row in cells:
+            table.add_row(f"[bold]{row[0]}" if row[0] == "weighted" else row[0], *row[1:-1])
         console.print(table)
         tests = ", ".join(f"{name}: {test}" for test, name in
                           {r.test: ", ".join(x.name for x in rows if x.test == r.test) for r in rows}.items())

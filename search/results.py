@@ -6,7 +6,7 @@ import math
 
 import optuna
 
-from search.trial_record import SELECTION, StudyRecord, TrialRecord
+from search.trial_record import StudyRecord, TrialRecord, selection_of
 
 TrialState = optuna.trial.TrialState
 
@@ -53,7 +53,7 @@ def best_trial(study: optuna.Study) -> TrialRecord | None:
 
 def final_pick(study: optuna.Study) -> TrialRecord | None:
     """The merge to publish: the selection's winner once `search start` made it, else the best search score."""
-    chosen = study.user_attrs.get(SELECTION)
+    chosen = selection_of(study)
     if chosen:
         pick = next((r for r in scored(study) if r.number == chosen["winner"]), None)
         if pick is not None:
@@ -83,4 +83,4 @@ def status(study: optuna.Study) -> dict:
             "baseline": trial_summary(baseline_trial(study)),
             "best": trial_summary(best_trial(study)),
             "final_pick": trial_summary(final_pick(study)),
-            "selection": study.user_attrs.get(SELECTION)}
+            "selection": selection_of(study)}

@@ -26,6 +26,7 @@ from search.trial_record import (
     TrialRecord,
     write,
     write_holdout,
+    write_validation,
 )
 from search.workers import (
     BUDGET,
@@ -448,11 +449,8 @@ class StudyRunner:
         (search.selection), so nothing else ever looks at them.
         """
         if self.c.suite.n_items("validation"):
-            from search.selection import VALIDATION
-
             result = self.c.suite.evaluate(self.c.model, "validation", self.c.batch_size)
-            trial.study.set_user_attr(f"{VALIDATION}{trial.number}",
-                                      {"score": result.score, "task_scores": result.task_scores})
+            write_validation(trial.study, trial.number, result.score, result.task_scores)
             return
         if self.c.suite.n_items("holdout") == 0:
             return

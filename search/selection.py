@@ -19,17 +19,14 @@ from __future__ import annotations
 import optuna
 
 from search import results, stats
-from search.trial_record import SELECTION, VALIDATION, HeldOut, write_late_holdout
-
-
-def validation_of(study: optuna.Study, number: int) -> dict | None:
-    """A trial's validation scores, None if never scored on them."""
-    return study.user_attrs.get(f"{VALIDATION}{number}")
-
-
-def summary(study: optuna.Study) -> dict | None:
-    """The stored selection summary, None before the first selection."""
-    return study.user_attrs.get(SELECTION)
+from search.trial_record import (
+    HeldOut,
+    selection_of,
+    validation_of,
+    write_late_holdout,
+    write_selection,
+    write_validation,
+)
 
 
 def finalize(study: optuna.Study, candidates, study_file) -> dict | None:
@@ -41,7 +38,7 @@ def finalize(study: optuna.Study, candidates, study_file) -> dict | None:
     if base is None or not top:
         return None
     n_finished = results.n_finished(study)
-    done = summary(study)
+    done = selection_of(study)
     if done is not None and done.get("n_finished") == n_finished and done.get("top") == [r.number for r in top]:
         return done
     validation: dict[int, float] = {}
@@ -51,8 +48,7 @@ def finalize(study: optuna.Study, candidates, study_file) -> dict | None:
             if scored is None:
                 candidates.build(record.recipe)
                 result = suite.evaluate(candidates.model, "validation", candidates.batch_size)
-                scored = {"score": result.score, "task_scores": result.task_scores}
-                study.set_user_attr(f"{VALIDATION}{record.number}", scored)
+                scored = write_validation(study, record.number, result.score, result.task_scores)
             validation[record.number] = scored["score"]
         winner = max(top, key=lambda r: (validation[r.number], r.score, -r.number))
     else:
@@ -69,7 +65,7 @@ def finalize(study: optuna.Study, candidates, study_file) -> dict | None:
         out["comparison"] = [row.as_dict() for row in rows]
         out["gap"] = winner.score - held[winner.number].score
         out["baseline_gap"] = base.score - held[base.number].score
-    study.set_user_attr(SELECTION, out)
+    write_selection(study, out)
     return out
 
 
@@ -87,6 +83,17 @@ def _holdout_items(study: optuna.Study, candidates, record) -> HeldOut:
 def comparison_rows(selection: dict | None) -> list[stats.Difference]:
     """The stored comparison as Difference rows (per task, then weighted)."""
     return [stats.Difference(**row) for row in (selection or {}).get("comparison", [])]
+
+
+def comparison_table(selection: dict) -> tuple[list[str], list[list[str]]]:
+    """Column names and formatted cells of the held-out comparison, one row per task then weighted.
+
+    The terminal, the dashboard note and the HTML report all print these cells.
+    """
+    header = ["task", "baseline", "pick", "difference", f"{1 - selection['alpha']:.0%} CI", "p", "test"]
+    cells = [[r.name, f"{r.baseline:.4f}", f"{r.candidate:.4f}", f"{r.diff:+.4f}" + ("" if r.significant else " n.s."),
+              f"{r.ci_low:+.4f}..{r.ci_high:+.4f}", f"{r.p_value:.2g}", r.test] for r in comparison_rows(selection)]
+    return header, cells
 
 
 def how_picked(selection: dict) -> str:

@@ -87,11 +87,19 @@ class SearchSpace:
 
 
 def space_of(study: StudyFile):
-    """The search space of a study file: a SearchSpace (SLERP form) or a ConfigSpace."""
+    """The search space of a study file: a SearchSpace (SLERP form), a ConfigSpace, or a ChainSpace (stages)."""
     if study.is_generic():
+        from merge_core.chain import is_chain
+        from merge_core.config import read_yaml_documents
+        from search.chain_space import ChainSpace
         from search.config_space import ConfigSpace
 
-        return ConfigSpace.of(study)
+        source = study.merge.config
+        docs = read_yaml_documents(source) if isinstance(source, str) else (
+            source if isinstance(source, list) else [source])
+        where = source if isinstance(source, str) else "merge.config"
+        kind = ChainSpace if is_chain(docs) else ConfigSpace
+        return kind.of(docs, list(study.search_space), where)
     return SearchSpace(dict(study.search_space), merge_config(study, _slerp_baseline(study)))
 
 

@@ -164,6 +164,28 @@ def write_late_holdout(study: optuna.Study, number: int, held: HeldOut) -> None:
     study.set_user_attr(f"{LATE_HOLDOUT}{number}", held.as_dict())
 
 
+def validation_of(study: optuna.Study, number: int) -> dict | None:
+    """A trial's scores on the validation items ({"score", "task_scores"}), None if never scored on them."""
+    return study.user_attrs.get(f"{VALIDATION}{number}")
+
+
+def write_validation(study: optuna.Study, number: int, score: float, task_scores: dict[str, float]) -> dict:
+    """Store a trial's validation scores on the study (any worker may score them); returns them."""
+    scored = {"score": score, "task_scores": task_scores}
+    study.set_user_attr(f"{VALIDATION}{number}", scored)
+    return scored
+
+
+def selection_of(study: optuna.Study) -> dict | None:
+    """The stored final pick and its comparison (search/selection.py), None before the first selection."""
+    return study.user_attrs.get(SELECTION)
+
+
+def write_selection(study: optuna.Study, summary: dict) -> None:
+    """Store the final pick and its comparison."""
+    study.set_user_attr(SELECTION, summary)
+
+
 def write_failure(storage: optuna.storages.BaseStorage, trial_id: int, reason: str) -> None:
     """Store why a trial failed, through the storage (the trial may belong to a dead worker)."""
     storage.set_trial_user_attr(trial_id, key_of("fail_reason"), reason)

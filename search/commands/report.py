@@ -76,7 +76,8 @@ def render_html(study, figs: dict, study_path: str | None = None, storage_url: s
 
     from search import results
     from search.notes import reproduce_commands, score_rows
-    from search.selection import comparison_rows, gap_sentence, how_picked, summary, verdict
+    from search.selection import comparison_table, gap_sentence, how_picked, verdict
+    from search.trial_record import selection_of
 
     esc = html.escape
     counts = results.counts(study)
@@ -95,18 +96,13 @@ def render_html(study, figs: dict, study_path: str | None = None, storage_url: s
                             for k in ("base", "best", "base_held", "best_held"))
             parts.append(f"<tr><td>{esc(r['task'])}</td>{cells}</tr>")
         parts.append("</table><p class='muted'>Held-out items never steer the search or the pick.</p>")
-    chosen = summary(study)
+    chosen = selection_of(study)
     if chosen is not None:
         parts.append(f"<h2>Is the gain real?</h2><p>Final pick: {esc(how_picked(chosen))}.</p>")
-        stat_rows = comparison_rows(chosen)
-        if stat_rows:
-            parts.append(f"<table><tr><th>held-out</th><th>baseline</th><th>pick</th><th>difference</th>"
-                         f"<th>{1 - chosen['alpha']:.0%} CI</th><th>p</th><th>test</th></tr>")
-            for r in stat_rows:
-                diff = f"{r.diff:+.4f}" + ("" if r.significant else " (n.s.)")
-                parts.append(f"<tr><td>{esc(r.name)}</td><td>{r.baseline:.4f}</td><td>{r.candidate:.4f}</td>"
-                             f"<td>{diff}</td><td>[{r.ci_low:+.4f}, {r.ci_high:+.4f}]</td><td>{r.p_value:.3g}</td>"
-                             f"<td>{esc(r.test)}</td></tr>")
+        header, cells = comparison_table(chosen)
+        if cells:
+            parts.append("<table><tr>" + "".join(f"<th>{esc(c)}</th>" for c in ["held-out", *header[1:]]) + "</tr>")
+            parts += ["<tr>" + "".join(f"<td>{esc(c)}</td>" for c in row) + "</tr>" for row in cells]
             parts.append("</table>")
         parts.append(f"<p><b>{esc(verdict(chosen))}</b></p>")
         gap = gap_sentence(chosen)
