@@ -2,7 +2,7 @@
 
 The trial loop scores the search items in the suite's seeded order (objectives.suite: the mean of
 the item values over all items is the weighted search score, over the first k an unbiased estimate
-of it) and compares the candidate with the best trial so far on the items both scored.
+of it) and compares the candidate with a fully scored trial on the items both scored.
 
 - `racing` (search.pruners.Race): stop once the candidate is confidently worse than the k-th best
   trial (k = selection.top_k, the candidates the final pick is made from; no pruning until k trials
@@ -16,6 +16,10 @@ of it) and compares the candidate with the best trial so far on the items both s
   worker: the k-th best's item values are read once when the trial starts (one storage read) and the
   candidate's values are stored once when it ends (one write), where Optuna's pruners need a storage
   write per item (trial.report), which costs more than scoring a small model's item.
+  The bound holds per check (`boundary: per_look`, the normal quantile of 1 - p_threshold at each
+  check) or over the whole race (`boundary: anytime`, Race.z_at): checked every few items, a per-look
+  bound stops a candidate exactly as good as the incumbent far more often than p_threshold
+  (tests/search/test_pruning.py measures it).
 - `wilcoxon`: Optuna's WilcoxonPruner (a signed-rank test on the shared items, reported item by item).
 - `none`: every candidate scores every item.
 """
@@ -29,36 +33,56 @@ import optuna
 
 
 class Race:
-    """Whether a candidate's item values so far are confidently worse than the incumbent's.
+    """Whether a candidate's paired differences so far are confidently worse than the incumbent's.
 
-    Call `lost` with the candidate's growing list of values: the paired differences are summed as
-    they arrive, so each check costs the items added since the last one, not all items so far.
+    The differences (candidate - incumbent) arrive item by item with `add`; `lost` checks the bound.
     """
 
-    def __init__(self, n_items: int, p_threshold: float = 0.1, n_startup_steps: int = 20):
+    def __init__(self, n_items: int, p_threshold: float = 0.1, n_startup_steps: int = 20, anytime: bool = False):
         self.n_items = n_items
+        self.p_threshold = p_threshold
+        self.anytime = anytime
         self.z = NormalDist().inv_cdf(1 - p_threshold)
         self.n_startup_steps = max(2, n_startup_steps)
-        self._lists: tuple[int, int] | None = None  # ids of the (mine, incumbent) lists the sums belong to
-        self._n, self._sum, self._squares = 0, 0.0, 0.0
+        self.n, self._sum, self._squares = 0, 0.0, 0.0
 
-    def lost(self, mine: list[float], incumbent: list[float] | None) -> bool:
-        """True when the upper confidence bound of (mine - incumbent) on the full search set is below 0."""
-        if not incumbent:
+    def add(self, difference: float) -> None:
+        """The next item's difference (candidate - incumbent)."""
+        self.n += 1
+        self._sum += difference
+        self._squares += difference * difference
+
+    def mean(self) -> float:
+        """The estimated mean difference over the whole search set: the mean over the items so far."""
+        return self._sum / self.n if self.n else 0.0
+
+    def stderr(self) -> float:
+        """Its standard error, with the finite-population factor for the items left."""
+        n, N = self.n, self.n_items
+        if n < 2 or N < 2:
+            return 0.0
+        spread = max(0.0, (self._squares - self._sum * self.mean()) / (n - 1))
+        return math.sqrt(spread / n * max(0.0, (N - n) / (N - 1)))
+
+    def lost(self) -> bool:
+        """True when the upper confidence bound of the full-set difference is below 0."""
+        if self.n < self.n_startup_steps:
             return False
-        if self._lists != (id(mine), id(incumbent)) or len(mine) < self._n:  # another race: start again
-            self._lists, self._n, self._sum, self._squares = (id(mine), id(incumbent)), 0, 0.0, 0.0
-        n = min(len(mine), len(incumbent))  # both are values of the same items in the same order
-        for a, b in zip(mine[self._n:n], incumbent[self._n:n], strict=True):
-            self._sum += a - b
-            self._squares += (a - b) ** 2
-        self._n = n
-        if n < self.n_startup_steps:
-            return False
-        mean = self._sum / n
-        var = max(0.0, (self._squares - self._sum * mean) / (n - 1))
-        remaining = max(0.0, (self.n_items - n) / (self.n_items - 1)) if self.n_items > 1 else 0.0
-        return mean + self.z * math.sqrt(var / n * remaining) < 0
+        return self.mean() + self.z_at(self.n) * self.stderr() < 0
+
+    def z_at(self, n: int) -> float:
+        """The bound's width in standard errors after n items.
+
+        per look: the normal quantile of 1 - p_threshold at every check, so a candidate as good as
+        the incumbent is stopped with probability p_threshold at each check, more over a whole race.
+        anytime: the normal-mixture boundary (Robbins; Howard et al. 2021, two-sided form), which holds at
+        every n at once: such a candidate is stopped with probability at most p_threshold over the
+        race. Its mixing variance is n_startup_steps items' worth, where the bound is tightest.
+        """
+        if not self.anytime:
+            return self.z
+        m = self.n_startup_steps
+        return math.sqrt((n + m) / n * (math.log((n + m) / m) + 2 * math.log(1 / self.p_threshold)))
 
 
 def optuna_pruner(kind: str, p_threshold: float, n_startup_steps: int) -> optuna.pruners.BasePruner:

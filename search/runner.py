@@ -15,6 +15,7 @@ import optuna
 from search import results
 from search.errors import StudyError
 from search.interrupts import SignalGuard
+from search.pruners import Race, optuna_pruner
 from search.samplers import make_sampler
 from search.space import Recipe, SearchSpace, baseline_recipe, space_of
 from search.storage import open_storage
@@ -272,8 +273,6 @@ class StudyRunner:
         return self.c.space.params_of(self.c.baseline)
 
     def _pruner(self) -> optuna.pruners.BasePruner:
-        from search.pruners import optuna_pruner
-
         cfg = self.study_file.pruner
         return optuna_pruner(cfg.type if self.pruning else "none", cfg.p_threshold, cfg.n_startup_steps)
 
@@ -393,18 +392,12 @@ class StudyRunner:
         write(trial, merge_seconds=round(self.c.build(recipe), 4))
 
         start = time.perf_counter()
-        run = self.c.suite.run(self.c.model, "search", self.c.batch_size)
         cfg = self.study_file.pruner
-        race = None
+        race, incumbent = None, None
         if self.pruning and cfg.type == "racing" and not is_baseline:
-            from search.pruners import Race
-
-            race = Race(self.c.suite.n_items("search"), cfg.p_threshold, cfg.n_startup_steps)
-            # The race is against the k-th best (k = selection.top_k): a candidate stops when it cannot
-            # enter the top k that the final pick is made from; read once, when the trial starts.
-            k = self.study_file.selection.top_k if cfg.against == "top_k" else 1
-            incumbent = contender(trial.study, k)
-            incumbent_values = incumbent.item_values if incumbent is not None else None
+            race, incumbent = self._race(trial.study)
+        theirs = incumbent.item_values if incumbent is not None else []
+        run = self.c.suite.run(self.c.model, "search", self.c.batch_size)
         values: list[float] = []  # in the suite's item order: step i is values[i]
         pruned = False
         for item in run:
@@ -417,9 +410,11 @@ class StudyRunner:
                 continue
             if cfg.type == "wilcoxon":  # Optuna's pruner reads the values back from storage, one write each
                 trial.report(item.value, item.step)
+            if race is not None and item.step < len(theirs):
+                race.add(item.value - theirs[item.step])
             if is_baseline or len(values) % cfg.check_every:
                 continue
-            if race.lost(values, incumbent_values) if race is not None else trial.should_prune():
+            if race.lost() if race is not None else cfg.type == "wilcoxon" and trial.should_prune():
                 pruned = True
                 break
         result = run.result()
@@ -430,7 +425,7 @@ class StudyRunner:
         if pruned:
             # A pruned trial finishes COMPLETE (Optuna's advice for WilcoxonPruner). Its running mean would
             # mislead the sampler (it depends on which items came first), so the sampler is told a paired
-            # estimate: the best's full score plus the mean difference on the items both scored.
+            # estimate: the reference's full score plus the mean difference on the items both scored.
             estimate = paired_estimate(incumbent if race is not None else results.best_trial(trial.study), values)
             write(trial, estimate=estimate)
             if cfg.pruned_trials == "hidden":  # the sampler sees no value at all (Optuna's PRUNED state)
@@ -441,6 +436,20 @@ class StudyRunner:
         if self.multi:
             return [result.task_scores[name] for name in self.task_names]
         return result.score
+
+    def _race(self, study: optuna.Study) -> tuple[Race | None, TrialRecord | None]:
+        """The race of a trial against the k-th best (k = selection.top_k), read once when the trial starts.
+
+        A candidate stops when it cannot enter the top k that the final pick is made from.
+        """
+        cfg = self.study_file.pruner
+        k = self.study_file.selection.top_k if cfg.against == "top_k" else 1
+        top = results.ranked(study)
+        if len(top) < k or not top[k - 1].item_values:
+            return None, None
+        race = Race(self.c.suite.n_items("search"), cfg.p_threshold, cfg.n_startup_steps,
+                    anytime=cfg.boundary == "anytime")
+        return race, top[k - 1]
 
     def _score_new_best(self, trial: optuna.Trial) -> None:
         """The baseline and each new best: validation scores if the study has them, else held-out scores.
@@ -464,12 +473,6 @@ class StudyRunner:
         from search.selection import finalize
 
         return finalize(study, self.c, self.study_file)
-
-
-def contender(study: optuna.Study, k: int) -> TrialRecord | None:
-    """The k-th best fully scored trial, None while fewer than k trials are fully scored."""
-    top = results.ranked(study)
-    return top[k - 1] if len(top) >= k else None
 
 
 def paired_estimate(reference: TrialRecord | None, mine: list[float]) -> float:

@@ -158,6 +158,8 @@ class PrunerSection(_Strict):
     against: Literal["top_k", "best"] = "top_k"
     # what the sampler learns of a pruned trial: a paired estimate of its full score, or nothing (PRUNED)
     pruned_trials: Literal["estimate", "hidden"] = "estimate"
+    # racing: p_threshold holds at each check (per_look) or over the whole race (anytime)
+    boundary: Literal["per_look", "anytime"] = "per_look"
 
 
 class SelectionSection(_Strict):

@@ -81,16 +81,57 @@ def test_pruner_stops_bad_candidates(tmp_path, pruner):
         assert bool(trial.intermediate_values) == (pruner == "wilcoxon")
 
 
-def test_race_uses_the_items_left():
+def _race(differences, n_items=100):
     from search.pruners import Race
 
-    race = Race(n_items=100, p_threshold=0.1, n_startup_steps=10)
-    incumbent = [1.0, 0.0] * 50
-    assert not race.lost([1.0, 0.0] * 5, incumbent)  # level so far
-    assert race.lost([0.0, 0.0] * 10, incumbent)  # 10 of 20 items lost, none won
+    race = Race(n_items=n_items, p_threshold=0.1, n_startup_steps=10)
+    for d in differences:
+        race.add(d)
+    return race
+
+
+def test_race_uses_the_items_left():
+    assert not _race([0.0] * 10).lost()  # level so far
+    assert _race([-1.0, 0.0] * 10).lost()  # 10 of 20 items lost, none won
     # one item lost in 20: too little evidence early, decisive when almost every item is scored
-    behind_by_one = [0.0] + incumbent[1:]
-    assert not race.lost(behind_by_one[:20], incumbent)
-    assert race.lost(behind_by_one[:99], incumbent)
-    assert not race.lost(behind_by_one[:9], incumbent)  # before n_startup_steps
-    assert not race.lost([0.0] * 50, None)  # no incumbent yet
+    behind_by_one = [-1.0] + [0.0] * 99
+    assert not _race(behind_by_one[:20]).lost()
+    assert _race(behind_by_one[:99]).lost()
+    assert not _race(behind_by_one[:9]).lost()  # before n_startup_steps
+
+
+def test_race_estimate_is_the_paired_mean_with_a_finite_population_error():
+    import statistics
+
+    diffs = [0.5, -1.0, 0.0, -0.5, 1.0, -1.0, -1.0, 0.0, 0.25, -0.75, -1.0, 0.0]
+    race = _race(diffs, n_items=40)
+    assert abs(race.mean() - statistics.mean(diffs)) < 1e-12
+    fpc = (40 - len(diffs)) / (40 - 1)
+    assert abs(race.stderr() - (statistics.variance(diffs) / len(diffs) * fpc) ** 0.5) < 1e-12
+
+
+def _false_stops(boundary: bool, races: int = 300, n_items: int = 300) -> float:
+    """How often a candidate exactly as good as the incumbent is stopped, checking after every item."""
+    import random
+
+    from search.pruners import Race
+
+    population = [-1.0] * 60 + [1.0] * 60 + [0.0] * (n_items - 120)  # paired differences, mean 0
+    rng = random.Random(0)
+    stopped = 0
+    for _ in range(races):
+        rng.shuffle(population)
+        race = Race(n_items, p_threshold=0.1, n_startup_steps=20, anytime=boundary)
+        for d in population:
+            race.add(d)
+            if race.lost():
+                stopped += 1
+                break
+    return stopped / races
+
+
+def test_anytime_boundary_keeps_p_threshold_over_the_whole_race():
+    # per look, p_threshold holds at each check only: over a race of many checks an equal candidate
+    # is stopped far more often; the anytime boundary holds over all checks at once
+    assert _false_stops(boundary=False) > 0.2
+    assert _false_stops(boundary=True) <= 0.1
