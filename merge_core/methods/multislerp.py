@@ -6,15 +6,19 @@ import torch
 
 from merge_core.errors import MergeInputError
 from merge_core.methods.base import MergeMethod, Param
+from merge_core.methods.chunks import CHUNK_ELEMENTS, chunk_ranges, half_row_sum
 from merge_core.methods.non_base import NonBaseContract
+from merge_core.methods.sparsify import HALF
 
 
 class MultiSlerp(MergeMethod):
     """mergekit's multislerp: map each input to the unit sphere, average in the tangent space at
     their weighted mean direction, map back and rescale by the weighted mean norm.
 
-    The per-input norms do not depend on the weights: computed once per study. The rest depends
-    on the weights through whole-tensor reductions, so it runs as mergekit runs it.
+    The per-input norms do not depend on the weights: computed once per study. The rest runs in
+    chunks of mergekit's own operations in its dtype (`_ChunkedPass`), with its whole-tensor
+    reductions (two norms, one dot product per input) taken by the same torch calls on whole
+    vectors assembled chunk by chunk.
     """
 
     name = "multislerp"
@@ -29,8 +33,12 @@ class MultiSlerp(MergeMethod):
     def prepare(self, inputs):
         if len(inputs.non_base) == 1:
             return None
-        flat = _deltas(inputs)
-        return torch.norm(flat, dim=-1, keepdim=True)
+        base = inputs.base_tensor.reshape(-1) if inputs.base is not None else None
+        rows = (inputs.tensors[i].reshape(-1) for i in inputs.non_base)
+        deltas = (row if base is None else row - base for row in rows)  # one at a time: no stacked copy
+        if inputs.tensors[0].device.type != "cpu":
+            return torch.norm(torch.stack(list(deltas)), dim=-1, keepdim=True)
+        return torch.stack([row_reduction(torch.norm, delta) for delta in deltas]).view(-1, 1)
 
     @torch.no_grad()
     def merge(self, out, inputs, state, values, rng) -> None:
@@ -38,40 +46,150 @@ class MultiSlerp(MergeMethod):
         if len(others) == 1:
             out.copy_(inputs.tensors[others[0]])
             return
-        eps = values.shared["eps"]
-        flat = _deltas(inputs)
-        weights = torch.tensor(values.of("weight", others), dtype=flat.dtype, device=flat.device)
+        first = inputs.tensors[others[0]]
+        weights = torch.tensor(values.of("weight", others), dtype=first.dtype, device=first.device)
         if values.shared["normalize_weights"]:
             weights = weights / weights.sum()
-        norms = state
-        units = flat / (norms + eps)
-        mean = (units * weights.view(-1, 1)).sum(0)
-        mean_norm = torch.norm(mean)
-        base = inputs.base_tensor if inputs.base is not None else None
-        if mean_norm < eps:
-            if len(others) != 2:
-                raise MergeInputError(
-                    f"multislerp ({inputs.name}): the weighted sum of the unit inputs is zero (antipodal inputs "
-                    "whose weights balance out); change the weights")
-            result = (flat[0] * weights[0] + flat[1] * weights[1]).view(out.shape)
-            out.copy_(result if base is None else result + base)
-            return
-        mean = mean / mean_norm
-        dots = (units * mean).sum(-1, keepdim=True)
-        tangents = units - dots * mean
-        del units
-        tangent = (tangents * weights.view(-1, 1)).sum(0)
-        del tangents
-        tangent_norm = torch.norm(tangent) + eps
-        result = mean * torch.cos(tangent_norm) + tangent * (torch.sin(tangent_norm) / tangent_norm)
-        result = result * (norms.squeeze(-1) * weights).sum()
-        result = result.view(out.shape)
+        eps = values.shared["eps"]
+        if first.device.type != "cpu" or not _ChunkedPass(out, inputs, state, weights, eps).run():
+            _merge_whole(out, inputs, state, weights, eps)
+
+
+def row_reduction(reduce, row: torch.Tensor) -> torch.Tensor:
+    """reduce(rows, dim=-1) of one row, as torch gives it for that row of a stacked (N, M) tensor.
+
+    On the CPU, torch reduces each row of a multi-row tensor serially (its threads split the rows), but splits
+    a lone row across threads and rounds their partial sums: a two-row view of the same memory
+    keeps the row's reduction serial, with no copy.
+    """
+    return reduce(row.expand(2, row.numel()), dim=-1)[0]
+
+
+class _ChunkedPass:
+    """One candidate of multislerp in four chunked passes over the inputs, bit for bit mergekit's.
+
+    1. units u_i = (x_i - base) / (norm_i + eps) and their weighted sum, the mean, written into the
+       output tensor (whole: its norm is taken whole);
+    2. the mean normalised in place, and per input the products u_i * mean into one whole scratch
+       vector, summed as the row of a stacked tensor: the dots;
+    3. the tangent sum(w_i (u_i - dot_i * mean)) into the scratch vector, then its norm;
+    4. mean * cos + tangent * sin / norm, times the mean input norm, plus the base, into the output.
+
+    The units are recomputed in each pass (two elementwise operations) instead of being kept.
+    """
+
+    def __init__(self, out, inputs, norms, weights, eps):
+        self.out, self.eps, self.weights, self.norms = out, eps, weights, norms
+        others = inputs.non_base
+        self.flats = [inputs.tensors[i].reshape(-1) for i in others]
+        self.base = inputs.base_tensor.reshape(-1) if inputs.base is not None else None
+        first = self.flats[0]
+        self.dtype, self.numel = first.dtype, first.numel()
+        self.scale = norms + eps
+        size = min(CHUNK_ELEMENTS, max(1, self.numel))
+        self.units = first.new_empty((len(others), size))
+        self.products = first.new_empty((len(others), size))
+        self.acc = first.new_empty(size, dtype=torch.float32) if self.dtype in HALF and len(others) > 2 else None
+        direct = out.dtype == self.dtype and out.is_contiguous()
+        self.mean = out.view(-1) if direct else first.new_empty(self.numel)
+        self.vector = first.new_empty(self.numel)  # the products of one input, then the tangent
+
+    def run(self) -> bool:
+        """Write the candidate into `out`; False (nothing usable written) where the mean is ~0."""
+        self._mean()
+        mean_norm = torch.norm(self.mean)
+        if mean_norm < self.eps:
+            return False
+        dots = self._dots(mean_norm)
+        tangent_norm = self._tangent(dots)
+        self._result(tangent_norm)
+        return True
+
+    def _units_of(self, start: int, stop: int) -> torch.Tensor:
+        units = self.units[:, : stop - start]
+        for row in range(len(self.flats)):
+            self._unit(row, start, stop, units[row])
+        return units
+
+    def _unit(self, row: int, start: int, stop: int, into: torch.Tensor) -> torch.Tensor:
+        x = self.flats[row][start:stop]
+        if self.base is None:
+            return torch.div(x, self.scale[row], out=into)
+        return torch.sub(x, self.base[start:stop], out=into).div_(self.scale[row])
+
+    def _row_sum(self, rows: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+        if self.dtype in HALF:
+            return half_row_sum(rows, out, self.acc)
+        return torch.sum(rows, dim=0, out=out)
+
+    def _weighted_sum(self, rows: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+        products = torch.mul(rows, self.weights.view(-1, 1), out=self.products[:, : rows.shape[1]])
+        return self._row_sum(products, out)
+
+    def _mean(self) -> None:
+        for start, stop in chunk_ranges(self.numel):
+            self._weighted_sum(self._units_of(start, stop), self.mean[start:stop])
+
+    def _dots(self, mean_norm: torch.Tensor) -> torch.Tensor:
+        dots = []
+        for row in range(len(self.flats)):
+            for start, stop in chunk_ranges(self.numel):
+                mean = self.mean[start:stop]
+                if row == 0:
+                    mean.div_(mean_norm)
+                unit = self._unit(row, start, stop, self.units[0, : stop - start])
+                torch.mul(unit, mean, out=self.vector[start:stop])
+            dots.append(row_reduction(torch.sum, self.vector))
+        return torch.stack(dots).view(-1, 1)
+
+    def _tangent(self, dots: torch.Tensor) -> torch.Tensor:
+        for start, stop in chunk_ranges(self.numel):
+            units = self._units_of(start, stop)
+            units.sub_(dots * self.mean[start:stop])
+            self._weighted_sum(units, self.vector[start:stop])
+        return torch.norm(self.vector) + self.eps
+
+    def _result(self, tangent_norm: torch.Tensor) -> None:
+        cos = torch.cos(tangent_norm)
+        sin_over = torch.sin(tangent_norm) / tangent_norm
+        mean_input_norm = (self.norms.squeeze(-1) * self.weights).sum()
+        flat_out = self.out.view(-1)
+        for start, stop in chunk_ranges(self.numel):
+            result = torch.mul(self.mean[start:stop], cos, out=self.units[0, : stop - start])
+            result.add_(torch.mul(self.vector[start:stop], sin_over, out=self.units[1, : stop - start]))
+            result.mul_(mean_input_norm)
+            if self.base is not None:
+                result.add_(self.base[start:stop])
+            flat_out[start:stop].copy_(result)
+
+
+def _merge_whole(out, inputs, norms, weights, eps) -> None:
+    """mergekit's multislerp on whole stacked tensors (its zero-mean fallback included)."""
+    others = inputs.non_base
+    stacked = torch.stack([inputs.tensors[i] for i in others], dim=0)
+    base = inputs.base_tensor if inputs.base is not None else None
+    if base is not None:
+        stacked -= base
+    flat = stacked.view(stacked.shape[0], -1)
+    units = flat / (norms + eps)
+    mean = (units * weights.view(-1, 1)).sum(0)
+    mean_norm = torch.norm(mean)
+    if mean_norm < eps:
+        if len(others) != 2:
+            raise MergeInputError(
+                f"multislerp ({inputs.name}): the weighted sum of the unit inputs is zero (antipodal inputs "
+                "whose weights balance out); change the weights")
+        result = (flat[0] * weights[0] + flat[1] * weights[1]).view(out.shape)
         out.copy_(result if base is None else result + base)
-
-
-def _deltas(inputs) -> torch.Tensor:
-    """The non-base inputs stacked (minus the base when there is one), one row per input."""
-    stacked = torch.stack([inputs.tensors[i] for i in inputs.non_base], dim=0)
-    if inputs.base is not None:
-        stacked -= inputs.base_tensor
-    return stacked.view(stacked.shape[0], -1)
+        return
+    mean = mean / mean_norm
+    dots = (units * mean).sum(-1, keepdim=True)
+    tangents = units - dots * mean
+    del units
+    tangent = (tangents * weights.view(-1, 1)).sum(0)
+    del tangents
+    tangent_norm = torch.norm(tangent) + eps
+    result = mean * torch.cos(tangent_norm) + tangent * (torch.sin(tangent_norm) / tangent_norm)
+    result = result * (norms.squeeze(-1) * weights).sum()
+    result = result.view(out.shape)
+    out.copy_(result if base is None else result + base)
