@@ -6,12 +6,19 @@ lowest indices among equal magnitudes (a stable order), computed in O(n) with `k
 instead of a sort. Both keep the same number of elements of the tied magnitude; away from the
 threshold the masks are identical (tests/merge_core/test_methods_oracle.py shows both facts).
 DELLA needs every element's rank, so it sorts anyway: it makes mergekit's exact argsort call and
-matches it at ties too.
+matches it at ties too. The ranks depend on the inputs only: a study sorts once (`draw_state`,
+int16 ranks kept per input) and each candidate draws its DARE/DELLA masks with `DrawnMask`.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
+import numpy as np
 import torch
+
+from merge_core.methods.chunks import chunk_ranges
+from merge_core.methods.draws import GeneratorStream, keep_thresholds
 
 
 def stable_positions_mask(w: torch.Tensor, lo: int, hi: int) -> torch.Tensor:
@@ -236,7 +243,8 @@ class MagnitudeCut:
             delta[where] = kept
 
 
-def _random_dtype(tensor: torch.Tensor) -> torch.dtype:
+def random_dtype(tensor: torch.Tensor) -> torch.dtype:
+    """The dtype of mergekit's DARE/DELLA probabilities and masked deltas for this tensor."""
     # mergekit draws in float32 on the CPU unless the tensor is bfloat16.
     return tensor.dtype if tensor.device.type != "cpu" or tensor.dtype == torch.bfloat16 else torch.float32
 
@@ -245,7 +253,7 @@ def bernoulli(delta: torch.Tensor, density: float, rescale: bool, rng: torch.Gen
     """DARE: keep each element with probability `density` (the same RNG calls as mergekit)."""
     if density >= 1:
         return delta
-    dtype = _random_dtype(delta)
+    dtype = random_dtype(delta)
     mask = torch.bernoulli(torch.full_like(delta, density, dtype=dtype), generator=rng)
     return rescaled(delta.to(dtype), mask, rescale).to(delta.dtype)
 
@@ -258,7 +266,7 @@ def della_magprune(delta: torch.Tensor, density: float, epsilon: float, rescale:
     if density <= 0:
         return torch.zeros_like(delta)
     shape = delta.shape
-    dtype = _random_dtype(delta)
+    dtype = random_dtype(delta)
     rows = delta.unsqueeze(0) if delta.dim() < 2 else delta
     # mergekit's own argsort call, so equal magnitudes get its ranks too (DELLA needs every rank,
     # so there is no sort to save); the second argsort is an inverse permutation: a scatter.
@@ -272,3 +280,103 @@ def della_magprune(delta: torch.Tensor, density: float, epsilon: float, rescale:
     probs = (density - epsilon) + rank_norm * 2 * epsilon
     mask = torch.bernoulli(probs, generator=rng).to(dtype)
     return rescaled(rows.to(dtype), mask, rescale).to(delta.dtype).reshape(shape)
+
+
+# --- DARE / DELLA masks drawn whole and applied chunk by chunk ----------------------------------
+RESCALE_EPS = 1e-7  # mergekit's rescaled_masked_tensor default
+
+
+@dataclass(frozen=True)
+class DrawState:
+    """What a DARE/DELLA draw needs from one input that the candidate cannot change: the L1 norm
+    of its task vector (as mergekit sums it) and, for DELLA, each element's rank in its row."""
+
+    l1: torch.Tensor  # 0-dim, in the draw's dtype
+    ranks: np.ndarray | None = None  # flat, 0-based positions of mergekit's per-row argsort
+
+
+def draw_state(x: torch.Tensor, base: torch.Tensor, della: bool) -> DrawState | None:
+    """The per-study part of an input's DARE (or DELLA) draw, or None where it is drawn as mergekit does."""
+    delta = x - base
+    if della and (delta.dim() > 2 or delta.numel() == 0 or delta.shape[-1] < 2):
+        return None
+    l1 = delta.to(random_dtype(delta)).abs().sum()  # mergekit's tensor.abs().sum()
+    return DrawState(l1, _row_ranks(delta).numpy() if della else None)
+
+
+def _row_ranks(delta: torch.Tensor) -> torch.Tensor:
+    """Each element's position in mergekit's argsort of |delta| along its row (int16 where it fits).
+
+    Rows sort independently, so blocks of rows give mergekit's ranks with int64 scratch for a
+    block only.
+    """
+    rows = delta.unsqueeze(0) if delta.dim() < 2 else delta
+    n = rows.shape[1]
+    ranks = torch.empty(rows.shape, dtype=torch.int16 if n <= 2**15 else torch.int32, device=rows.device)
+    step = max(1, COUNT_CHUNK // n)
+    positions = torch.arange(n, dtype=ranks.dtype, device=rows.device)
+    for start in range(0, rows.shape[0], step):
+        block = rows[start:start + step]
+        order = torch.argsort(block.abs(), dim=1, descending=False)  # mergekit's own call: its ties
+        ranks[start:start + step].scatter_(1, order, positions.expand_as(order))
+    return ranks.reshape(-1)
+
+
+def della_thresholds(n: int, density: float, epsilon: float, dtype: torch.dtype) -> np.ndarray:
+    """Keep thresholds by 0-based rank in a row of n: mergekit's probabilities, rank by rank."""
+    ranks = torch.arange(n).to(dtype).unsqueeze(0) + 1
+    min_ranks = ranks.min(dim=1, keepdim=True).values
+    max_ranks = ranks.max(dim=1, keepdim=True).values
+    rank_norm = ((ranks - min_ranks) / (max_ranks - min_ranks)).clamp(0, 1)
+    probs = (density - epsilon) + rank_norm * 2 * epsilon
+    return keep_thresholds(probs.reshape(-1))
+
+
+class DrawnMask:
+    """One input's DARE/DELLA mask, drawn whole in mergekit's RNG order, applied chunk by chunk.
+
+    Applying it to a chunk of the input's task vector gives that chunk of mergekit's
+    `rescaled_masked_tensor(delta.to(work), mask, l1).to(delta.dtype)`: the same multiplications
+    by the 0/1 mask and by the rescale factor, in the same dtype.
+    """
+
+    def __init__(self, keep: torch.Tensor | None, ratio: torch.Tensor | None):
+        self.keep = keep  # 0/1 uint8, flat; None: every element dropped (DELLA at density 0)
+        self.ratio = ratio
+
+    @classmethod
+    def draw(cls, x: torch.Tensor, base: torch.Tensor, thresholds, rng: torch.Generator,
+             rescale: bool, l1: torch.Tensor, magnitudes: torch.Tensor) -> DrawnMask:
+        """Draw the mask of task vector x - base (flat); thresholds(start, stop): keep thresholds
+        (numpy uint32, see draws.keep_thresholds) of those elements.
+
+        `magnitudes` is scratch for |masked delta| (x's size, random_dtype), summed whole as
+        mergekit sums it.
+        """
+        # 0/1 bytes: multiplying a float by uint8 is 3x faster here than by bool, the same values
+        keep = torch.empty(x.numel(), dtype=torch.uint8, device=x.device)
+        flags = keep.numpy().view(np.bool_)
+        with GeneratorStream(rng) as stream:
+            for start, stop in chunk_ranges(x.numel()):
+                chunk = keep[start:stop]
+                stream.draw_keep(thresholds(start, stop), flags[start:stop])
+                if rescale:
+                    piece = magnitudes[start:stop]
+                    piece.copy_(x[start:stop] - base[start:stop]).abs_().mul_(chunk)
+        ratio = None
+        if rescale:
+            after = magnitudes.sum()
+            if not (l1 < RESCALE_EPS or after < RESCALE_EPS):
+                ratio = l1 / after
+        return cls(keep, ratio)
+
+    def apply(self, delta: torch.Tensor, start: int, stop: int, work: torch.Tensor) -> None:
+        """Sparsify chunk [start, stop) of the task vector in place; `work`: scratch of the chunk's
+        size in the draw's dtype."""
+        if self.keep is None:
+            delta.zero_()
+            return
+        masked = work.copy_(delta).mul_(self.keep[start:stop])
+        if self.ratio is not None:
+            masked.mul_(self.ratio)
+        delta.copy_(masked)
