@@ -2,6 +2,7 @@
 
     nice .venv/bin/python benchmarks/merge_speed.py [--layers 4] [--repeats 3] [--methods ties,slerp]
                                                     [--end-to-end slerp,ties|none] [--mergekit-repeats 1]
+                                                    [--threads 1]
 
 Writes a phi-2-shaped family to a temporary folder (hidden 2560, intermediate 10240, vocab 51200,
 float16): a base with random weights (N(0, 0.02)) and three fine-tune-like children, each the base
@@ -37,6 +38,10 @@ other: `python -m search.cli merge CONFIG OUT --random-seed 0` against `mergekit
 children when that is missing), for SLERP (base + child 1, the phigment6 t gradients) and TIES
 (base + children 1 and 2, the ties row's parameter set A). Target: ours >= 3x faster with a lower
 peak RSS.
+
+--threads N sets torch's thread count in every child (ours, its floor, and mergekit): on a machine
+whose cores other work keeps busy, each two-thread torch operation waits for a descheduled thread,
+which swamps chunked passes of many short operations; one thread on both sides measures the work.
 
 Targets (issue 10): linear, task_arithmetic, slerp, nuslerp, multislerp <= 2x their floor; every
 deterministic method >= 10x and DARE/DELLA (randomised) >= 5x faster than mergekit's in-memory
@@ -257,10 +262,11 @@ def child_mergekit(configs: list[Path], repeats: int, slow: float = 20.0) -> dic
     return {"build": build_time, "rss": peak_rss()}
 
 
-def run_child(kind: str, configs: list[Path], repeats: int, slow: float) -> dict:
+def run_child(kind: str, configs: list[Path], repeats: int, slow: float, threads: int | None = None) -> dict:
     """Runs a child mode of this script; its last stdout line is JSON."""
-    done = subprocess.run([sys.executable, __file__, "--repeats", str(repeats), "--slow", str(slow), "--child", kind,
-                           *map(str, configs)], capture_output=True, text=True)
+    threading = ["--threads", str(threads)] if threads else []
+    done = subprocess.run([sys.executable, __file__, "--repeats", str(repeats), "--slow", str(slow), *threading,
+                           "--child", kind, *map(str, configs)], capture_output=True, text=True)
     if done.returncode:
         return {"error": (done.stderr.strip().splitlines() or ["exit " + str(done.returncode)])[-1]}
     return json.loads(done.stdout.strip().splitlines()[-1])
@@ -340,8 +346,12 @@ def main() -> None:
                         help="a warm-up build slower than this many seconds is taken as the measurement")
     parser.add_argument("--methods", default="", help="comma list (default: every registered method)")
     parser.add_argument("--end-to-end", default="slerp,ties", help="comma list of slerp, ties; or none")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch threads in every child, ours and mergekit alike (default: torch's)")
     parser.add_argument("--child", nargs="+", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     if args.child:
         kind, *paths = args.child
         fn = child_ours if kind == "ours" else child_mergekit
@@ -374,9 +384,10 @@ def main() -> None:
                 skipped.append(f"{name}: skipped, {config}")
                 print(skipped[-1], file=sys.stderr)
                 continue
-            ours = run_child("ours", paths, args.repeats, args.slow)
+            ours = run_child("ours", paths, args.repeats, args.slow, args.threads)
             print(f"{name}: ours {ours}", file=sys.stderr)
-            mk = run_child("mergekit", paths, args.mergekit_repeats, args.slow) if "error" not in ours else None
+            mk = run_child("mergekit", paths, args.mergekit_repeats, args.slow, args.threads) \
+                if "error" not in ours else None
             print(f"{name}: mergekit {mk}", file=sys.stderr)
             rows += method_rows(name, ours, mk, model_bytes)
 
