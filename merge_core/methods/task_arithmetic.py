@@ -199,8 +199,8 @@ class _Scratch:
     `sign(d) == majority` and product with the boolean mask give the same values as
     clamp(sign(d) * majority, 0) * d, where majority is sign(sign(sum) + 0.5) (+1 at a zero sum, as
     `sum >= 0`): only the sign of a zero product can differ, and the sum that follows starts from
-    +0, so no zero's sign reaches the result. int8_mask changes only the
-    mask's dtype, not these values.
+    +0, so no zero's sign reaches the result. int8_mask changes only the mask's dtype, not these
+    values.
     """
 
     def __init__(self, rows: int, size: int, dtype: torch.dtype, device: torch.device):
