@@ -438,10 +438,7 @@ class StudyRunner:
         return result.score
 
     def _race(self, study: optuna.Study) -> tuple[Race | None, TrialRecord | None]:
-        """The race of a trial against the k-th best (k = selection.top_k), read once when the trial starts.
-
-        A candidate stops when it cannot enter the top k that the final pick is made from.
-        """
+        """The race of a trial against the best (or the k-th best, k = selection.top_k), read once when it starts."""
         cfg = self.study_file.pruner
         k = self.study_file.selection.top_k if cfg.against == "top_k" else 1
         top = results.ranked(study)

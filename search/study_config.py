@@ -17,6 +17,9 @@ SAMPLERS = tuple(SAMPLER_REGISTRY)
 DEFAULT_FILTER = "default"  # the search-space entry that becomes the filter-less `{value: ...}`
 
 
+RACING_P_THRESHOLD = 0.5  # the racing pruner's default (BENCHMARKS.md, "Search quality")
+
+
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
@@ -148,18 +151,27 @@ class ObjectivesSection(_Strict):
 
 
 class PrunerSection(_Strict):
-    """Stop a candidate early when its items are significantly worse than the best's."""
+    """Stop a candidate early when its items are confidently worse than the trial it races."""
 
     type: Literal["racing", "wilcoxon", "none"] = "racing"  # search/pruners.py; chosen in BENCHMARKS.md
+    # racing (anytime): the most a candidate as good as the one it races may be stopped, over its whole
+    # race; wilcoxon: the test's p-value at each check. Default: 0.5 racing, 0.1 wilcoxon (BENCHMARKS.md)
     p_threshold: float = Field(default=0.1, gt=0, lt=1)
     n_startup_steps: int = Field(default=20, ge=0)
     check_every: int = Field(default=5, gt=0)  # items between pruning checks (each reads the study)
-    # racing: against the k-th best (k = selection.top_k, the pool the final pick comes from) or the best
-    against: Literal["top_k", "best"] = "top_k"
+    # racing: against the best trial, or the k-th best (k = selection.top_k, the pool the final pick comes from)
+    against: Literal["top_k", "best"] = "best"
     # what the sampler learns of a pruned trial: a paired estimate of its full score, or nothing (PRUNED)
     pruned_trials: Literal["estimate", "hidden"] = "estimate"
-    # racing: p_threshold holds at each check (per_look) or over the whole race (anytime)
-    boundary: Literal["per_look", "anytime"] = "per_look"
+    # racing: p_threshold holds over the whole race (anytime) or at each check only (per_look)
+    boundary: Literal["anytime", "per_look"] = "anytime"
+
+    @model_validator(mode="before")
+    @classmethod
+    def _default_p_threshold(cls, data: Any) -> Any:
+        if isinstance(data, dict) and data.get("p_threshold") is None and data.get("type", "racing") == "racing":
+            return {**data, "p_threshold": RACING_P_THRESHOLD}
+        return data
 
 
 class SelectionSection(_Strict):

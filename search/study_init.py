@@ -113,7 +113,7 @@ def render_study(header: list[str], name: str, config_ref: str | dict, items: li
         yaml.safe_dump({"objectives": {"include_path": include_path, "batch_size": 16, "max_length": 2048,
                                        "tasks": tasks}}, sort_keys=False, default_flow_style=None,
                        width=120).rstrip(),
-        yaml.safe_dump({"pruner": {"type": "racing", "p_threshold": 0.1, "n_startup_steps": 20},
+        yaml.safe_dump({"pruner": {"type": "racing", "n_startup_steps": 20},
                         "export": {"top_k": 3}}, sort_keys=False).rstrip(),
     ]
     if not items:
