@@ -81,8 +81,9 @@ class TrialRecord:
     items_scored: int | None = stored("items_scored")
     pruned: bool = stored("pruned", False)
     score: float | None = stored("score")  # weighted score on the search items (the running mean if pruned)
-    # a pruned trial's estimate of its full search score (what the sampler was told): the best trial's
-    # score plus the mean paired difference on the items both scored
+    # a pruned trial's estimate of its full search score (what the sampler was told): the score of the
+    # trial it was compared with (the raced trial, or the best for wilcoxon) plus the mean paired
+    # difference on the items both scored
     estimate: float | None = stored("estimate")
     # the search items' values in the suite's order (as many as were scored): the pruner's and the
     # paired estimate's reference; older studies have Optuna's intermediate values instead
