@@ -124,6 +124,7 @@ def main() -> None:
     parser.add_argument("--n-startup-steps", type=int, help="override pruner.n_startup_steps")
     parser.add_argument("--against", choices=("top_k", "best"), help="override pruner.against (racing)")
     parser.add_argument("--pruned-trials", choices=("estimate", "hidden"), help="override pruner.pruned_trials")
+    parser.add_argument("--margin", type=float, help="override pruner.margin (racing)")
     parser.add_argument("--boundary", choices=("per_look", "anytime"), help="override pruner.boundary (racing)")
     parser.add_argument("--json", help="also write every run as JSON lines here")
     args = parser.parse_args()
@@ -152,7 +153,8 @@ def main() -> None:
                                                        ("n_startup_steps", args.n_startup_steps),
                                                        ("against", args.against),
                                                        ("pruned_trials", args.pruned_trials),
-                                                       ("boundary", args.boundary)) if v is not None}
+                                                       ("boundary", args.boundary),
+                                                       ("margin", args.margin)) if v is not None}
                         run = one_run(study_file, candidates, sampler, seed, pruner,
                                       args.n_trials or study_file.study.n_trials, Path(tmp), overrides)
                         run["vs_uniform"] = run["pick_holdout"] - ref["holdout"]

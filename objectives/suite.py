@@ -145,6 +145,14 @@ class Suite:
         """Number of items in a split ("search", "validation" or "holdout")."""
         return len(self._items[_check_split(split)])
 
+    def item_scale(self, split: str = "search") -> float:
+        """The largest factor an item's metric value is scaled by in a run's ItemScores (n_items * coef).
+
+        For metrics in [0, 1] it is the most one item can move the paired difference of two candidates.
+        """
+        items = self._items[_check_split(split)]
+        return max((len(items) * it.coef for it in items), default=0.0)
+
     def doc_ids(self, split: str = "search") -> dict[str, list[int]]:
         """Per leaf task, the indices (in its evaluation docs) of the items in a split, sorted."""
         out: dict[str, list[int]] = {}

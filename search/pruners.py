@@ -11,7 +11,13 @@ of it) and compares the candidate with a fully scored trial on the items both sc
   the full-set difference is estimated by mean(d), with standard error sd(d) / sqrt(n) *
   sqrt((N - n) / (N - 1)): the finite-population factor says that once most of the search set is
   scored little is left to learn, so a candidate that trails by a small margin late is stopped too.
-  Stop when mean(d) + z * stderr < 0. With `boundary: anytime` (the default) z is the normal-mixture
+  Stop when mean(d) + z * stderr < margin: the candidate cannot beat that trial by more than
+  `margin` (an indifference zone, as in ranking-and-selection procedures). With margin 0 a candidate
+  level with the best never stops, and most of a search's proposals near the best run to the last
+  item; a small margin ends those races once the items say the gain could only be smaller than it
+  (BENCHMARKS.md, "Search quality"). The spread of d counts one extra item that differs by as much
+  as one item can (Race.stderr), so candidates that agree on the first few dozen items are not
+  stopped on that alone. With `boundary: anytime` (the default) z is the normal-mixture
   boundary (Race.z_at), which holds at every check at once: a candidate as good as the one it races
   is stopped with probability at most p_threshold over its whole race. With `boundary: per_look` z
   is the normal quantile of 1 - p_threshold at each check, and over the checks of a race such a
@@ -39,10 +45,13 @@ class Race:
     The differences (candidate - incumbent) arrive item by item with `add`; `lost` checks the bound.
     """
 
-    def __init__(self, n_items: int, p_threshold: float = 0.1, n_startup_steps: int = 20, anytime: bool = False):
+    def __init__(self, n_items: int, p_threshold: float = 0.1, n_startup_steps: int = 20, anytime: bool = False,
+                 margin: float = 0.0, item_scale: float = 1.0):
         self.n_items = n_items
         self.p_threshold = p_threshold
         self.anytime = anytime
+        self.margin = margin
+        self.item_scale = item_scale
         self.z = NormalDist().inv_cdf(1 - p_threshold)
         self.n_startup_steps = max(2, n_startup_steps)
         self.n, self._sum, self._squares = 0, 0.0, 0.0
@@ -58,18 +67,23 @@ class Race:
         return self._sum / self.n if self.n else 0.0
 
     def stderr(self) -> float:
-        """Its standard error, with the finite-population factor for the items left."""
+        """Its standard error, with the finite-population factor for the items left.
+
+        The spread of the differences counts one extra item that differs by a whole item (item_scale):
+        two close candidates may agree on the first few dozen items, and a spread of 0 from them
+        would end the race on no evidence.
+        """
         n, N = self.n, self.n_items
         if n < 2 or N < 2:
             return 0.0
-        spread = max(0.0, (self._squares - self._sum * self.mean()) / (n - 1))
+        spread = (max(0.0, self._squares - self._sum * self.mean()) + self.item_scale ** 2) / n
         return math.sqrt(spread / n * max(0.0, (N - n) / (N - 1)))
 
     def lost(self) -> bool:
-        """True when the upper confidence bound of the full-set difference is below 0."""
+        """True when the upper confidence bound of the full-set difference is below the margin."""
         if self.n < self.n_startup_steps:
             return False
-        return self.mean() + self.z_at(self.n) * self.stderr() < 0
+        return self.mean() + self.z_at(self.n) * self.stderr() < self.margin
 
     def z_at(self, n: int) -> float:
         """The bound's width in standard errors after n items.

@@ -445,7 +445,8 @@ class StudyRunner:
         if len(top) < k or not top[k - 1].item_values:
             return None, None
         race = Race(self.c.suite.n_items("search"), cfg.p_threshold, cfg.n_startup_steps,
-                    anytime=cfg.boundary == "anytime")
+                    anytime=cfg.boundary == "anytime", margin=cfg.margin,
+                    item_scale=self.c.suite.item_scale("search"))
         return race, top[k - 1]
 
     def _score_new_best(self, trial: optuna.Trial) -> None:

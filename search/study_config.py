@@ -165,6 +165,8 @@ class PrunerSection(_Strict):
     pruned_trials: Literal["estimate", "hidden"] = "estimate"
     # racing: p_threshold holds over the whole race (anytime) or at each check only (per_look)
     boundary: Literal["anytime", "per_look"] = "anytime"
+    # racing: stop a candidate that cannot beat the one it races by more than this (the indifference zone)
+    margin: float = Field(default=0.0, ge=0, lt=1)
 
     @model_validator(mode="before")
     @classmethod

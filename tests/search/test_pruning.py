@@ -107,7 +107,59 @@ def test_race_estimate_is_the_paired_mean_with_a_finite_population_error():
     race = _race(diffs, n_items=40)
     assert abs(race.mean() - statistics.mean(diffs)) < 1e-12
     fpc = (40 - len(diffs)) / (40 - 1)
-    assert abs(race.stderr() - (statistics.variance(diffs) / len(diffs) * fpc) ** 0.5) < 1e-12
+    n = len(diffs)
+    # the spread counts one extra whole-item difference (item_scale 1): (sum of squares + 1) / n
+    spread = (statistics.variance(diffs) * (n - 1) + 1.0) / n
+    assert abs(race.stderr() - (spread / n * fpc) ** 0.5) < 1e-12
+
+
+def test_a_margin_stops_a_level_candidate_only_once_the_items_say_so():
+    from search.pruners import Race
+
+    def race(differences, margin, item_scale=1.0):
+        r = Race(n_items=300, p_threshold=0.5, n_startup_steps=20, anytime=True, margin=margin,
+                 item_scale=item_scale)
+        for d in differences:
+            r.add(d)
+        return r
+
+    # level on the first 20 items: no evidence yet that it cannot win by more than the margin
+    assert not race([0.0] * 20, margin=0.005).lost()
+    # level on 250 of 300 items: it cannot win by more than 0.005 on the whole set
+    assert race([0.0] * 250, margin=0.005).lost()
+    assert not race([0.0] * 250, margin=0.0).lost()  # without a margin a level candidate runs to the end
+    # the prior scales with how much one item can move the score
+    assert not race([0.0] * 250, margin=0.005, item_scale=4.0).lost()
+
+
+def _stops(population, margin, races=400, p_threshold=0.5):
+    import random
+
+    from search.pruners import Race
+
+    rng = random.Random(2)
+    stopped = 0
+    for _ in range(races):
+        rng.shuffle(population)
+        race = Race(len(population), p_threshold=p_threshold, n_startup_steps=20, anytime=True, margin=margin)
+        for i, d in enumerate(population, 1):
+            race.add(d)
+            if i % 5 == 0 and race.lost():
+                stopped += 1
+                break
+    return stopped / races
+
+
+def test_a_candidate_better_by_the_margin_is_stopped_at_most_p_threshold_of_the_time():
+    # paired differences with mean +0.01 over 300 items: better than the incumbent by the margin
+    better = [-1.0] * 60 + [1.0] * 63 + [0.0] * 177
+    assert _stops(better, margin=0.01) <= 0.5
+    # a candidate level with the incumbent, disagreeing on 40% of the items: stopped more often with a
+    # margin than without, but a margin does not stop candidates clearly better than it
+    level = [-1.0] * 60 + [1.0] * 60 + [0.0] * 180
+    assert _stops(level, margin=0.01) > _stops(level, margin=0.0)
+    clearly_better = [-1.0] * 50 + [1.0] * 80 + [0.0] * 170
+    assert _stops(clearly_better, margin=0.01) < 0.05
 
 
 def _false_stops(anytime: bool, p_threshold: float, races: int = 400, n_items: int = 300) -> float:
