@@ -80,10 +80,15 @@ class Race:
         return math.sqrt(spread / n * max(0.0, (N - n) / (N - 1)))
 
     def lost(self) -> bool:
-        """True when the upper confidence bound of the full-set difference is below the margin."""
+        """True when the candidate is not ahead and its difference's upper confidence bound is below the margin.
+
+        A candidate ahead so far is never stopped (it may become the new best): with a margin, one
+        slightly better than the trial it races would otherwise be stopped on its last items (where
+        the standard error shrinks to 0), having cost every item, and left out of the ranking it leads.
+        """
         if self.n < self.n_startup_steps:
             return False
-        return self.mean() + self.z_at(self.n) * self.stderr() < self.margin
+        return self.mean() <= 0 and self.mean() + self.z_at(self.n) * self.stderr() < self.margin
 
     def z_at(self, n: int) -> float:
         """The bound's width in standard errors after n items.

@@ -130,6 +130,9 @@ def test_a_margin_stops_a_level_candidate_only_once_the_items_say_so():
     assert not race([0.0] * 250, margin=0.0).lost()  # without a margin a level candidate runs to the end
     # the prior scales with how much one item can move the score
     assert not race([0.0] * 250, margin=0.005, item_scale=4.0).lost()
+    # ahead by one item on its last items: below the margin, but it is about to become the new best
+    assert not race([1.0] + [0.0] * 298, margin=0.01).lost()
+    assert race([-1.0] + [0.0] * 298, margin=0.01).lost()
 
 
 def _stops(population, margin, races=400, p_threshold=0.5):
