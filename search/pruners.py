@@ -11,15 +11,17 @@ of it) and compares the candidate with a fully scored trial on the items both sc
   the full-set difference is estimated by mean(d), with standard error sd(d) / sqrt(n) *
   sqrt((N - n) / (N - 1)): the finite-population factor says that once most of the search set is
   scored little is left to learn, so a candidate that trails by a small margin late is stopped too.
-  Stop when mean(d) + z * stderr < margin: the candidate cannot beat that trial by more than
-  `margin` (an indifference zone, as in ranking-and-selection procedures). With margin 0 a candidate
-  level with the best never stops, and most of a search's proposals near the best run to the last
-  item; a small margin ends those races once the items say the gain could only be smaller than it
-  (BENCHMARKS.md, "Search quality"). The spread of d counts one extra item that differs by as much
-  as one item can (Race.stderr), so candidates that agree on the first few dozen items are not
-  stopped on that alone. With `boundary: anytime` (the default) z is the normal-mixture
-  boundary (Race.z_at), which holds at every check at once: a candidate as good as the one it races
-  is stopped with probability at most p_threshold over its whole race. With `boundary: per_look` z
+  Stop when mean(d) <= 0 and mean(d) + z * stderr < margin: the candidate is not ahead and cannot
+  beat that trial by more than `margin` (an indifference zone, as in ranking-and-selection
+  procedures; default 0.01 of the weighted score). With margin 0 a candidate level with the best is
+  never stopped, and a search's many proposals near the best run to the last item; the margin ends
+  those races once the items say the gain could only be smaller than it (BENCHMARKS.md, "Pruners,
+  third round"). A candidate ahead is never stopped: it may become the new best. The spread of d
+  counts one extra item that differs by as much as one item can (Race.stderr), so candidates that
+  agree on the first few dozen items are not stopped on that alone. With `boundary: anytime` (the
+  default) z is the normal-mixture boundary (Race.z_at), which holds at every check at once: a
+  candidate better than the one it races by the margin is stopped with probability at most
+  p_threshold over its whole race. With `boundary: per_look` z
   is the normal quantile of 1 - p_threshold at each check, and over the checks of a race such a
   candidate is stopped far more often (58% at p 0.1, checked every 5 of 300 items:
   tests/search/test_pruning.py measures it); racing the best with that bound cost quality, racing

@@ -165,8 +165,9 @@ class PrunerSection(_Strict):
     pruned_trials: Literal["estimate", "hidden"] = "estimate"
     # racing: p_threshold holds over the whole race (anytime) or at each check only (per_look)
     boundary: Literal["anytime", "per_look"] = "anytime"
-    # racing: stop a candidate that cannot beat the one it races by more than this (the indifference zone)
-    margin: float = Field(default=0.0, ge=0, lt=1)
+    # racing: stop a candidate that trails the one it races and cannot beat it by more than this much
+    # of the weighted score (an indifference zone; 0.01 chosen in BENCHMARKS.md, "Pruners, third round")
+    margin: float = Field(default=0.01, ge=0, lt=1)
 
     @model_validator(mode="before")
     @classmethod
