@@ -88,7 +88,7 @@ class Race:
         slightly better than the trial it races would otherwise be stopped on its last items (where
         the standard error shrinks to 0), having cost every item, and left out of the ranking it leads.
         """
-        if self.n < self.n_startup_steps:
+        if self.n < self.n_startup_steps or self.n >= self.n_items:  # at the last item nothing is left to save
             return False
         return self.mean() <= 0 and self.mean() + self.z_at(self.n) * self.stderr() < self.margin
 

@@ -133,6 +133,8 @@ def test_a_margin_stops_a_level_candidate_only_once_the_items_say_so():
     # ahead by one item on its last items: below the margin, but it is about to become the new best
     assert not race([1.0] + [0.0] * 298, margin=0.01).lost()
     assert race([-1.0] + [0.0] * 298, margin=0.01).lost()
+    # every item scored: stopping now saves nothing and would only drop it from the ranking
+    assert not race([-1.0] + [0.0] * 299, margin=0.01).lost()
 
 
 def _stops(population, margin, races=400, p_threshold=0.5):
