@@ -5,13 +5,16 @@ from __future__ import annotations
 import torch
 
 from merge_core.methods.base import Contract, MergeMethod, Param
+from merge_core.methods.chunks import CHUNK_ELEMENTS, chunk_ranges, half_row_sum
+from merge_core.methods.sparsify import HALF
 from merge_core.methods.task_arithmetic import _sign_consensus
 
 
 class Sce(MergeMethod):
     """mergekit's sce. Without selection (select_topk >= 1, the default) nothing depends on a
-    searched parameter, so the per-model weights are prepared once; with selection, the variance
-    top-k changes every weight, and the candidate runs as mergekit runs it."""
+    searched parameter, so the per-model weights are prepared once and a candidate is one chunked
+    pass (`_merge_chunked`); with selection, the variance top-k changes every weight, and the
+    candidate runs as mergekit runs it (whole tensors)."""
 
     name = "sce"
     params = (Param("int8_mask", bool, "global", False), Param("select_topk", float, "global", 1.0))
@@ -31,6 +34,9 @@ class Sce(MergeMethod):
             return
         mask_dtype = torch.int8 if values.shared["int8_mask"] else base.dtype
         topk = values.shared["select_topk"]
+        if topk >= 1 and _same_dtypes(inputs) and bool(torch.isfinite(state).all()):
+            _merge_chunked(out, inputs, state, mask_dtype)
+            return
         vectors = _task_vectors(inputs)
         weights = state
         if topk < 1:
@@ -43,6 +49,60 @@ class Sce(MergeMethod):
         del erase
         merged = (vectors * erased).sum(dim=0)
         out.copy_(base + merged / torch.sum(erased, dim=0).clamp(min=1e-6))
+
+
+def _same_dtypes(inputs) -> bool:
+    return all(inputs.tensors[i].dtype == inputs.base_tensor.dtype for i in inputs.non_base)
+
+
+def _merge_chunked(out: torch.Tensor, inputs, weights: torch.Tensor, mask_dtype: torch.dtype) -> None:
+    """The candidate without selection, chunk by chunk: every operation after the prepared weights
+    is elementwise or a sum over the models' axis, so mergekit's operations on a chunk of every
+    input give that chunk of its result, bit for bit. Everything runs in preallocated chunk buffers:
+    the sums over models as `half_row_sum` (torch's float32 accumulation, rounded once) for half
+    types, `weights * mask` as the mask copied to the merge dtype times the weight (the weight or
+    +0, as mergekit's product), one row at a time.
+
+    Only for finite weights: an infinite or NaN delta makes them non-finite, and then the NaNs of
+    the result carry sign and payload bits that depend on how torch splits the whole tensor (seen
+    in bfloat16), so such tensors run mergekit's whole-tensor operations. With finite weights every
+    delta is finite and the result has no NaN (the erased sum only adds same-signed products)."""
+    base = inputs.base_tensor.reshape(-1)
+    children = [inputs.tensors[i].reshape(-1) for i in inputs.non_base]
+    flat = out.view(-1)
+    m, size = len(children), min(flat.numel(), CHUNK_ELEMENTS)
+    shares = [float(w) for w in weights]  # half values, exact as Python floats; >= 0 when finite
+    rows = [base.new_empty(m * size) for _ in range(3)]  # task vectors, signs, erased weights
+    erase = torch.empty(size, dtype=torch.bool)
+    total, denom = base.new_empty(size), base.new_empty(size)
+    majority = base.new_empty(size, dtype=mask_dtype)
+    acc = torch.empty(size) if m > 2 else None
+    if base.dtype in HALF:
+        def row_sum(r, into):
+            return half_row_sum(r, into, acc)
+    else:
+        def row_sum(r, into):
+            return torch.sum(r, dim=0, out=into)
+    direct = flat.dtype == base.dtype
+    for start, stop in chunk_ranges(flat.numel()):
+        n = stop - start
+        vectors, signs, erased = (r[: m * n].view(m, n) for r in rows)
+        x, t, d, e = base[start:stop], total[:n], denom[:n], erase[:n]
+        for i, child in enumerate(children):
+            torch.sub(child[start:stop], x, out=vectors[i])
+        # _sign_consensus: sign(delta) == (sum(delta) >= 0) * 2 - 1, both in the mask dtype
+        maj = majority[:n].copy_(torch.ge(row_sum(vectors, t), 0, out=e)).mul_(2).sub_(1)
+        torch.sign(vectors, out=signs)
+        for i in range(m):
+            sign = signs[i] if mask_dtype == base.dtype else signs[i].to(mask_dtype)
+            # weight * mask: the weight where the sign agrees, else +0
+            erased[i].copy_(torch.eq(sign, maj, out=e)).mul_(shares[i])
+        row_sum(erased, d).clamp_(min=1e-6)
+        row_sum(vectors.mul_(erased), t).div_(d)
+        if direct:
+            torch.add(x, t, out=flat[start:stop])
+        else:
+            flat[start:stop].copy_(t.add_(x))
 
 
 def _task_vectors(inputs) -> torch.Tensor:

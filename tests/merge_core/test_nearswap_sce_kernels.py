@@ -54,3 +54,55 @@ def test_nearswap_into_another_dtype():
     theirs = _mergekit_kernel("nearswap", tensors, 0, {"t": 0.001})
     ours = _ours("nearswap", tensors, 0, {"t": 0.001}, [{}, {}], torch.float32)
     assert _bits_equal(ours, theirs.float())
+
+
+def _family(shape, dtype, children: int, seed: int = 0) -> list[torch.Tensor]:
+    """A base and children that move part of its elements, with -0 where all are zero and -0
+    children over a +0 base."""
+    g = torch.Generator().manual_seed(seed)
+    base = torch.randn(shape, generator=g) * 0.02
+    tensors = [base]
+    for i in range(children):
+        child = base + torch.randn(shape, generator=g) * 0.002 * (i + 1)
+        keep = torch.rand(shape, generator=g) < 0.3
+        child[keep] = base[keep]
+        tensors.append(child)
+    flat = [t.view(-1) for t in tensors]
+    for t in flat:
+        t[:8] = -0.0
+    flat[0][8:12] = 0.0
+    return [t.to(dtype) for t in tensors]
+
+
+SCE_DEFAULTS = {"int8_mask": False, "select_topk": 1.0}
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", [(27,), (600, 500), (300_001,)])
+@pytest.mark.parametrize("children", [1, 2, 3])
+def test_sce_kernel_without_selection(dtype, shape, children):
+    tensors = _family(shape, dtype, children)
+    for shared in (SCE_DEFAULTS, SCE_DEFAULTS | {"int8_mask": True}, SCE_DEFAULTS | {"select_topk": 1.5}):
+        theirs = _mergekit_kernel("sce", tensors, 0, shared)
+        ours = _ours("sce", tensors, 0, shared, [{} for _ in tensors], theirs.dtype)
+        assert _bits_equal(ours, theirs), shared
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_sce_kernel_edge_inputs(dtype):
+    """Children equal to the base (equal shares), an infinite delta (NaN weights), and a base that
+    is not the first input."""
+    base, child = _family((300_001,), dtype, 1)
+    for tensors, base_index in (([base, base.clone(), base.clone()], 0),
+                                ([base, child, child.clone().fill_(float("inf"))], 0),
+                                ([child, base, child.neg()], 1)):
+        theirs = _mergekit_kernel("sce", tensors, base_index, SCE_DEFAULTS)
+        ours = _ours("sce", tensors, base_index, SCE_DEFAULTS, [{} for _ in tensors], theirs.dtype)
+        assert _bits_equal(ours, theirs), base_index
+
+
+def test_sce_into_another_dtype():
+    tensors = _family((300_001,), torch.float16, 2)
+    theirs = _mergekit_kernel("sce", tensors, 0, SCE_DEFAULTS)
+    ours = _ours("sce", tensors, 0, SCE_DEFAULTS, [{} for _ in tensors], torch.float32)
+    assert _bits_equal(ours, theirs.float())
