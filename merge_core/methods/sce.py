@@ -34,8 +34,8 @@ class Sce(MergeMethod):
             return
         mask_dtype = torch.int8 if values.shared["int8_mask"] else base.dtype
         topk = values.shared["select_topk"]
-        if topk >= 1 and _same_dtypes(inputs) and bool(torch.isfinite(state).all()):
-            _merge_chunked(out, inputs, state, mask_dtype)
+        if topk >= 1 and base.dtype in _BITS and _same_dtypes(inputs) and bool(torch.isfinite(state).all()):
+            _merge_chunked(out, inputs, state)
             return
         vectors = _task_vectors(inputs)
         weights = state
@@ -51,11 +51,16 @@ class Sce(MergeMethod):
         out.copy_(base + merged / torch.sum(erased, dim=0).clamp(min=1e-6))
 
 
+# the integer type of each float type's bit pattern
+_BITS = {torch.float16: torch.int16, torch.bfloat16: torch.int16, torch.float32: torch.int32,
+         torch.float64: torch.int64}
+
+
 def _same_dtypes(inputs) -> bool:
     return all(inputs.tensors[i].dtype == inputs.base_tensor.dtype for i in inputs.non_base)
 
 
-def _merge_chunked(out: torch.Tensor, inputs, weights: torch.Tensor, mask_dtype: torch.dtype) -> None:
+def _merge_chunked(out: torch.Tensor, inputs, weights: torch.Tensor) -> None:
     """The candidate without selection, chunk by chunk: every operation after the prepared weights
     is elementwise or a sum over the models' axis, so mergekit's operations on a chunk of every
     input give that chunk of its result, bit for bit. Everything runs in preallocated chunk buffers:
@@ -75,7 +80,8 @@ def _merge_chunked(out: torch.Tensor, inputs, weights: torch.Tensor, mask_dtype:
     rows = [base.new_empty(m * size) for _ in range(3)]  # task vectors, signs, erased weights
     erase = torch.empty(size, dtype=torch.bool)
     total, denom = base.new_empty(size), base.new_empty(size)
-    majority = base.new_empty(size, dtype=mask_dtype)
+    majority = base.new_empty(size)  # in the merge dtype: +-1 compare alike in any mask dtype
+    bits = _BITS[base.dtype]
     acc = torch.empty(size) if m > 2 else None
     if base.dtype in HALF:
         def row_sum(r, into):
@@ -90,13 +96,13 @@ def _merge_chunked(out: torch.Tensor, inputs, weights: torch.Tensor, mask_dtype:
         x, t, d, e = base[start:stop], total[:n], denom[:n], erase[:n]
         for i, child in enumerate(children):
             torch.sub(child[start:stop], x, out=vectors[i])
-        # _sign_consensus: sign(delta) == (sum(delta) >= 0) * 2 - 1, both in the mask dtype
+        # _sign_consensus: sign(delta) == (sum(delta) >= 0) * 2 - 1 (int8_mask changes no value)
         maj = majority[:n].copy_(torch.ge(row_sum(vectors, t), 0, out=e)).mul_(2).sub_(1)
-        torch.sign(vectors, out=signs)
+        sign_bits, maj_bits = torch.sign(vectors, out=signs).view(bits), maj.view(bits)
         for i in range(m):
-            sign = signs[i] if mask_dtype == base.dtype else signs[i].to(mask_dtype)
-            # weight * mask: the weight where the sign agrees, else +0
-            erased[i].copy_(torch.eq(sign, maj, out=e)).mul_(shares[i])
+            # sign == majority on bit patterns: signs are +-1 or +-0 and majority +-1, all exact in
+            # the mask dtype too; weight * mask: the weight where the sign agrees, else +0
+            erased[i].copy_(torch.eq(sign_bits[i], maj_bits, out=e)).mul_(shares[i])
         row_sum(erased, d).clamp_(min=1e-6)
         row_sum(vectors.mul_(erased), t).div_(d)
         if direct:
