@@ -114,13 +114,17 @@ def _factors(w_0: torch.Tensor, ws: list[torch.Tensor], view: tuple[int, ...], w
             norm_product = norms[i] * norms[j]
             dot = product_of(i, j, whole).sum(dim=-1)
             cosines.append((dot / norm_product.clamp(min=1e-6)).clamp(-1, 1))
+    t = _interpolation_factor(cosines, len(ws))
+    return t.reshape(rows, 1), (1 - t).reshape(rows, 1)
+
+
+def _interpolation_factor(cosines: list[torch.Tensor], count: int) -> torch.Tensor:
+    """mergekit's t from the pairwise cosines of the task vectors (0 where the estimate is singular)."""
     cos_theta = torch.stack(cosines).mean(dim=0).unsqueeze(-1)
-    count = len(ws)
     denominator = 1 + (count - 1) * cos_theta
     singular = denominator.abs() < 1e-6
     safe = torch.where(singular, torch.ones_like(denominator), denominator)
-    t = torch.where(singular, torch.zeros_like(cos_theta), (count * cos_theta) / safe)
-    return t.reshape(rows, 1), (1 - t).reshape(rows, 1)
+    return torch.where(singular, torch.zeros_like(cos_theta), (count * cos_theta) / safe)
 
 
 def _all_negative_zero(ws: list[torch.Tensor]) -> bool:
@@ -150,11 +154,7 @@ def _merge_whole(out: torch.Tensor, inputs, filter_wise: bool) -> None:
         for b in offsets[i + 1:]:
             norms = torch.norm(a, dim=-1) * torch.norm(b, dim=-1)
             cosines.append(((a * b).sum(dim=-1) / norms.clamp(min=1e-6)).clamp(-1, 1))
-    cos_theta = torch.stack(cosines).mean(dim=0).unsqueeze(-1)
     count = len(ws)
-    denominator = 1 + (count - 1) * cos_theta
-    singular = denominator.abs() < 1e-6
-    safe = torch.where(singular, torch.ones_like(denominator), denominator)
-    t = torch.where(singular, torch.zeros_like(cos_theta), (count * cos_theta) / safe)
+    t = _interpolation_factor(cosines, count)
     average = sum(ws) / count
     out.copy_((t * average + (1 - t) * w_0).reshape(shape))

@@ -137,16 +137,17 @@ def test_a_margin_stops_a_level_candidate_only_once_the_items_say_so():
     assert not race([-1.0] + [0.0] * 299, margin=0.01).lost()
 
 
-def _stops(population, margin, races=400, p_threshold=0.5):
+def _stops(population, margin=0.0, anytime=True, p_threshold=0.5, races=400, seed=2):
+    """How often a race over these paired differences (shuffled per race) stops, checking every 5 items."""
     import random
 
     from search.pruners import Race
 
-    rng = random.Random(2)
+    rng = random.Random(seed)
     stopped = 0
     for _ in range(races):
         rng.shuffle(population)
-        race = Race(len(population), p_threshold=p_threshold, n_startup_steps=20, anytime=True, margin=margin)
+        race = Race(len(population), p_threshold=p_threshold, n_startup_steps=20, anytime=anytime, margin=margin)
         for i, d in enumerate(population, 1):
             race.add(d)
             if i % 5 == 0 and race.lost():
@@ -167,24 +168,10 @@ def test_a_candidate_better_by_the_margin_is_stopped_at_most_p_threshold_of_the_
     assert _stops(clearly_better, margin=0.01) < 0.05
 
 
-def _false_stops(anytime: bool, p_threshold: float, races: int = 400, n_items: int = 300) -> float:
+def _false_stops(anytime: bool, p_threshold: float, n_items: int = 300) -> float:
     """How often a candidate exactly as good as the one it races is stopped, checking every 5 items."""
-    import random
-
-    from search.pruners import Race
-
     population = [-1.0] * 60 + [1.0] * 60 + [0.0] * (n_items - 120)  # paired differences, mean 0
-    rng = random.Random(1)
-    stopped = 0
-    for _ in range(races):
-        rng.shuffle(population)
-        race = Race(n_items, p_threshold=p_threshold, n_startup_steps=20, anytime=anytime)
-        for i, d in enumerate(population, 1):
-            race.add(d)
-            if i % 5 == 0 and race.lost():
-                stopped += 1
-                break
-    return stopped / races
+    return _stops(population, anytime=anytime, p_threshold=p_threshold, seed=1)
 
 
 @pytest.mark.parametrize("p_threshold", [0.1, 0.5])
