@@ -8,6 +8,10 @@ import torch
 # and few enough chunks that per-call overhead stays small; elementwise results do not depend on it.
 CHUNK_ELEMENTS = 256 * 1024
 
+# the integer type of each float type's bit pattern: masks and comparisons on the bits are exact
+BIT_TYPES = {torch.float16: torch.int16, torch.bfloat16: torch.int16, torch.float32: torch.int32,
+             torch.float64: torch.int64}
+
 
 def chunk_ranges(numel: int, size: int = CHUNK_ELEMENTS):
     """(start, stop) pairs covering range(numel)."""

@@ -7,12 +7,8 @@ from __future__ import annotations
 import torch
 
 from merge_core.methods.base import Contract, MergeMethod, Param
-from merge_core.methods.chunks import CHUNK_ELEMENTS, chunk_ranges, half_row_sum
+from merge_core.methods.chunks import BIT_TYPES, CHUNK_ELEMENTS, chunk_ranges, half_row_sum
 from merge_core.methods.sparsify import HALF
-
-# the integer type of each float type's bit pattern: masks and comparisons run on the bits
-_BITS = {torch.float16: torch.int16, torch.bfloat16: torch.int16, torch.float32: torch.int32,
-         torch.float64: torch.int64}
 
 
 class Ram(MergeMethod):
@@ -92,7 +88,7 @@ class RamPlusTl(MergeMethod):
             return
         # where one model moves an element the merged delta is that delta times the model's scale,
         # else the plain sum (times 1): one scale per element, built on the result's bits
-        bits = _BITS[result]
+        bits = BIT_TYPES[result]
         one = torch.ones((), dtype=result).view(bits)
         toggles = (scale.to(result).view(bits) ^ one).reshape(n, 1)
         # a product that rounds to zero keeps its sign where mergekit's sum returns +0
@@ -129,10 +125,10 @@ class RamPlusTl(MergeMethod):
 def _chunkable(inputs) -> bool:
     """Whether a candidate can run chunk by chunk: a CPU float type whose every delta is finite."""
     base = inputs.base_tensor if inputs.base is not None else None
-    if base is None or not inputs.non_base or base.device.type != "cpu" or base.dtype not in _BITS \
+    if base is None or not inputs.non_base or base.device.type != "cpu" or base.dtype not in BIT_TYPES \
             or base.numel() == 0 or any(inputs.tensors[i].dtype != base.dtype for i in inputs.non_base):
         return False
-    bits = _BITS[base.dtype]
+    bits = BIT_TYPES[base.dtype]
     infinite = torch.tensor(float("inf"), dtype=base.dtype).view(bits)
     flat = base.reshape(-1)
     delta = torch.empty(min(CHUNK_ELEMENTS, flat.numel()), dtype=base.dtype)
@@ -156,7 +152,7 @@ def _threshold(dtype: torch.dtype, epsilon: float) -> int:
     torch compares in the tensor's dtype (epsilon rounded to it); |x| > e is bits(|x|) > bits(e)
     for finite x and e >= 0. Half types check every finite pattern with the comparison itself.
     """
-    bits = _BITS[dtype]
+    bits = BIT_TYPES[dtype]
     if dtype in HALF:
         infinite = int(torch.tensor(float("inf"), dtype=dtype).view(bits))
         patterns = torch.arange(infinite + 1, dtype=bits).view(dtype)
@@ -182,7 +178,7 @@ class _Chunks:
         self.base = base.reshape(-1)
         self.rows = [inputs.tensors[i].reshape(-1) for i in inputs.non_base]
         n, size = len(self.rows), min(CHUNK_ELEMENTS, self.base.numel())
-        self.bits_type = _BITS[base.dtype]
+        self.bits_type = BIT_TYPES[base.dtype]
         self.shift = torch.iinfo(self.bits_type).bits - 1
         self.threshold = torch.tensor(_threshold(base.dtype, epsilon), dtype=self.bits_type)
         self.deltas = base.new_empty((n, size))

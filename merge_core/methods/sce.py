@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from merge_core.methods.base import Contract, MergeMethod, Param
-from merge_core.methods.chunks import CHUNK_ELEMENTS, chunk_ranges, half_row_sum
+from merge_core.methods.chunks import BIT_TYPES, CHUNK_ELEMENTS, chunk_ranges, half_row_sum
 from merge_core.methods.sparsify import HALF
 from merge_core.methods.task_arithmetic import _sign_consensus
 
@@ -34,7 +34,7 @@ class Sce(MergeMethod):
             return
         mask_dtype = torch.int8 if values.shared["int8_mask"] else base.dtype
         topk = values.shared["select_topk"]
-        if topk >= 1 and base.dtype in _BITS and _same_dtypes(inputs) and bool(torch.isfinite(state).all()):
+        if topk >= 1 and base.dtype in BIT_TYPES and _same_dtypes(inputs) and bool(torch.isfinite(state).all()):
             _merge_chunked(out, inputs, state)
             return
         vectors = _task_vectors(inputs)
@@ -49,11 +49,6 @@ class Sce(MergeMethod):
         del erase
         merged = (vectors * erased).sum(dim=0)
         out.copy_(base + merged / torch.sum(erased, dim=0).clamp(min=1e-6))
-
-
-# the integer type of each float type's bit pattern
-_BITS = {torch.float16: torch.int16, torch.bfloat16: torch.int16, torch.float32: torch.int32,
-         torch.float64: torch.int64}
 
 
 def _same_dtypes(inputs) -> bool:
@@ -81,7 +76,7 @@ def _merge_chunked(out: torch.Tensor, inputs, weights: torch.Tensor) -> None:
     erase = torch.empty(size, dtype=torch.bool)
     total, denom = base.new_empty(size), base.new_empty(size)
     majority = base.new_empty(size)  # in the merge dtype: +-1 compare alike in any mask dtype
-    bits = _BITS[base.dtype]
+    bits = BIT_TYPES[base.dtype]
     acc = torch.empty(size) if m > 2 else None
     if base.dtype in HALF:
         def row_sum(r, into):
