@@ -12,6 +12,8 @@ from dataclasses import dataclass
 
 import torch
 
+from merge_core import native
+
 DOT_THRESHOLD = 0.9995
 EPS = 1e-8
 # Full-precision scratch per step stays small (a few MB) whatever the tensor size.
@@ -102,6 +104,30 @@ def slerp_into(out: torch.Tensor, v0: torch.Tensor, v1: torch.Tensor, s0: float,
     if out.dtype in (torch.float32, torch.float64):
         torch.mul(v0, s0, out=out)
         return out.add_(v1 * s1)
+    variant = _native_variant(out, v0, v1)
+    if variant is not None:
+        native.linear(variant, out, [v0, v1], [s0, s1], None)
+        return out
+    return _eager_half_pass(out, v0, v1, s0, s1)
+
+
+def _native_variant(out: torch.Tensor, v0: torch.Tensor, v1: torch.Tensor):
+    """The fused pass (native.py's linear: x0 * s0 + x1 * s1, one rounding) where it gives the
+    eager pass's bits, else None."""
+    if not native.usable(out, [v0, v1]) or not native.enabled():
+        return None
+    s0, s1 = 0.8123456789, -0.3456789123
+
+    def run_native(variant, probe, into):
+        native.linear(variant, into, probe[:2], [s0, s1], None)
+
+    def run_eager(probe, into):
+        _eager_half_pass(into, probe[0], probe[1], s0, s1)
+
+    return native.verified(("slerp", out.dtype), native.LINEAR_VARIANTS, run_native, run_eager)
+
+
+def _eager_half_pass(out: torch.Tensor, v0: torch.Tensor, v1: torch.Tensor, s0: float, s1: float) -> torch.Tensor:
     flat_out, a, b = out.view(-1), v0.reshape(-1), v1.reshape(-1)
     size = min(CHUNK_ELEMENTS, max(1, flat_out.numel()))
     buf_a = torch.empty(size, dtype=torch.float32, device=out.device)

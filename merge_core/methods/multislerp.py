@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import torch
 
+from merge_core import native
 from merge_core.errors import MergeInputError
-from merge_core.methods.base import MergeMethod, Param
+from merge_core.methods.base import Inputs, MergeMethod, Param
 from merge_core.methods.chunks import CHUNK_ELEMENTS, chunk_ranges, half_row_sum
 from merge_core.methods.non_base import NonBaseContract
 from merge_core.methods.sparsify import HALF
@@ -51,7 +52,7 @@ class MultiSlerp(MergeMethod):
         if values.shared["normalize_weights"]:
             weights = weights / weights.sum()
         eps = values.shared["eps"]
-        if first.device.type != "cpu" or not _ChunkedPass(out, inputs, state, weights, eps).run():
+        if first.device.type != "cpu" or not _chunked_pass(out, inputs, state, weights, eps).run():
             _merge_whole(out, inputs, state, weights, eps)
 
 
@@ -161,6 +162,73 @@ class _ChunkedPass:
             if self.base is not None:
                 result.add_(self.base[start:stop])
             flat_out[start:stop].copy_(result)
+
+
+def _chunked_pass(out, inputs, norms, weights, eps) -> _ChunkedPass:
+    """The native passes where they give the eager passes' bits, else the eager ones."""
+    tensors = [inputs.tensors[i] for i in inputs.non_base]
+    base = inputs.base_tensor if inputs.base is not None else None
+    everything = tensors + ([base] if base is not None else [])
+    if not native.usable(out, everything) or not native.enabled():
+        return _ChunkedPass(out, inputs, norms, weights, eps)
+    rows = min(len(tensors), 3)  # two rows and more are summed differently
+
+    def run(variant, probe, into):
+        if base is not None:
+            probe_inputs = Inputs(tuple(probe[: rows + 1]), base=0)
+        else:
+            probe_inputs = Inputs(tuple(probe[1: rows + 1]))
+        probe_norms = MultiSlerp().prepare(probe_inputs)
+        probe_weights = torch.tensor([0.5, 0.2, 0.3][:rows], dtype=into.dtype)
+        probe_weights = probe_weights / probe_weights.sum()
+        if variant is None:
+            chosen = _ChunkedPass(into, probe_inputs, probe_norms, probe_weights, 1e-8)
+        else:
+            chosen = _NativePass(into, probe_inputs, probe_norms, probe_weights, 1e-8, variant)
+        if not chosen.run():
+            raise RuntimeError("multislerp: the probe's weighted mean is zero")
+
+    key = ("multislerp", out.dtype, rows, base is not None)
+    variant = native.verified(key, native.MULTISLERP_VARIANTS, run, lambda probe, into: run(None, probe, into),
+                              specials=False)
+    if variant is None:
+        return _ChunkedPass(out, inputs, norms, weights, eps)
+    return _NativePass(out, inputs, norms, weights, eps, variant)
+
+
+class _NativePass(_ChunkedPass):
+    """_ChunkedPass with each chunked pass one native.multislerp call; the reductions are the same."""
+
+    def __init__(self, out, inputs, norms, weights, eps, variant):
+        super().__init__(out, inputs, norms, weights, eps)
+        self.variant = variant
+        self.scales = self.scale.view(-1).tolist()
+        self.weight_values = self.weights.view(-1).tolist()
+
+    def _pass(self, which: int, **values) -> None:
+        out = self.out.view(-1) if which == 4 else None
+        native.multislerp(self.variant, which, self.flats, self.base, self.mean, self.vector, out, self.scales,
+                          self.weight_values, **values)
+
+    def _mean(self) -> None:
+        self._pass(1)
+
+    def _dots(self, mean_norm: torch.Tensor) -> torch.Tensor:
+        dots = []
+        for row in range(len(self.flats)):
+            self._pass(2, row=row, mean_norm=mean_norm.item())
+            dots.append(row_reduction(torch.sum, self.vector))
+        return torch.stack(dots).view(-1, 1)
+
+    def _tangent(self, dots: torch.Tensor) -> torch.Tensor:
+        self._pass(3, dots=dots.view(-1).tolist())
+        return torch.norm(self.vector) + self.eps
+
+    def _result(self, tangent_norm: torch.Tensor) -> None:
+        cos = torch.cos(tangent_norm)
+        sin_over = torch.sin(tangent_norm) / tangent_norm
+        mean_input_norm = (self.norms.squeeze(-1) * self.weights).sum()
+        self._pass(4, cos=cos.item(), sin_over=sin_over.item(), mean_input_norm=mean_input_norm.item())
 
 
 def _merge_whole(out, inputs, norms, weights, eps) -> None:

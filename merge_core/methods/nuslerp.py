@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import torch
 
+from merge_core import native
 from merge_core.methods.base import MergeMethod, Param
 from merge_core.methods.chunks import chunk_ranges
 from merge_core.methods.non_base import NonBaseContract
@@ -82,10 +83,48 @@ def _geometry(v0: torch.Tensor, v1: torch.Tensor):
 
 
 def _flat_pass(out, inputs, first, second, t, colinear, theta, sin_theta) -> None:
-    """The flattened layout has one angle: elementwise from here on, so one chunked pass."""
-    c0, c1 = inputs.tensors[first].reshape(-1), inputs.tensors[second].reshape(-1)
-    base = inputs.base_tensor.reshape(-1) if inputs.base is not None else None
+    """The flattened layout has one angle: elementwise from here on, so one pass (native.py's
+    delta_sum where it gives the eager pass's bits)."""
+    tensors = [inputs.tensors[first], inputs.tensors[second]]
+    base = inputs.base_tensor if inputs.base is not None else None
     linear = bool(colinear.item())
+    variant = _native_variant(out, tensors, base, linear)
+    if variant is None:
+        _eager_flat_pass(out, tensors, base, t, linear, theta, sin_theta)
+    elif linear:
+        native.delta_sum(variant, out, tensors, base, [1 - t, t], plus_zero=False)
+    else:
+        s0, s1 = torch.sin((1 - t) * theta), torch.sin(t * theta)
+        native.delta_sum(variant, out, tensors, base, [s0.item(), s1.item()], sin_theta.item(), plus_zero=False)
+
+
+def _native_variant(out, tensors, base, linear: bool):
+    if not native.usable(out, tensors + ([base] if base is not None else [])) or not native.enabled():
+        return None
+    theta = torch.tensor([1.234], dtype=out.dtype)
+    t = 0.3125 if linear else 0.61
+
+    def run_native(variant, probe, into):
+        probe_base = probe[0] if base is not None else None
+        if linear:
+            native.delta_sum(variant, into, probe[1:3], probe_base, [1 - t, t], plus_zero=False)
+        else:
+            s0, s1 = torch.sin((1 - t) * theta), torch.sin(t * theta)
+            native.delta_sum(variant, into, probe[1:3], probe_base, [s0.item(), s1.item()],
+                             torch.sin(theta).item(), plus_zero=False)
+
+    def run_eager(probe, into):
+        probe_base = probe[0] if base is not None else None
+        _eager_flat_pass(into, probe[1:3], probe_base, t, linear, theta, torch.sin(theta))
+
+    key = ("nuslerp", out.dtype, base is not None, linear)
+    return native.verified(key, native.DELTA_SUM_VARIANTS, run_native, run_eager)
+
+
+def _eager_flat_pass(out, tensors, base, t, linear: bool, theta, sin_theta) -> None:
+    """mergekit's operations, chunk by chunk."""
+    c0, c1 = tensors[0].reshape(-1), tensors[1].reshape(-1)
+    base = base.reshape(-1) if base is not None else None
     s0, s1 = torch.sin((1 - t) * theta), torch.sin(t * theta)
     flat = out.view(-1)
     for start, stop in chunk_ranges(flat.numel()):

@@ -9,8 +9,9 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from merge_core import native
 from merge_core.methods import draws, sparsify
-from merge_core.methods.base import Contract, MergeMethod, Param
+from merge_core.methods.base import Contract, Inputs, MergeMethod, Param, Values
 from merge_core.methods.chunks import CHUNK_ELEMENTS, chunk_ranges, half_row_sum
 from merge_core.methods.sparsify import HALF
 
@@ -86,6 +87,9 @@ class TaskArithmetic(MergeMethod):
 
     @torch.no_grad()
     def merge(self, out, inputs, state, values, rng) -> None:
+        self._merge(out, inputs, state, values, rng, allow_native=True)
+
+    def _merge(self, out, inputs, state, values, rng, allow_native: bool) -> None:
         base = inputs.base_tensor
         others = inputs.non_base
         if not others:
@@ -108,6 +112,17 @@ class TaskArithmetic(MergeMethod):
             sparse = [self._sparsify(inputs.tensors[i] - base, values.per_input[i], shared["rescale"], rng,
                                      state.get(i) if state else None).reshape(-1) for i in others]
         weights = torch.tensor(values.of("weight", others), dtype=base.dtype, device=base.device).reshape(-1, 1)
+        if not self.consensus:
+            divisor = weights.sum(dim=0)
+            divisor[divisor.abs() < 1e-8] = 1
+        plain = sparse is None and drawn is None and (cuts is None or all(cut is None for cut in cuts))
+        if allow_native and plain and fast and not self.consensus:
+            variant = self._native_variant(out, inputs)
+            if variant is not None:
+                native.delta_sum(variant, out, [inputs.tensors[i] for i in others], base, weights.view(-1).tolist(),
+                                 divisor.item() if shared["normalize"] else None,
+                                 shared["lambda"] if shared["lambda"] != 1 else None)
+                return
         mask_dtype = torch.int8 if shared["int8_mask"] else base.dtype
         flat_base, flat_out = base.reshape(-1), out.view(-1)
         flats = [inputs.tensors[i].reshape(-1) for i in others]
@@ -118,9 +133,6 @@ class TaskArithmetic(MergeMethod):
         # Half types: mergekit's sums over the inputs and its boolean masks are slow there (a sum
         # over dim 0 costs 20x an add); the same values come from adds and sign arithmetic.
         scratch = _Scratch(len(others), size, base.dtype, base.device) if fast else None
-        if not self.consensus:
-            divisor = weights.sum(dim=0)
-            divisor[divisor.abs() < 1e-8] = 1
         for start, stop in chunk_ranges(flat_base.numel()):
             b = flat_base[start:stop]
             deltas = buffer[:, : stop - start]
@@ -155,6 +167,29 @@ class TaskArithmetic(MergeMethod):
                 torch.add(mixed, b, out=flat_out[start:stop])
             else:
                 flat_out[start:stop].copy_(mixed.add_(b))
+
+    def _native_variant(self, out, inputs):
+        """The verified native pass for this plain weighted sum of deltas (native.py), or None."""
+        tensors = list(inputs.tensors)
+        if not native.usable(out, tensors) or not native.enabled():
+            return None
+        rows = min(len(inputs.non_base), 3)  # one, two and more rows are summed differently
+
+        def probe_call(variant, probe, into):
+            weights = [0.5, -1.25, 0.8][:rows]
+            per_input = ({},) + tuple({"weight": w, "density": 1.0} for w in weights)
+            values = Values({"int8_mask": False, "normalize": True, "rescale": False, "lambda": 0.7}, per_input)
+            probe_inputs = Inputs(tuple(probe[: rows + 1]), base=0)
+            if variant is None:  # the plain pass is the same for every method of the family
+                TaskArithmetic()._merge(into, probe_inputs, None, values, None, allow_native=False)
+            else:
+                # the weights and divisor as the eager pass rounds them
+                rounded = torch.tensor(weights, dtype=into.dtype)
+                native.delta_sum(variant, into, list(probe[1: rows + 1]), probe[0], rounded.tolist(),
+                                 rounded.sum().item(), 0.7)
+
+        return native.verified(("task_arithmetic", out.dtype, rows), native.DELTA_SUM_VARIANTS,
+                               probe_call, lambda probe, into: probe_call(None, probe, into))
 
     @staticmethod
     def _drawn_here(state, p: dict) -> bool:

@@ -1,0 +1,341 @@
+/* Fused per-candidate passes for the elementwise merges (linear, slerp, task arithmetic, nuslerp,
+ * nearswap, multislerp), compiled on first
+ * use by native.py (x86-64 with AVX2, FMA and F16C) and checked there, bit for bit, against the
+ * eager torch passes they replace before they are used.
+ *
+ * Each function repeats the eager pass's operations in the same order and dtypes: a half-type
+ * torch operation computes in float32 and rounds its result to the half type (round to nearest
+ * even), which is what round_to() does between the steps. Built with -ffp-contract=off so that
+ * no multiply-add is fused unless written as one (torch's addcmul_ is, on CPUs with FMA).
+ *
+ * dtype codes: 0 float16, 1 bfloat16, 2 float32. Eight elements per step; the last partial step
+ * runs on a zero-padded copy, so every element goes through the same vector operations.
+ */
+#include <immintrin.h>
+#include <stdint.h>
+#include <string.h>
+
+#define LANES 8
+
+static inline __attribute__((always_inline)) __m256 load_f16(const void *p) { return _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)p)); }
+
+static inline __attribute__((always_inline)) __m256 load_bf16(const void *p) {
+    __m256i wide = _mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i *)p));
+    return _mm256_castsi256_ps(_mm256_slli_epi32(wide, 16));
+}
+
+static inline __attribute__((always_inline)) __m256 load_as(int dtype, const void *p) {
+    if (dtype == 0) return load_f16(p);
+    if (dtype == 1) return load_bf16(p);
+    return _mm256_loadu_ps((const float *)p);
+}
+
+/* float32 -> bfloat16, round to nearest even; NaN becomes `nan_bits` (torch's vector path). */
+static inline __attribute__((always_inline)) __m128i to_bf16(__m256 v, int nan_bits) {
+    __m256i u = _mm256_castps_si256(v);
+    __m256i lsb = _mm256_and_si256(_mm256_srli_epi32(u, 16), _mm256_set1_epi32(1));
+    __m256i r = _mm256_srli_epi32(_mm256_add_epi32(_mm256_add_epi32(u, _mm256_set1_epi32(0x7FFF)), lsb), 16);
+    __m256i nan = _mm256_castps_si256(_mm256_cmp_ps(v, v, _CMP_UNORD_Q));
+    r = _mm256_blendv_epi8(r, _mm256_set1_epi32(nan_bits), nan);
+    return _mm_packus_epi32(_mm256_castsi256_si128(r), _mm256_extracti128_si256(r, 1));
+}
+
+static inline __attribute__((always_inline)) void store_as(int dtype, void *p, __m256 v, int nan_bits) {
+    if (dtype == 0) _mm_storeu_si128((__m128i *)p, _mm256_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT));
+    else if (dtype == 1) _mm_storeu_si128((__m128i *)p, to_bf16(v, nan_bits));
+    else _mm256_storeu_ps((float *)p, v);
+}
+
+/* the value a torch operation in `dtype` leaves: float32 rounded to the half type and back */
+static inline __attribute__((always_inline)) __m256 round_to(int dtype, __m256 v, int nan_bits) {
+    if (dtype == 0) return _mm256_cvtph_ps(_mm256_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT));
+    if (dtype == 1) {
+        __m128i bits = to_bf16(v, nan_bits);
+        return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(bits), 16));
+    }
+    return v;
+}
+
+static inline __attribute__((always_inline)) int element_size(int dtype) { return dtype == 2 ? 4 : 2; }
+
+/* linear: acc = x_0 * c_0, then acc = fma(x_i, c_i, acc) (or mul + add), / denominator, one rounding. */
+static inline __attribute__((always_inline)) __m256 linear_step(int dtype, const char *const *xs, int64_t offset, int n, const float *c,
+                                 int use_fma, int normalize, float denominator) {
+    __m256 acc = _mm256_mul_ps(load_as(dtype, xs[0] + offset), _mm256_set1_ps(c[0]));
+    for (int i = 1; i < n; i++) {
+        __m256 x = load_as(dtype, xs[i] + offset);
+        acc = use_fma ? _mm256_fmadd_ps(x, _mm256_set1_ps(c[i]), acc)
+                      : _mm256_add_ps(acc, _mm256_mul_ps(x, _mm256_set1_ps(c[i])));
+    }
+    if (normalize) acc = _mm256_div_ps(acc, _mm256_set1_ps(denominator));
+    return acc;
+}
+
+static inline __attribute__((always_inline)) void linear_impl(int dtype, const char *const *xs, int n, const float *c, int use_fma, int normalize,
+                 float denominator, int nan_bits, char *out, int64_t numel) {
+    const int size = element_size(dtype);
+    int64_t j = 0;
+    for (; j + LANES <= numel; j += LANES) {
+        __m256 acc = linear_step(dtype, xs, j * size, n, c, use_fma, normalize, denominator);
+        store_as(dtype, out + j * size, acc, nan_bits);
+    }
+    if (j == numel) return;
+    /* the tail: the same step on zero-padded copies */
+    char pad[16][LANES * 4], result[LANES * 4];
+    const char *padded[16] = {0};
+    int64_t rest = (numel - j) * size;
+    for (int i = 0; i < n; i++) {
+        memset(pad[i], 0, sizeof pad[i]);
+        memcpy(pad[i], xs[i] + j * size, rest);
+        padded[i] = pad[i];
+    }
+    store_as(dtype, result, linear_step(dtype, padded, 0, n, c, use_fma, normalize, denominator), nan_bits);
+    memcpy(out + j * size, result, rest);
+}
+
+/* Options of delta_sum_pass, as native.py fills them (field order and types must match there). */
+typedef struct {
+    int has_base;   /* deltas from the base, and the base added back at the end */
+    int plus_zero;  /* the sum + 0 (torch's sum over rows of a half tensor starts from +0) */
+    int normalize;  /* the sum / divisor */
+    int scale;      /* the sum * lambda */
+    float divisor;
+    float lambda;
+    int nan_bits;   /* bfloat16 rounding of a NaN */
+} DeltaSumOptions;
+
+/* Weighted sum of deltas in the inputs' dtype, each operation rounded to it as torch's is:
+ *   d_i = x_i - base, d_i = d_i * w_i, summed (two rows: one add in the dtype; more: float32 adds,
+ *   one rounding), [+ 0], [/ divisor], [* lambda], [+ base].
+ * task arithmetic, and nuslerp's flattened pass (w = the sine coefficients, divisor sin theta). */
+static inline __attribute__((always_inline)) __m256 delta_sum_step(int dtype, const char *const *xs,
+        const char *base, int64_t offset, int n, const float *w, const DeltaSumOptions *o) {
+    __m256 b = o->has_base ? load_as(dtype, base + offset) : _mm256_setzero_ps();
+    __m256 total = _mm256_setzero_ps();
+    for (int i = 0; i < n; i++) {
+        __m256 d = load_as(dtype, xs[i] + offset);
+        if (o->has_base) d = round_to(dtype, _mm256_sub_ps(d, b), o->nan_bits);
+        d = round_to(dtype, _mm256_mul_ps(d, _mm256_set1_ps(w[i])), o->nan_bits);
+        if (i == 0) total = d;
+        else if (n == 2) total = round_to(dtype, _mm256_add_ps(total, d), o->nan_bits);
+        else total = _mm256_add_ps(total, d);
+    }
+    /* + 0 of a value the dtype holds is exact: a rounding is needed only after a float32 sum */
+    if (o->plus_zero) total = _mm256_add_ps(total, _mm256_setzero_ps());
+    if (n > 2) total = round_to(dtype, total, o->nan_bits);
+    if (o->normalize) total = round_to(dtype, _mm256_div_ps(total, _mm256_set1_ps(o->divisor)), o->nan_bits);
+    if (o->scale) total = round_to(dtype, _mm256_mul_ps(total, _mm256_set1_ps(o->lambda)), o->nan_bits);
+    return o->has_base ? _mm256_add_ps(total, b) : total;
+}
+
+static inline __attribute__((always_inline)) void delta_sum_impl(int dtype, const char *const *xs,
+        const char *base, int n, const float *w, const DeltaSumOptions *o, char *out, int64_t numel) {
+    const int size = element_size(dtype);
+    int64_t j = 0;
+    for (; j + LANES <= numel; j += LANES)
+        store_as(dtype, out + j * size, delta_sum_step(dtype, xs, base, j * size, n, w, o), o->nan_bits);
+    if (j == numel) return;
+    char pad[16][LANES * 4], padded_base[LANES * 4], result[LANES * 4];
+    const char *padded[16] = {0};
+    int64_t rest = (numel - j) * size;
+    for (int i = 0; i < n; i++) {
+        memset(pad[i], 0, sizeof pad[i]);
+        memcpy(pad[i], xs[i] + j * size, rest);
+        padded[i] = pad[i];
+    }
+    memset(padded_base, 0, sizeof padded_base);
+    if (o->has_base) memcpy(padded_base, base + j * size, rest);
+    store_as(dtype, result, delta_sum_step(dtype, padded, padded_base, 0, n, w, o), o->nan_bits);
+    memcpy(out + j * size, result, rest);
+}
+
+/* nearswap: w = |base - other| (rounded), clamp_min(floor), 1 / w, * t, clamp(0, 1), each rounded;
+ * rest = (1 - w) * base; result = w * other + rest. clamp keeps a NaN (max/min return their
+ * second operand when either is NaN), as torch's does. */
+static inline __attribute__((always_inline)) __m256 nearswap_step(int dtype, const char *base, const char *other,
+        int64_t offset, float t, float floor, int nan_bits) {
+    const __m256 one = _mm256_set1_ps(1.0f);
+    __m256 x = load_as(dtype, base + offset), y = load_as(dtype, other + offset);
+    __m256 w = round_to(dtype, _mm256_sub_ps(x, y), nan_bits);
+    w = _mm256_and_ps(w, _mm256_castsi256_ps(_mm256_set1_epi32(0x7FFFFFFF)));
+    w = _mm256_max_ps(_mm256_set1_ps(floor), w);
+    w = round_to(dtype, _mm256_div_ps(one, w), nan_bits);
+    w = round_to(dtype, _mm256_mul_ps(w, _mm256_set1_ps(t)), nan_bits);
+    w = _mm256_min_ps(one, _mm256_max_ps(_mm256_setzero_ps(), w));
+    __m256 rest = round_to(dtype, _mm256_sub_ps(one, w), nan_bits);
+    rest = round_to(dtype, _mm256_mul_ps(rest, x), nan_bits);
+    __m256 result = round_to(dtype, _mm256_mul_ps(w, y), nan_bits);
+    return _mm256_add_ps(result, rest);
+}
+
+static inline __attribute__((always_inline)) void nearswap_impl(int dtype, const char *base, const char *other,
+        float t, float floor, int nan_bits, char *out, int64_t numel) {
+    const int size = element_size(dtype);
+    int64_t j = 0;
+    for (; j + LANES <= numel; j += LANES)
+        store_as(dtype, out + j * size, nearswap_step(dtype, base, other, j * size, t, floor, nan_bits), nan_bits);
+    if (j == numel) return;
+    char padded_base[LANES * 4], padded_other[LANES * 4], result[LANES * 4];
+    int64_t rest = (numel - j) * size;
+    memset(padded_base, 0, sizeof padded_base);
+    memset(padded_other, 0, sizeof padded_other);
+    memcpy(padded_base, base + j * size, rest);
+    memcpy(padded_other, other + j * size, rest);
+    store_as(dtype, result, nearswap_step(dtype, padded_base, padded_other, 0, t, floor, nan_bits), nan_bits);
+    memcpy(out + j * size, result, rest);
+}
+
+/* multislerp, the four passes of methods/multislerp.py's _ChunkedPass; u_i = (x_i [- base]) / scale_i,
+ * each rounded. Every pass writes whole vectors that torch then reduces (norms and dot products). */
+static inline __attribute__((always_inline)) __m256 unit_of(int dtype, const char *x, const char *base,
+        int64_t offset, float scale, int nan_bits) {
+    __m256 u = load_as(dtype, x + offset);
+    if (base) u = round_to(dtype, _mm256_sub_ps(u, load_as(dtype, base + offset)), nan_bits);
+    return round_to(dtype, _mm256_div_ps(u, _mm256_set1_ps(scale)), nan_bits);
+}
+
+/* the rows p_i summed as torch sums rows of a (n, k) tensor: see delta_sum_step */
+static inline __attribute__((always_inline)) __m256 row_sum_step(int dtype, __m256 total, __m256 p, int i, int n,
+                                                                 int nan_bits) {
+    if (i == 0) return p;
+    if (n == 2) return round_to(dtype, _mm256_add_ps(total, p), nan_bits);
+    return _mm256_add_ps(total, p);
+}
+
+static inline __attribute__((always_inline)) __m256 row_sum_end(int dtype, __m256 total, int n, int nan_bits) {
+    if (dtype == 2) return total;  /* float32: torch.sum, no + 0 */
+    total = _mm256_add_ps(total, _mm256_setzero_ps());
+    return n > 2 ? round_to(dtype, total, nan_bits) : total;
+}
+
+typedef struct {
+    const char *const *xs;
+    const char *base;     /* NULL: no base */
+    int n;
+    const float *scales;  /* norm_i + eps */
+    const float *weights;
+    const float *dots;    /* pass 3 */
+    float mean_norm;      /* pass 2, row 0: the mean divided by it in place */
+    float cos, sin_over, mean_input_norm;  /* pass 4 */
+    int row;              /* pass 2 */
+    int nan_bits;
+} MultiSlerpOptions;
+
+/* pass 1: mean = sum of u_i * w_i */
+static inline __attribute__((always_inline)) void ms_mean_step(int dtype, const MultiSlerpOptions *o, int64_t off,
+        char *mean) {
+    __m256 total = _mm256_setzero_ps();
+    for (int i = 0; i < o->n; i++) {
+        __m256 u = unit_of(dtype, o->xs[i], o->base, off, o->scales[i], o->nan_bits);
+        __m256 p = round_to(dtype, _mm256_mul_ps(u, _mm256_set1_ps(o->weights[i])), o->nan_bits);
+        total = row_sum_step(dtype, total, p, i, o->n, o->nan_bits);
+    }
+    store_as(dtype, mean + off, row_sum_end(dtype, total, o->n, o->nan_bits), o->nan_bits);
+}
+
+/* pass 2, one row: [mean /= mean_norm in place, on row 0]; vector = u_row * mean */
+static inline __attribute__((always_inline)) void ms_products_step(int dtype, const MultiSlerpOptions *o,
+        int64_t off, char *mean, char *vector) {
+    __m256 m = load_as(dtype, mean + off);
+    if (o->row == 0) {
+        m = round_to(dtype, _mm256_div_ps(m, _mm256_set1_ps(o->mean_norm)), o->nan_bits);
+        store_as(dtype, mean + off, m, o->nan_bits);
+    }
+    __m256 u = unit_of(dtype, o->xs[o->row], o->base, off, o->scales[o->row], o->nan_bits);
+    store_as(dtype, vector + off, _mm256_mul_ps(u, m), o->nan_bits);
+}
+
+/* pass 3: vector = sum of (u_i - dot_i * mean) * w_i */
+static inline __attribute__((always_inline)) void ms_tangent_step(int dtype, const MultiSlerpOptions *o, int64_t off,
+        char *mean, char *vector) {
+    __m256 m = load_as(dtype, mean + off);
+    __m256 total = _mm256_setzero_ps();
+    for (int i = 0; i < o->n; i++) {
+        __m256 u = unit_of(dtype, o->xs[i], o->base, off, o->scales[i], o->nan_bits);
+        __m256 along = round_to(dtype, _mm256_mul_ps(_mm256_set1_ps(o->dots[i]), m), o->nan_bits);
+        u = round_to(dtype, _mm256_sub_ps(u, along), o->nan_bits);
+        __m256 p = round_to(dtype, _mm256_mul_ps(u, _mm256_set1_ps(o->weights[i])), o->nan_bits);
+        total = row_sum_step(dtype, total, p, i, o->n, o->nan_bits);
+    }
+    store_as(dtype, vector + off, row_sum_end(dtype, total, o->n, o->nan_bits), o->nan_bits);
+}
+
+/* pass 4: out = (mean * cos + vector * sin_over) * mean_input_norm [+ base] */
+static inline __attribute__((always_inline)) void ms_result_step(int dtype, const MultiSlerpOptions *o, int64_t off,
+        char *mean, char *vector, char *out) {
+    __m256 r = round_to(dtype, _mm256_mul_ps(load_as(dtype, mean + off), _mm256_set1_ps(o->cos)), o->nan_bits);
+    __m256 q = round_to(dtype, _mm256_mul_ps(load_as(dtype, vector + off), _mm256_set1_ps(o->sin_over)), o->nan_bits);
+    r = round_to(dtype, _mm256_add_ps(r, q), o->nan_bits);
+    r = _mm256_mul_ps(r, _mm256_set1_ps(o->mean_input_norm));
+    if (o->base) r = _mm256_add_ps(round_to(dtype, r, o->nan_bits), load_as(dtype, o->base + off));
+    store_as(dtype, out + off, r, o->nan_bits);
+}
+
+/* Runs pass `which` over [0, numel) of every vector (pointers already offset by the caller); the
+ * last partial step on zero-padded copies of everything it reads, written back for what it wrote. */
+static inline __attribute__((always_inline)) void ms_impl(int dtype, int which, const MultiSlerpOptions *o,
+        char *mean, char *vector, char *out, int64_t numel) {
+    const int size = element_size(dtype);
+    int64_t j = 0;
+    for (; j + LANES <= numel; j += LANES) {
+        int64_t off = j * size;
+        if (which == 1) ms_mean_step(dtype, o, off, mean);
+        else if (which == 2) ms_products_step(dtype, o, off, mean, vector);
+        else if (which == 3) ms_tangent_step(dtype, o, off, mean, vector);
+        else ms_result_step(dtype, o, off, mean, vector, out);
+    }
+    if (j == numel) return;
+    int64_t rest = (numel - j) * size, off = j * size;
+    char px[16][LANES * 4], pb[LANES * 4], pm[LANES * 4], pv[LANES * 4], po[LANES * 4];
+    const char *xs[16] = {0};
+    for (int i = 0; i < o->n; i++) {
+        memset(px[i], 0, sizeof px[i]);
+        memcpy(px[i], o->xs[i] + off, rest);
+        xs[i] = px[i];
+    }
+    memset(pb, 0, sizeof pb);
+    memset(pm, 0, sizeof pm);
+    memset(pv, 0, sizeof pv);
+    if (o->base) memcpy(pb, o->base + off, rest);
+    if (which != 1) memcpy(pm, mean + off, rest);
+    if (which == 4) memcpy(pv, vector + off, rest);
+    MultiSlerpOptions padded = *o;
+    padded.xs = xs;
+    padded.base = o->base ? pb : 0;
+    if (which == 1) ms_mean_step(dtype, &padded, 0, pm);
+    else if (which == 2) ms_products_step(dtype, &padded, 0, pm, pv);
+    else if (which == 3) ms_tangent_step(dtype, &padded, 0, pm, pv);
+    else ms_result_step(dtype, &padded, 0, pm, pv, po);
+    if (which == 1 || (which == 2 && o->row == 0)) memcpy(mean + off, pm, rest);
+    if (which == 2 || which == 3) memcpy(vector + off, pv, rest);
+    if (which == 4) memcpy(out + off, po, rest);
+}
+
+/* the entry points: one specialised copy of each pass per dtype */
+void linear_pass(int dtype, const char *const *xs, int n, const float *c, int use_fma, int normalize,
+                 float denominator, int nan_bits, char *out, int64_t numel) {
+    if (dtype == 0) linear_impl(0, xs, n, c, use_fma, normalize, denominator, nan_bits, out, numel);
+    else if (dtype == 1) linear_impl(1, xs, n, c, use_fma, normalize, denominator, nan_bits, out, numel);
+    else linear_impl(2, xs, n, c, use_fma, normalize, denominator, nan_bits, out, numel);
+}
+
+void delta_sum_pass(int dtype, const char *const *xs, const char *base, int n, const float *w,
+                    const DeltaSumOptions *o, char *out, int64_t numel) {
+    if (dtype == 0) delta_sum_impl(0, xs, base, n, w, o, out, numel);
+    else if (dtype == 1) delta_sum_impl(1, xs, base, n, w, o, out, numel);
+    else delta_sum_impl(2, xs, base, n, w, o, out, numel);
+}
+
+void nearswap_pass(int dtype, const char *base, const char *other, float t, float floor, int nan_bits, char *out,
+                   int64_t numel) {
+    if (dtype == 0) nearswap_impl(0, base, other, t, floor, nan_bits, out, numel);
+    else if (dtype == 1) nearswap_impl(1, base, other, t, floor, nan_bits, out, numel);
+    else nearswap_impl(2, base, other, t, floor, nan_bits, out, numel);
+}
+
+void multislerp_pass(int dtype, int which, const MultiSlerpOptions *o, char *mean, char *vector, char *out,
+                     int64_t numel) {
+    if (dtype == 0) ms_impl(0, which, o, mean, vector, out, numel);
+    else if (dtype == 1) ms_impl(1, which, o, mean, vector, out, numel);
+    else ms_impl(2, which, o, mean, vector, out, numel);
+}
