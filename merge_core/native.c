@@ -58,6 +58,13 @@ static inline __attribute__((always_inline)) __m256 round_to(int dtype, __m256 v
 
 static inline __attribute__((always_inline)) int element_size(int dtype) { return dtype == 2 ? 4 : 2; }
 
+/* bfloat16's NaN pattern at element j: torch's vector loop writes `nan_bits`, its scalar loop over
+ * the last elements (from `tail_start`, numel less numel modulo its vector size) `tail_nan_bits`. */
+static inline __attribute__((always_inline)) int nan_at(int64_t j, int nan_bits, int tail_nan_bits,
+                                                        int64_t tail_start) {
+    return j >= tail_start ? tail_nan_bits : nan_bits;
+}
+
 /* linear: acc = x_0 * c_0, then acc = fma(x_i, c_i, acc) (or mul + add), / denominator, one rounding. */
 static inline __attribute__((always_inline)) __m256 linear_step(int dtype, const char *const *xs, int64_t offset, int n, const float *c,
                                  int use_fma, int normalize, float denominator) {
@@ -72,12 +79,12 @@ static inline __attribute__((always_inline)) __m256 linear_step(int dtype, const
 }
 
 static inline __attribute__((always_inline)) void linear_impl(int dtype, const char *const *xs, int n, const float *c, int use_fma, int normalize,
-                 float denominator, int nan_bits, char *out, int64_t numel) {
+                 float denominator, int nan_bits, int tail_nan_bits, int64_t tail_start, char *out, int64_t numel) {
     const int size = element_size(dtype);
     int64_t j = 0;
     for (; j + LANES <= numel; j += LANES) {
         __m256 acc = linear_step(dtype, xs, j * size, n, c, use_fma, normalize, denominator);
-        store_as(dtype, out + j * size, acc, nan_bits);
+        store_as(dtype, out + j * size, acc, nan_at(j, nan_bits, tail_nan_bits, tail_start));
     }
     if (j == numel) return;
     /* the tail: the same step on zero-padded copies */
@@ -89,7 +96,8 @@ static inline __attribute__((always_inline)) void linear_impl(int dtype, const c
         memcpy(pad[i], xs[i] + j * size, rest);
         padded[i] = pad[i];
     }
-    store_as(dtype, result, linear_step(dtype, padded, 0, n, c, use_fma, normalize, denominator), nan_bits);
+    store_as(dtype, result, linear_step(dtype, padded, 0, n, c, use_fma, normalize, denominator),
+             nan_at(j, nan_bits, tail_nan_bits, tail_start));
     memcpy(out + j * size, result, rest);
 }
 
@@ -101,7 +109,9 @@ typedef struct {
     int scale;      /* the sum * lambda */
     float divisor;
     float lambda;
-    int nan_bits;   /* bfloat16 rounding of a NaN */
+    int nan_bits;   /* bfloat16 rounding of a NaN: see nan_at */
+    int tail_nan_bits;
+    int64_t tail_start;
 } DeltaSumOptions;
 
 /* Weighted sum of deltas in the inputs' dtype, each operation rounded to it as torch's is:
@@ -131,9 +141,13 @@ static inline __attribute__((always_inline)) __m256 delta_sum_step(int dtype, co
 static inline __attribute__((always_inline)) void delta_sum_impl(int dtype, const char *const *xs,
         const char *base, int n, const float *w, const DeltaSumOptions *o, char *out, int64_t numel) {
     const int size = element_size(dtype);
+    DeltaSumOptions tail = *o;
+    tail.nan_bits = o->tail_nan_bits;
     int64_t j = 0;
-    for (; j + LANES <= numel; j += LANES)
-        store_as(dtype, out + j * size, delta_sum_step(dtype, xs, base, j * size, n, w, o), o->nan_bits);
+    for (; j + LANES <= numel; j += LANES) {
+        const DeltaSumOptions *at = j >= o->tail_start ? &tail : o;
+        store_as(dtype, out + j * size, delta_sum_step(dtype, xs, base, j * size, n, w, at), at->nan_bits);
+    }
     if (j == numel) return;
     char pad[16][LANES * 4], padded_base[LANES * 4], result[LANES * 4];
     const char *padded[16] = {0};
@@ -145,7 +159,8 @@ static inline __attribute__((always_inline)) void delta_sum_impl(int dtype, cons
     }
     memset(padded_base, 0, sizeof padded_base);
     if (o->has_base) memcpy(padded_base, base + j * size, rest);
-    store_as(dtype, result, delta_sum_step(dtype, padded, padded_base, 0, n, w, o), o->nan_bits);
+    const DeltaSumOptions *at = j >= o->tail_start ? &tail : o;
+    store_as(dtype, result, delta_sum_step(dtype, padded, padded_base, 0, n, w, at), at->nan_bits);
     memcpy(out + j * size, result, rest);
 }
 
@@ -169,11 +184,13 @@ static inline __attribute__((always_inline)) __m256 nearswap_step(int dtype, con
 }
 
 static inline __attribute__((always_inline)) void nearswap_impl(int dtype, const char *base, const char *other,
-        float t, float floor, int nan_bits, char *out, int64_t numel) {
+        float t, float floor, int nan_bits, int tail_nan_bits, int64_t tail_start, char *out, int64_t numel) {
     const int size = element_size(dtype);
     int64_t j = 0;
-    for (; j + LANES <= numel; j += LANES)
-        store_as(dtype, out + j * size, nearswap_step(dtype, base, other, j * size, t, floor, nan_bits), nan_bits);
+    for (; j + LANES <= numel; j += LANES) {
+        int nb = nan_at(j, nan_bits, tail_nan_bits, tail_start);
+        store_as(dtype, out + j * size, nearswap_step(dtype, base, other, j * size, t, floor, nb), nb);
+    }
     if (j == numel) return;
     char padded_base[LANES * 4], padded_other[LANES * 4], result[LANES * 4];
     int64_t rest = (numel - j) * size;
@@ -181,7 +198,8 @@ static inline __attribute__((always_inline)) void nearswap_impl(int dtype, const
     memset(padded_other, 0, sizeof padded_other);
     memcpy(padded_base, base + j * size, rest);
     memcpy(padded_other, other + j * size, rest);
-    store_as(dtype, result, nearswap_step(dtype, padded_base, padded_other, 0, t, floor, nan_bits), nan_bits);
+    int nb = nan_at(j, nan_bits, tail_nan_bits, tail_start);
+    store_as(dtype, result, nearswap_step(dtype, padded_base, padded_other, 0, t, floor, nb), nb);
     memcpy(out + j * size, result, rest);
 }
 
@@ -218,7 +236,9 @@ typedef struct {
     float mean_norm;      /* pass 2, row 0: the mean divided by it in place */
     float cos, sin_over, mean_input_norm;  /* pass 4 */
     int row;              /* pass 2 */
-    int nan_bits;
+    int nan_bits;         /* see nan_at */
+    int tail_nan_bits;
+    int64_t tail_start;
 } MultiSlerpOptions;
 
 /* pass 1: mean = sum of u_i * w_i */
@@ -276,13 +296,16 @@ static inline __attribute__((always_inline)) void ms_result_step(int dtype, cons
 static inline __attribute__((always_inline)) void ms_impl(int dtype, int which, const MultiSlerpOptions *o,
         char *mean, char *vector, char *out, int64_t numel) {
     const int size = element_size(dtype);
+    MultiSlerpOptions tail = *o;
+    tail.nan_bits = o->tail_nan_bits;
     int64_t j = 0;
     for (; j + LANES <= numel; j += LANES) {
         int64_t off = j * size;
-        if (which == 1) ms_mean_step(dtype, o, off, mean);
-        else if (which == 2) ms_products_step(dtype, o, off, mean, vector);
-        else if (which == 3) ms_tangent_step(dtype, o, off, mean, vector);
-        else ms_result_step(dtype, o, off, mean, vector, out);
+        const MultiSlerpOptions *at = j >= o->tail_start ? &tail : o;
+        if (which == 1) ms_mean_step(dtype, at, off, mean);
+        else if (which == 2) ms_products_step(dtype, at, off, mean, vector);
+        else if (which == 3) ms_tangent_step(dtype, at, off, mean, vector);
+        else ms_result_step(dtype, at, off, mean, vector, out);
     }
     if (j == numel) return;
     int64_t rest = (numel - j) * size, off = j * size;
@@ -299,7 +322,7 @@ static inline __attribute__((always_inline)) void ms_impl(int dtype, int which, 
     if (o->base) memcpy(pb, o->base + off, rest);
     if (which != 1) memcpy(pm, mean + off, rest);
     if (which == 4) memcpy(pv, vector + off, rest);
-    MultiSlerpOptions padded = *o;
+    MultiSlerpOptions padded = j >= o->tail_start ? tail : *o;
     padded.xs = xs;
     padded.base = o->base ? pb : 0;
     if (which == 1) ms_mean_step(dtype, &padded, 0, pm);
@@ -313,10 +336,11 @@ static inline __attribute__((always_inline)) void ms_impl(int dtype, int which, 
 
 /* the entry points: one specialised copy of each pass per dtype */
 void linear_pass(int dtype, const char *const *xs, int n, const float *c, int use_fma, int normalize,
-                 float denominator, int nan_bits, char *out, int64_t numel) {
-    if (dtype == 0) linear_impl(0, xs, n, c, use_fma, normalize, denominator, nan_bits, out, numel);
-    else if (dtype == 1) linear_impl(1, xs, n, c, use_fma, normalize, denominator, nan_bits, out, numel);
-    else linear_impl(2, xs, n, c, use_fma, normalize, denominator, nan_bits, out, numel);
+                 float denominator, int nan_bits, int tail_nan_bits, int64_t tail_start, char *out, int64_t numel) {
+    if (dtype == 0) linear_impl(0, xs, n, c, use_fma, normalize, denominator, 0, 0, 0, out, numel);
+    else if (dtype == 1)
+        linear_impl(1, xs, n, c, use_fma, normalize, denominator, nan_bits, tail_nan_bits, tail_start, out, numel);
+    else linear_impl(2, xs, n, c, use_fma, normalize, denominator, 0, 0, 0, out, numel);
 }
 
 void delta_sum_pass(int dtype, const char *const *xs, const char *base, int n, const float *w,
@@ -326,11 +350,11 @@ void delta_sum_pass(int dtype, const char *const *xs, const char *base, int n, c
     else delta_sum_impl(2, xs, base, n, w, o, out, numel);
 }
 
-void nearswap_pass(int dtype, const char *base, const char *other, float t, float floor, int nan_bits, char *out,
-                   int64_t numel) {
-    if (dtype == 0) nearswap_impl(0, base, other, t, floor, nan_bits, out, numel);
-    else if (dtype == 1) nearswap_impl(1, base, other, t, floor, nan_bits, out, numel);
-    else nearswap_impl(2, base, other, t, floor, nan_bits, out, numel);
+void nearswap_pass(int dtype, const char *base, const char *other, float t, float floor, int nan_bits,
+                   int tail_nan_bits, int64_t tail_start, char *out, int64_t numel) {
+    if (dtype == 0) nearswap_impl(0, base, other, t, floor, 0, 0, 0, out, numel);
+    else if (dtype == 1) nearswap_impl(1, base, other, t, floor, nan_bits, tail_nan_bits, tail_start, out, numel);
+    else nearswap_impl(2, base, other, t, floor, 0, 0, 0, out, numel);
 }
 
 void multislerp_pass(int dtype, int which, const MultiSlerpOptions *o, char *mean, char *vector, char *out,

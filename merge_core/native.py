@@ -34,10 +34,10 @@ MAX_INPUTS = 16  # the C tail buffers
 # below this many elements a second thread costs more than it saves
 SPLIT_ELEMENTS = 1 << 20
 
-_lock = threading.Lock()
+_lock = threading.RLock()
 _library: ctypes.CDLL | None | bool = False  # False: not tried yet
 _checked: dict[tuple, object] = {}  # (pass, dtype) -> its verified variant, or None
-_pool: ThreadPoolExecutor | None = None
+_pool: tuple[int, ThreadPoolExecutor] | None = None  # (the process it belongs to, the pool)
 
 
 def enabled() -> bool:
@@ -104,14 +104,16 @@ def _load() -> ctypes.CDLL | None:
         library = ctypes.CDLL(str(path))
         library.linear_pass.restype = None
         library.linear_pass.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_int, ctypes.c_void_p, ctypes.c_int,
-                                        ctypes.c_int, ctypes.c_float, ctypes.c_int, ctypes.c_void_p, ctypes.c_int64]
+                                        ctypes.c_int, ctypes.c_float, ctypes.c_int, ctypes.c_int, ctypes.c_int64,
+                                        ctypes.c_void_p, ctypes.c_int64]
         library.delta_sum_pass.restype = None
         library.delta_sum_pass.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int,
                                            ctypes.c_void_p, ctypes.POINTER(DeltaSumOptions), ctypes.c_void_p,
                                            ctypes.c_int64]
         library.nearswap_pass.restype = None
         library.nearswap_pass.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_float,
-                                          ctypes.c_float, ctypes.c_int, ctypes.c_void_p, ctypes.c_int64]
+                                          ctypes.c_float, ctypes.c_int, ctypes.c_int, ctypes.c_int64,
+                                          ctypes.c_void_p, ctypes.c_int64]
         library.multislerp_pass.restype = None
         library.multislerp_pass.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.POINTER(MultiSlerpOptions),
                                             ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64]
@@ -202,27 +204,51 @@ def run_split(numel: int, call) -> None:
         call(0, numel)
         return
     global _pool
-    if _pool is None or _pool._max_workers < threads:
-        _pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="merge-native")
+    # a new pool in a forked child (the parent's threads are not there) or for more threads
+    if _pool is None or _pool[0] != os.getpid() or _pool[1]._max_workers < threads:
+        _pool = (os.getpid(), ThreadPoolExecutor(max_workers=threads, thread_name_prefix="merge-native"))
     step = -(-numel // threads)
     step += -step % 64
-    futures = [_pool.submit(call, start, min(numel, start + step)) for start in range(0, numel, step)]
+    futures = [_pool[1].submit(call, start, min(numel, start + step)) for start in range(0, numel, step)]
     for future in futures:
         future.result()
 
 
-LINEAR_VARIANTS = [(1, 0xFFFF), (0, 0xFFFF), (1, 0x7FC0), (0, 0x7FC0)]
-DELTA_SUM_VARIANTS = [0xFFFF, 0x7FC0]
+# linear's variants: whether each product after the first is added as a fused multiply-add (torch's
+# addcmul_ on CPUs with FMA) or rounded first (slerp's mul and add); the other passes have one.
+LINEAR_VARIANTS = [1, 0]
+ONE_VARIANT = [0]
+
+_nan_rule: tuple[int, int, int] | None = None
+
+
+def bfloat16_nans(total: int, start: int) -> tuple[int, int, int]:
+    """(vector NaN, scalar NaN, first scalar element relative to `start`) of bfloat16 rounding in an
+    elementwise torch operation over `total` elements: its vector loop writes one NaN pattern and
+    its scalar loop over the last total % vector-size elements another (measured once here)."""
+    global _nan_rule
+    if _nan_rule is None:
+        probe = torch.full((1023,), float("inf"), dtype=torch.bfloat16) * 0.0
+        bits = probe.view(torch.int16).to(torch.int32) & 0xFFFF
+        last = int(bits[-1])
+        scalar = (bits == last).nonzero().flatten()
+        first_scalar = int(scalar[0]) if len(scalar) else 1023
+        # no vector loop at all: every element scalar; else the vector size is the power of two
+        # just above the scalar tail's length
+        step = 0 if first_scalar == 0 else 1 << (1023 - first_scalar).bit_length()
+        _nan_rule = (int(bits[0]), last, step)
+    vector, scalar, step = _nan_rule
+    tail = 0 if step == 0 else total - total % step
+    return vector, scalar, max(0, tail - start)
 
 
 def linear(variant, out: torch.Tensor, tensors: list[torch.Tensor], coefficients: list[float],
            denominator: float | None) -> None:
     """out = (sum of x_i * c_i) / denominator, rounded once to out's dtype (see native.c).
 
-    variant: (1 when each product after the first is added as a fused multiply-add, as torch's
-    addcmul_ does on CPUs with FMA, else 0; the bit pattern bfloat16 rounding gives a NaN).
+    variant: 1 when each product after the first is added as a fused multiply-add, as torch's
+    addcmul_ does on CPUs with FMA, else 0.
     """
-    use_fma, nan_bits = variant
     library = _load()
     code = DTYPE_CODES[out.dtype]
     size = out.element_size()
@@ -233,9 +259,9 @@ def linear(variant, out: torch.Tensor, tensors: list[torch.Tensor], coefficients
 
     def call(start: int, stop: int) -> None:
         xs = _pointers([x[start:stop] for x in flats])
-        library.linear_pass(code, xs, len(flats), c, use_fma, int(normalize),
+        library.linear_pass(code, xs, len(flats), c, variant, int(normalize),
                             float(denominator) if normalize else 1.0,
-                            nan_bits, flat_out.data_ptr() + start * size, stop - start)
+                            *bfloat16_nans(flat_out.numel(), start), flat_out.data_ptr() + start * size, stop - start)
 
     run_split(flat_out.numel(), call)
 
@@ -245,7 +271,7 @@ class DeltaSumOptions(ctypes.Structure):
 
     _fields_ = [("has_base", ctypes.c_int), ("plus_zero", ctypes.c_int), ("normalize", ctypes.c_int),
                 ("scale", ctypes.c_int), ("divisor", ctypes.c_float), ("lam", ctypes.c_float),
-                ("nan_bits", ctypes.c_int)]
+                ("nan_bits", ctypes.c_int), ("tail_nan_bits", ctypes.c_int), ("tail_start", ctypes.c_int64)]
 
 
 def delta_sum(variant, out: torch.Tensor, tensors: list[torch.Tensor], base: torch.Tensor | None,
@@ -253,8 +279,6 @@ def delta_sum(variant, out: torch.Tensor, tensors: list[torch.Tensor], base: tor
               plus_zero: bool = True) -> None:
     """out = [base +] lambda * (sum of ([x_i - base]) * w_i [+ 0]) / divisor, each operation rounded to
     the dtype as torch's are (see native.c): task arithmetic, and nuslerp's flattened pass.
-
-    variant: the bit pattern bfloat16 rounding gives a NaN.
     """
     library = _load()
     code = DTYPE_CODES[out.dtype]
@@ -263,11 +287,12 @@ def delta_sum(variant, out: torch.Tensor, tensors: list[torch.Tensor], base: tor
     flat_base = base.reshape(-1) if base is not None else None
     flats = [t.reshape(-1) for t in tensors]
     w = _floats(weights)
-    options = DeltaSumOptions(int(base is not None), int(plus_zero), int(divisor is not None), int(lam is not None),
-                              float(divisor if divisor is not None else 1.0), float(lam if lam is not None else 1.0),
-                              variant)
 
     def call(start: int, stop: int) -> None:
+        options = DeltaSumOptions(
+            int(base is not None), int(plus_zero), int(divisor is not None), int(lam is not None),
+            float(divisor if divisor is not None else 1.0), float(lam if lam is not None else 1.0),
+            *bfloat16_nans(flat_out.numel(), start))
         xs = _pointers([x[start:stop] for x in flats])
         base_pointer = flat_base[start:stop].data_ptr() if flat_base is not None else None
         library.delta_sum_pass(code, xs, base_pointer, len(flats), w, ctypes.byref(options),
@@ -276,12 +301,9 @@ def delta_sum(variant, out: torch.Tensor, tensors: list[torch.Tensor], base: tor
     run_split(flat_out.numel(), call)
 
 
-NEARSWAP_VARIANTS = [0xFFFF, 0x7FC0]
-
-
 def nearswap(variant, out: torch.Tensor, base: torch.Tensor, other: torch.Tensor, t: float) -> None:
     """out = w * other + (1 - w) * base, w = clamp(t / max(|base - other|, 1e-6), 0, 1), each operation
-    rounded to the dtype as torch's are (see native.c). variant: bfloat16's NaN bit pattern."""
+    rounded to the dtype as torch's are (see native.c)."""
     library = _load()
     code = DTYPE_CODES[out.dtype]
     size = out.element_size()
@@ -290,7 +312,8 @@ def nearswap(variant, out: torch.Tensor, base: torch.Tensor, other: torch.Tensor
 
     def call(start: int, stop: int) -> None:
         library.nearswap_pass(code, flat_base[start:stop].data_ptr(), flat_other[start:stop].data_ptr(), t, floor,
-                              variant, flat_out.data_ptr() + start * size, stop - start)
+                              *bfloat16_nans(flat_out.numel(), start), flat_out.data_ptr() + start * size,
+                              stop - start)
 
     run_split(flat_out.numel(), call)
 
@@ -301,10 +324,8 @@ class MultiSlerpOptions(ctypes.Structure):
     _fields_ = [("xs", ctypes.c_void_p), ("base", ctypes.c_void_p), ("n", ctypes.c_int),
                 ("scales", ctypes.c_void_p), ("weights", ctypes.c_void_p), ("dots", ctypes.c_void_p),
                 ("mean_norm", ctypes.c_float), ("cos", ctypes.c_float), ("sin_over", ctypes.c_float),
-                ("mean_input_norm", ctypes.c_float), ("row", ctypes.c_int), ("nan_bits", ctypes.c_int)]
-
-
-MULTISLERP_VARIANTS = [0xFFFF, 0x7FC0]
+                ("mean_input_norm", ctypes.c_float), ("row", ctypes.c_int), ("nan_bits", ctypes.c_int),
+                ("tail_nan_bits", ctypes.c_int), ("tail_start", ctypes.c_int64)]
 
 
 def multislerp(variant, which: int, flats: list[torch.Tensor], base: torch.Tensor | None, mean: torch.Tensor,
@@ -312,8 +333,7 @@ def multislerp(variant, which: int, flats: list[torch.Tensor], base: torch.Tenso
                dots: list[float] | None = None, mean_norm: float = 1.0, row: int = 0,
                cos: float = 1.0, sin_over: float = 1.0, mean_input_norm: float = 1.0) -> None:
     """One of multislerp's four passes over flat vectors of one dtype (native.c): 1 the mean,
-    2 one row's products with the mean (normalising the mean on row 0), 3 the tangent, 4 the result.
-    variant: bfloat16's NaN bit pattern."""
+    2 one row's products with the mean (normalising the mean on row 0), 3 the tangent, 4 the result."""
     library = _load()
     code = DTYPE_CODES[mean.dtype]
     size = mean.element_size()
@@ -326,7 +346,7 @@ def multislerp(variant, which: int, flats: list[torch.Tensor], base: torch.Tenso
             ctypes.cast(xs, ctypes.c_void_p), base[start:stop].data_ptr() if base is not None else None, len(flats),
             ctypes.cast(scale_values, ctypes.c_void_p), ctypes.cast(weight_values, ctypes.c_void_p),
             ctypes.cast(dot_values, ctypes.c_void_p) if dot_values is not None else None,
-            mean_norm, cos, sin_over, mean_input_norm, row, variant)
+            mean_norm, cos, sin_over, mean_input_norm, row, *bfloat16_nans(mean.numel(), start))
         library.multislerp_pass(code, which, ctypes.byref(options), mean.data_ptr() + start * size,
                                 vector.data_ptr() + start * size,
                                 out.data_ptr() + start * size if out is not None else None, stop - start)
