@@ -58,6 +58,21 @@ static inline __attribute__((always_inline)) __m256 round_to(int dtype, __m256 v
 
 static inline __attribute__((always_inline)) int element_size(int dtype) { return dtype == 2 ? 4 : 2; }
 
+/* The last partial step reads zero-padded copies: `padded[i]` points at row i's copy of the
+ * `rest` bytes from `offset` (NULL rows stay NULL). */
+typedef char Lane[LANES * 4];
+
+static void pad_rows(const char *const *rows, int n, int64_t offset, int64_t rest, Lane *copies,
+                     const char **padded) {
+    for (int i = 0; i < n; i++) {
+        padded[i] = 0;
+        if (!rows[i]) continue;
+        memset(copies[i], 0, sizeof(Lane));
+        memcpy(copies[i], rows[i] + offset, rest);
+        padded[i] = copies[i];
+    }
+}
+
 /* bfloat16's NaN pattern at element j: torch's vector loop writes `nan_bits`, its scalar loop over
  * the last elements (from `tail_start`, numel less numel modulo its vector size) `tail_nan_bits`. */
 static inline __attribute__((always_inline)) int nan_at(int64_t j, int nan_bits, int tail_nan_bits,
@@ -88,14 +103,10 @@ static inline __attribute__((always_inline)) void linear_impl(int dtype, const c
     }
     if (j == numel) return;
     /* the tail: the same step on zero-padded copies */
-    char pad[16][LANES * 4], result[LANES * 4];
+    Lane pad[16], result;
     const char *padded[16] = {0};
     int64_t rest = (numel - j) * size;
-    for (int i = 0; i < n; i++) {
-        memset(pad[i], 0, sizeof pad[i]);
-        memcpy(pad[i], xs[i] + j * size, rest);
-        padded[i] = pad[i];
-    }
+    pad_rows(xs, n, j * size, rest, pad, padded);
     store_as(dtype, result, linear_step(dtype, padded, 0, n, c, use_fma, normalize, denominator),
              nan_at(j, nan_bits, tail_nan_bits, tail_start));
     memcpy(out + j * size, result, rest);
@@ -149,18 +160,14 @@ static inline __attribute__((always_inline)) void delta_sum_impl(int dtype, cons
         store_as(dtype, out + j * size, delta_sum_step(dtype, xs, base, j * size, n, w, at), at->nan_bits);
     }
     if (j == numel) return;
-    char pad[16][LANES * 4], padded_base[LANES * 4], result[LANES * 4];
-    const char *padded[16] = {0};
+    Lane pad[17], result;
+    const char *rows[17] = {0}, *padded[17] = {0};
     int64_t rest = (numel - j) * size;
-    for (int i = 0; i < n; i++) {
-        memset(pad[i], 0, sizeof pad[i]);
-        memcpy(pad[i], xs[i] + j * size, rest);
-        padded[i] = pad[i];
-    }
-    memset(padded_base, 0, sizeof padded_base);
-    if (o->has_base) memcpy(padded_base, base + j * size, rest);
+    for (int i = 0; i < n; i++) rows[i] = xs[i];
+    rows[n] = o->has_base ? base : 0;
+    pad_rows(rows, n + 1, j * size, rest, pad, padded);
     const DeltaSumOptions *at = j >= o->tail_start ? &tail : o;
-    store_as(dtype, result, delta_sum_step(dtype, padded, padded_base, 0, n, w, at), at->nan_bits);
+    store_as(dtype, result, delta_sum_step(dtype, padded, padded[n], 0, n, w, at), at->nan_bits);
     memcpy(out + j * size, result, rest);
 }
 
@@ -192,14 +199,12 @@ static inline __attribute__((always_inline)) void nearswap_impl(int dtype, const
         store_as(dtype, out + j * size, nearswap_step(dtype, base, other, j * size, t, floor, nb), nb);
     }
     if (j == numel) return;
-    char padded_base[LANES * 4], padded_other[LANES * 4], result[LANES * 4];
+    Lane copies[2], result;
+    const char *rows[2] = {base, other}, *padded[2];
     int64_t rest = (numel - j) * size;
-    memset(padded_base, 0, sizeof padded_base);
-    memset(padded_other, 0, sizeof padded_other);
-    memcpy(padded_base, base + j * size, rest);
-    memcpy(padded_other, other + j * size, rest);
+    pad_rows(rows, 2, j * size, rest, copies, padded);
     int nb = nan_at(j, nan_bits, tail_nan_bits, tail_start);
-    store_as(dtype, result, nearswap_step(dtype, padded_base, padded_other, 0, t, floor, nb), nb);
+    store_as(dtype, result, nearswap_step(dtype, padded[0], padded[1], 0, t, floor, nb), nb);
     memcpy(out + j * size, result, rest);
 }
 
@@ -309,22 +314,20 @@ static inline __attribute__((always_inline)) void ms_impl(int dtype, int which, 
     }
     if (j == numel) return;
     int64_t rest = (numel - j) * size, off = j * size;
-    char px[16][LANES * 4], pb[LANES * 4], pm[LANES * 4], pv[LANES * 4], po[LANES * 4];
-    const char *xs[16] = {0};
-    for (int i = 0; i < o->n; i++) {
-        memset(px[i], 0, sizeof px[i]);
-        memcpy(px[i], o->xs[i] + off, rest);
-        xs[i] = px[i];
-    }
-    memset(pb, 0, sizeof pb);
-    memset(pm, 0, sizeof pm);
-    memset(pv, 0, sizeof pv);
-    if (o->base) memcpy(pb, o->base + off, rest);
-    if (which != 1) memcpy(pm, mean + off, rest);
-    if (which == 4) memcpy(pv, vector + off, rest);
+    /* rows: the inputs, then the base, the mean and the vector where this pass reads them */
+    Lane copies[19], pm = {0}, pv = {0}, po;
+    const char *rows[19] = {0}, *padded_rows[19] = {0};
+    int n = o->n;
+    for (int i = 0; i < n; i++) rows[i] = o->xs[i];
+    rows[n] = o->base;
+    rows[n + 1] = which != 1 ? mean : 0;
+    rows[n + 2] = which == 4 ? vector : 0;
+    pad_rows(rows, n + 3, off, rest, copies, padded_rows);
+    if (padded_rows[n + 1]) memcpy(pm, padded_rows[n + 1], sizeof pm);
+    if (padded_rows[n + 2]) memcpy(pv, padded_rows[n + 2], sizeof pv);
     MultiSlerpOptions padded = j >= o->tail_start ? tail : *o;
-    padded.xs = xs;
-    padded.base = o->base ? pb : 0;
+    padded.xs = padded_rows;
+    padded.base = padded_rows[n];
     if (which == 1) ms_mean_step(dtype, &padded, 0, pm);
     else if (which == 2) ms_products_step(dtype, &padded, 0, pm, pv);
     else if (which == 3) ms_tangent_step(dtype, &padded, 0, pm, pv);
