@@ -67,10 +67,12 @@ def _compile(compiler: str) -> Path | None:
     digest = hashlib.sha256(source + " ".join([compiler, *FLAGS]).encode()).hexdigest()[:16]
     for folder in (_cache_dir(), Path(tempfile.gettempdir()) / f"merge-search-native-{os.getuid()}"):
         target = folder / f"merge_native_{digest}.so"
-        if target.exists():
-            return target
         try:
-            folder.mkdir(parents=True, exist_ok=True)
+            folder.mkdir(mode=0o700, parents=True, exist_ok=True)
+            if not _private(folder) or (target.exists() and not _private(target)):
+                continue  # a library another user could have written is never loaded
+            if target.exists():
+                return target
             with tempfile.TemporaryDirectory(dir=folder) as work:
                 built = Path(work) / target.name
                 result = subprocess.run([compiler, *FLAGS, str(SOURCE), "-o", str(built)],
@@ -83,6 +85,12 @@ def _compile(compiler: str) -> Path | None:
         except OSError:
             continue
     return None
+
+
+def _private(path: Path) -> bool:
+    """Owned by this user and writable by no one else."""
+    info = path.stat()
+    return info.st_uid == os.getuid() and not info.st_mode & 0o022
 
 
 def _load() -> ctypes.CDLL | None:
@@ -101,7 +109,11 @@ def _load() -> ctypes.CDLL | None:
         path = _compile(compiler)
         if path is None:
             return None
-        library = ctypes.CDLL(str(path))
+        try:
+            library = ctypes.CDLL(str(path))
+        except OSError as error:  # e.g. a cache on a noexec mount
+            log.info("native passes not loaded from %s: %s", path, error)
+            return None
         library.linear_pass.restype = None
         library.linear_pass.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_int, ctypes.c_void_p, ctypes.c_int,
                                         ctypes.c_int, ctypes.c_float, ctypes.c_int, ctypes.c_int, ctypes.c_int64,

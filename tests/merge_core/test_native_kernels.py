@@ -244,3 +244,15 @@ def test_without_native_passes_the_eager_ones_run(env, tmp_path):
     result = subprocess.run([sys.executable, "-c", script], env=environment, capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
     assert not list(tmp_path.rglob("*.so"))
+
+
+def test_a_cache_others_can_write_is_not_used(tmp_path):
+    # a library in a folder anyone could write to is never loaded, nor built there
+    shared = tmp_path / "native"
+    shared.mkdir()
+    shared.chmod(0o777)
+    script = "from merge_core import native\nprint(native.enabled())\n"
+    environment = {**os.environ, "MERGE_SEARCH_CACHE": str(tmp_path)}
+    result = subprocess.run([sys.executable, "-c", script], env=environment, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    assert not list(shared.iterdir())
