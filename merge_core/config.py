@@ -3,6 +3,13 @@
 The schema is mergekit 0.1.x's `MergeConfiguration` for the `models:` and `slices:` forms. Which
 parameters a method takes, and which inputs it needs, is checked against the method registry when
 the config is planned (`merge_core.plan`), where the tensors are known.
+
+mergekit's other spellings are read into one form, so the rest of the code and `to_yaml` see only
+that one: a model given as `{model: {path: p, revision: r}}` becomes `p@r`; `dtype: torch.float16`
+becomes `float16`; a quoted number (`weight: '0.5'`) becomes the number, converted as mergekit's
+pydantic parameter types convert it; `tokenizer: {source: s}` becomes `tokenizer_source: s`.
+What merge-search cannot do exactly (LoRA adapters, `tokenizer.tokens`, `chat_template`, ...) is
+refused with one line that says what to write instead.
 """
 
 from __future__ import annotations
@@ -11,14 +18,78 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    TypeAdapter,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
+from merge_core import methods
 from merge_core.errors import MergeInputError
 from merge_core.gradient import FilterValue
 
 Scalar = bool | int | float | str
 ScalarOrGradient = Scalar | list[Scalar]
-DType = Literal["float16", "bfloat16", "float32"]
+DTYPE_NAMES = ("float16", "bfloat16", "float32", "float64")
+LORA_HINT = ("LoRA adapters are not supported by merge-search; merge the adapter into its model first "
+             "(peft's merge_and_unload) and name that folder")
+
+
+def _dtype_name(value):
+    # mergekit's dtype_from_name: an optional `torch.` prefix; an empty string means no dtype.
+    if value is None or value == "":
+        return None
+    name = value.removeprefix("torch.") if isinstance(value, str) else value
+    if name in DTYPE_NAMES:
+        return name
+    if name == "int64":
+        # mergekit takes it, and rounds every weight to an integer (or fails on a norm's buffer).
+        raise ValueError(f"{value} is not a float type: every weight would be rounded to an integer; "
+                         f"use one of {', '.join(DTYPE_NAMES)}")
+    raise ValueError(f"must be one of {', '.join(DTYPE_NAMES)} (or torch.float16 and so on), got {value!r}")
+
+
+DType = Annotated[Literal["float16", "bfloat16", "float32", "float64"] | None, BeforeValidator(_dtype_name)]
+
+
+def _model_reference(value):
+    """mergekit's ModelReference forms as one string: `path`, `path@revision`; LoRA refused."""
+    if isinstance(value, dict):
+        unknown = sorted(set(value) - {"model", "lora", "override_architecture"}, key=str)
+        if unknown:
+            raise ValueError(f"unknown key {unknown[0]!r} in a model reference; write `model: org/name` "
+                             "or `model: {model: {path: org/name, revision: main}}`")
+        if value.get("lora") is not None:
+            raise ValueError(LORA_HINT)
+        if value.get("override_architecture") is not None:
+            raise ValueError("override_architecture is not supported by merge-search; remove it (the "
+                             "architecture is read from the model's config.json)")
+        if "model" not in value:
+            raise ValueError("a model reference needs `model:`; write `model: org/name` "
+                             "or `model: {model: {path: org/name, revision: main}}`")
+        value = value["model"]
+        if isinstance(value, dict):
+            unknown = sorted(set(value) - {"path", "revision"}, key=str)
+            if unknown:
+                raise ValueError(f"unknown key {unknown[0]!r} in a model path; it takes path and revision")
+            path, revision = value.get("path"), value.get("revision")
+            if not isinstance(path, str) or not path:
+                raise ValueError("a model path needs `path:` with the folder or Hub id, e.g. {path: org/name}")
+            if revision is not None and not isinstance(revision, str):
+                raise ValueError(f"revision must be a string (quote it), got {revision!r}")
+            value = f"{path}@{revision}" if revision else path
+    if isinstance(value, str) and "+" in value:
+        # mergekit reads `model+adapter` as a model with a LoRA adapter.
+        raise ValueError(f"{value!r}: `+` names a LoRA adapter in mergekit; {LORA_HINT}")
+    return value
+
+
+ModelName = Annotated[str, BeforeValidator(_model_reference)]
 
 
 class _Strict(BaseModel):
@@ -54,7 +125,7 @@ TSetting = ParameterSetting  # the value of SLERP's t, kept for the study code
 class SliceSource(_Strict):
     """One model's contiguous run of layers inside a slice, with its own parameters."""
 
-    model: str
+    model: ModelName
     layer_range: tuple[int, int]
     parameters: Parameters | None = None
 
@@ -70,7 +141,9 @@ class Slice(_Strict):
     """Output layers made from the same number of layers of each source model."""
 
     sources: list[SliceSource] = Field(min_length=1)
-    base_model: str | None = None
+    base_model: ModelName | None = None
+    # mergekit 0.1.5 reads this field and never uses it (no merge changes); kept so exports keep it.
+    residual_weight: float | None = None
     parameters: Parameters | None = None
 
     @model_validator(mode="after")
@@ -84,7 +157,7 @@ class Slice(_Strict):
 class ModelEntry(_Strict):
     """A whole model in the `models:` form, with its own parameters."""
 
-    model: str
+    model: ModelName
     parameters: Parameters | None = None
 
 
@@ -92,13 +165,26 @@ class MergeConfig(_Strict):
     """A mergekit config: one merge method over `models:` or `slices:`."""
 
     merge_method: str
-    base_model: str | None = None
+    base_model: ModelName | None = None
     slices: list[Slice] | None = None
     models: list[ModelEntry] | None = None
     parameters: Parameters | None = None
-    dtype: DType | None = None
-    out_dtype: DType | None = None
-    tokenizer_source: str | None = None
+    dtype: DType = None
+    out_dtype: DType = None
+    tokenizer_source: ModelName | None = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _mergekit_forms(cls, data):
+        if not isinstance(data, dict):
+            return data
+        for key, hint in UNSUPPORTED.items():
+            if key in data:
+                raise ValueError(f"{key}: not supported by merge-search; {hint}")
+        data = _typed_parameters(_tokenizer_section(dict(data)))
+        if data.get("tokenizer_source") == "union":
+            raise ValueError(f"tokenizer_source: union is not supported by merge-search; {UNION_HINT}")
+        return data
 
     @model_validator(mode="after")
     def _shape(self):
@@ -151,6 +237,99 @@ class MergeConfig(_Strict):
 
 SlerpConfig = MergeConfig  # the study code's name from when slerp was the only method
 
+UNION_HINT = "write `tokenizer_source: base` or name one of the models (a merged vocabulary needs mergekit)"
+UNSUPPORTED = {
+    "modules": "write the merge with top-level `models:` or `slices:`",
+    "chat_template": "remove it (it changes only the saved tokenizer) and set chat_template in the merged "
+                     "model's tokenizer_config.json afterwards",
+}
+
+
+def _tokenizer_section(data: dict) -> dict:
+    # mergekit plans `tokenizer: {source: s}` with no tokens and no padding as `tokenizer_source: s`.
+    if "tokenizer" not in data:
+        return data
+    section = data.pop("tokenizer")
+    if section is None:
+        return data
+    if data.get("tokenizer_source") is not None:
+        raise ValueError("tokenizer: give tokenizer_source or tokenizer, not both (mergekit refuses both too)")
+    if not isinstance(section, dict):
+        raise ValueError(f"tokenizer: expected a mapping like {{source: base}}, got {section!r}; "
+                         "or write `tokenizer_source: base`")
+    for key, value in section.items():
+        if key == "source":
+            continue
+        if key in ("tokens", "pad_to_multiple_of"):
+            if value in (None, {}):
+                continue
+            raise ValueError(f"tokenizer.{key}: not supported by merge-search; remove it and write "
+                             "`tokenizer_source: base` (or a model) instead of the tokenizer section")
+        raise ValueError(f"tokenizer.{key}: unknown key; the tokenizer section takes source, tokens, "
+                         "pad_to_multiple_of")
+    source = section.get("source", "union")  # mergekit's default source
+    if source == "union":
+        raise ValueError(f"tokenizer.source: union{'' if 'source' in section else ' (the default)'} is not "
+                         f"supported by merge-search; {UNION_HINT}")
+    data["tokenizer_source"] = source
+    return data
+
+
+_KIND_WORDS = {float: "a number (like 0.5)", int: "a whole number (like 10)", bool: "true or false"}
+
+
+def _typed_parameters(data: dict) -> dict:
+    # mergekit validates each parameter value with pydantic's lax mode for its type when it merges,
+    # so `weight: '0.5'` is 0.5 and `normalize: 'yes'` is true; convert the same values here, once.
+    method = methods.REGISTRY.get(data.get("merge_method")) if isinstance(data.get("merge_method"), str) else None
+    if method is None:
+        return data
+
+    def fix(params, where):
+        if not isinstance(params, dict):
+            return params
+        out = {}
+        for name, setting in params.items():
+            param = method.param(name) if isinstance(name, str) else None
+            out[name] = setting if param is None else _typed_setting(setting, param.kind, f"{where}.{name}")
+        return out
+
+    def fix_entries(entries, where, inner=None):
+        if not isinstance(entries, list):
+            return entries
+        fixed = []
+        for i, entry in enumerate(entries):
+            if isinstance(entry, dict):
+                entry = dict(entry)
+                if "parameters" in entry:
+                    entry["parameters"] = fix(entry["parameters"], f"{where}.{i}.parameters")
+                if inner and inner in entry:
+                    entry[inner] = fix_entries(entry[inner], f"{where}.{i}.{inner}")
+            fixed.append(entry)
+        return fixed
+
+    data = dict(data)
+    if "parameters" in data:
+        data["parameters"] = fix(data["parameters"], "parameters")
+    if "models" in data:
+        data["models"] = fix_entries(data["models"], "models")
+    if "slices" in data:
+        data["slices"] = fix_entries(data["slices"], "slices", inner="sources")
+    return data
+
+
+def _typed_setting(setting, kind: type, where: str):
+    if isinstance(setting, dict):
+        return {**setting, "value": _typed_setting(setting["value"], kind, where)} if "value" in setting else setting
+    if isinstance(setting, list):
+        return [_typed_setting(v, kind, where) for v in setting]
+    if isinstance(setting, str) or (isinstance(setting, bool) and kind is not bool):
+        try:
+            return TypeAdapter(kind).validate_python(setting)
+        except ValidationError:
+            raise ValueError(f"{where}: must be {_KIND_WORDS.get(kind, kind.__name__)}, got {setting!r}") from None
+    return setting
+
 
 def setting_of(value) -> Any:
     """Any accepted form of a parameter (scalar, anchors, `{filter, value}` entries) in gradient's form."""
@@ -179,10 +358,6 @@ def parse_config(data: Any, source: str = "config") -> MergeConfig:
     """Validate a parsed YAML mapping; errors name the file and the field."""
     if not isinstance(data, dict):
         raise MergeInputError(f"{source}: expected a mapping of mergekit keys, got {type(data).__name__}")
-    unsupported = sorted({"modules", "tokenizer", "chat_template"} & set(data))
-    if unsupported:
-        raise MergeInputError(f"{source}: {unsupported[0]}: not supported by merge-search yet; "
-                              "use `models:`/`slices:` and `tokenizer_source`")
     try:
         return MergeConfig.model_validate(data)
     except ValidationError as exc:

@@ -24,7 +24,7 @@ from merge_core.methods.base import Inputs, Values
 from merge_core.refs import resolve
 from merge_core.weights import ModelWeights, read_config
 
-DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
+DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32, "float64": torch.float64}
 # config.json fields parents must agree on before their tensors can be paired.
 SHAPE_FIELDS = ("model_type", "hidden_size", "n_embd", "intermediate_size", "num_attention_heads",
                 "num_key_value_heads", "vocab_size")
