@@ -1,4 +1,11 @@
-"""Write a merged model folder: sharded safetensors, config.json, tokenizer, the mergekit YAML."""
+"""Write a merged model folder: sharded safetensors, config.json, tokenizer, the mergekit YAML.
+
+What goes next to the tensors is what mergekit-yaml writes: config.json saved by transformers (so
+`dtype` and transformers' own version, as `PretrainedConfig.save_pretrained` writes them), the
+tokenizer files copied from the donor model, or saved by transformers when `tokenizer_source` is set,
+and the config file's own text. Where mergekit writes a config.json transformers cannot load (a
+layer count that no longer matches `layer_types`), we write per-layer lists that follow the layers.
+"""
 
 from __future__ import annotations
 
@@ -13,9 +20,12 @@ from pathlib import Path
 import torch
 
 from merge_core.errors import MergeInputError
+from merge_core.layers import LAYER_COUNT_KEYS as LAYER_KEYS
 
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
-                   "vocab.json", "merges.txt", "added_tokens.json", "chat_template.jinja", "generation_config.json")
+# mergekit's `_copy_tokenizer` list, copied when the donor has tokenizer_config.json and tokenizer.json or .model.
+TOKENIZER_FILES = ("tokenizer_config.json", "special_tokens_map.json", "tokenizer.json", "tokenizer.model",
+                   "added_tokens.json", "merges.txt", "chat_template.jinja", "generation_config.json",
+                   "chat_template.json", "video_preprocessor_config.json")
 MAX_SHARD_BYTES = 5 * 1000**3
 
 
@@ -47,24 +57,29 @@ def write_model(
     max_shard_bytes: int = MAX_SHARD_BYTES,
     progress: Callable[[], None] | None = None,
     overwrite: bool = False,
+    tokenizer=None,
 ) -> Path:
     """Write the folder atomically: built next to OUT_DIR, moved into place only when complete.
 
     `layout` lists every tensor's name, shape and dtype in the order `tensors` yields them, so the
     shard headers are written first and each tensor goes to disk as soon as it is merged: no
-    merged tensor is kept in memory after it is written.
+    merged tensor is kept in memory after it is written. `tokenizer` (a loaded transformers
+    tokenizer, see `load_tokenizer`) is saved instead of copying the files of `tokenizer_folder`.
     """
     out = prepare_output(out_dir, overwrite)
     staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
     try:
         _stream_shards(staging, tensors, layout, max_shard_bytes, progress)
-        (staging / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
-        for name in TOKENIZER_FILES:
-            if (Path(tokenizer_folder) / name).is_file():
-                shutil.copy2(Path(tokenizer_folder) / name, staging / name)
-        (staging / "mergekit_config.yml").write_text(merge_yaml)
+        (staging / "config.json").write_text(config_json(config), encoding="utf-8")
         if card is not None:
-            (staging / "README.md").write_text(card)
+            (staging / "README.md").write_text(card, encoding="utf-8")
+        (staging / "mergekit_config.yml").write_text(merge_yaml, encoding="utf-8")
+        if tokenizer is not None:
+            tokenizer.save_pretrained(staging, safe_serialization=True)
+        elif copies_tokenizer(tokenizer_folder):
+            for name in TOKENIZER_FILES:
+                if (Path(tokenizer_folder) / name).is_file():
+                    shutil.copy2(Path(tokenizer_folder) / name, staging / name)
         if out.exists():
             shutil.rmtree(out)
         os.replace(staging, out)
@@ -75,6 +90,124 @@ def write_model(
         shutil.rmtree(staging, ignore_errors=True)
         raise
     return out
+
+
+def copies_tokenizer(folder: Path) -> bool:
+    """Whether mergekit copies the donor's tokenizer files (else it loads the tokenizer and saves it)."""
+    folder = Path(folder)
+    return (folder / "tokenizer_config.json").is_file() and (
+        (folder / "tokenizer.json").is_file() or (folder / "tokenizer.model").is_file())
+
+
+def load_tokenizer(folder: Path, vocab_size: int | None = None, label: str = "tokenizer"):
+    """The tokenizer of `folder` as mergekit saves it; tokens with an id >= `vocab_size` removed.
+
+    mergekit loads `tokenizer_source: base` this way (its `get_stripped_tokenizer`), and any
+    donor tokenizer it cannot copy as files; `vocab_size` None keeps every token (a model named
+    as tokenizer_source).
+    """
+    import transformers
+
+    try:
+        tokenizer = transformers.AutoTokenizer.from_pretrained(str(folder), use_fast=True)
+    except Exception as exc:  # a missing or broken tokenizer is the user's to fix
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        raise MergeInputError(f"{label}: cannot load the tokenizer of {folder} ({first})") from None
+    unused = [tok for tok, i in tokenizer.get_vocab().items() if vocab_size is not None and i >= vocab_size]
+    if unused:
+        tokenizer = _strip_tokens(tokenizer, vocab_size, unused, label)
+    return tokenizer
+
+
+def _strip_tokens(tokenizer, vocab_size: int, unused: list[str], label: str):
+    """mergekit's get_stripped_tokenizer: drop tokens past the embedding (fast BPE tokenizers only)."""
+    import tokenizers
+
+    data = json.loads(tokenizer._tokenizer.to_str()) if tokenizer.is_fast else None
+    if data is None or data["model"]["type"] != "BPE":
+        raise MergeInputError(f"{label}: the tokenizer has {len(unused)} tokens past vocab_size {vocab_size} "
+                              "and is not a fast BPE tokenizer, which mergekit cannot strip either; name a "
+                              "model's folder as tokenizer_source, or remove tokenizer_source")
+    data["added_tokens"] = [e for e in data["added_tokens"] if e["id"] < vocab_size]
+    gone = set(unused)
+    for tok in unused:
+        data["model"]["vocab"].pop(tok, None)
+    data["model"]["merges"] = [m for m in data["model"]["merges"]
+                               if not gone.intersection(m.split(" ") if isinstance(m, str) else m)]
+    tokenizer._tokenizer = tokenizers.Tokenizer.from_str(json.dumps(data))
+    return tokenizer
+
+
+# Per-layer lists of config.json that transformers checks against num_hidden_layers.
+PER_LAYER_SUFFIX = "layer_types"
+
+
+def output_config(plan) -> dict:
+    """config.json of a plan's merged model, as mergekit writes it, with per-layer lists that follow the layers.
+
+    mergekit sets `dtype` only when the merge config names one (out_dtype first); per-layer lists
+    (`layer_types`, `mlp_layer_types`) get one entry per output layer, the entry of the source
+    layer it was built from (the reference model's source in slices that merge several).
+    """
+    config = plan.merged_config()
+    original = plan.reference.config
+    config.pop("torch_dtype", None)
+    chosen = plan.config.out_dtype or plan.config.dtype
+    if chosen:
+        config["dtype"] = chosen
+    elif original.get("dtype", original.get("torch_dtype")) is not None:
+        config["dtype"] = original.get("dtype", original.get("torch_dtype"))
+    else:
+        config.pop("dtype", None)
+    config.update(per_layer_lists(plan))
+    return config
+
+
+def per_layer_lists(plan) -> dict[str, list]:
+    """Each per-layer list of the reference config.json, one entry per output layer from its source layer."""
+    reference = plan.config.base_model or plan.slices[0].sources[0].model
+    lists = {}
+    for key, value in plan.reference.config.items():
+        if not key.endswith(PER_LAYER_SUFFIX) or not isinstance(value, list):
+            continue
+        entries = []
+        for sl in plan.slices:
+            source = next((s for s in sl.sources if s.model == reference), sl.sources[0])
+            values = _source_list(plan.weights[plan.models.index(source.model)], key)
+            start, end = source.layer_range
+            entries += values[start:end] if values is not None and end <= len(values) else [None] * (end - start)
+        if None not in entries:
+            lists[key] = entries
+    return lists
+
+
+def _source_list(weights, key: str) -> list | None:
+    if hasattr(weights, "plan"):  # an earlier chain stage's output: its list follows its own layers
+        return per_layer_lists(weights.plan).get(key)
+    value = weights.config.get(key)
+    count = next((weights.config[k] for k in LAYER_KEYS if isinstance(weights.config.get(k), int)), None)
+    return value if isinstance(value, list) and len(value) == count else None
+
+
+def config_json(config: dict) -> str:
+    """config.json text as transformers' save_pretrained writes it (what mergekit writes), when it knows the model.
+
+    Saving through transformers writes `dtype` for a parent's `torch_dtype`, its own
+    transformers_version, and leaves out values equal to the class defaults. A model type
+    transformers does not know (remote code) is written as the dict it is.
+    """
+    from transformers import CONFIG_MAPPING
+
+    model_type = config.get("model_type")
+    if isinstance(model_type, str) and model_type in CONFIG_MAPPING:
+        with tempfile.TemporaryDirectory() as folder:
+            try:
+                CONFIG_MAPPING[model_type].from_dict(dict(config)).save_pretrained(folder)
+            except Exception:  # noqa: BLE001 - a config its class rejects (as the parents'): keep their form
+                pass
+            else:
+                return (Path(folder) / "config.json").read_text(encoding="utf-8")
+    return json.dumps(config, indent=2, sort_keys=True) + "\n"
 
 
 SAFETENSORS_NAMES = {torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -21,35 +22,90 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Plan, then merge and write tensor by tensor behind a progress bar."""
+    import os
+
     from merge_core.card import model_card
     from merge_core.chain import ChainPlan, is_chain, parse_chain
     from merge_core.config import parse_config, read_yaml_documents
     from merge_core.merger import MergePlan, stream_tensors
-    from merge_core.refs import resolve
-    from merge_core.writer import prepare_output, write_model
+    from merge_core.writer import output_config, prepare_output, write_model
     from search.devices import check_device
     from search.progress import console, progress_bar
 
     docs = read_yaml_documents(args.config)
+    yaml_text = Path(args.config).read_text(encoding="utf-8")  # mergekit keeps the file's text, comments and all
     device = check_device(args.device)
     out = prepare_output(args.out_dir, args.overwrite)
+    stages: frozenset[str] = frozenset()
     if is_chain(docs):
         chain = ChainPlan(parse_chain(docs, args.config), args.allow_pickle, device, args.random_seed, args.config)
-        plan, config, yaml_text = chain.final, chain.final.config, chain.yaml()
+        plan, config, stages = chain.final, chain.final.config, frozenset(chain.outputs)
     else:
         config = parse_config(docs[0] if docs else None, args.config)
-        plan, yaml_text = MergePlan(config, allow_pickle=args.allow_pickle), config.to_yaml()
-    tokenizer_folder = plan.reference.folder
-    if config.tokenizer_source not in (None, "base"):
-        tokenizer_folder = resolve(config.tokenizer_source, args.allow_pickle)
+        plan = MergePlan(config, allow_pickle=args.allow_pickle)
+    merged_config = output_config(plan)
+    tokenizer_folder, tokenizer = _tokenizer(plan, merged_config, args.allow_pickle)
+    if tokenizer is None and not tokenizer_folder:
+        console.print(f"[yellow]no tokenizer written: {plan.reference.folder} has none that loads[/yellow]")
     layout = [(o.name, tuple(plan.shape(o)), plan.output_dtype(o)) for o in plan.outputs]
+    card = model_card(config, yaml_text, name=os.path.basename(args.out_dir), local=stages)
     with progress_bar() as bar:
         writing = bar.add_task("merging + writing", total=len(plan.outputs))
         write_model(
-            out, stream_tensors(plan, device, seed=args.random_seed), layout, plan.merged_config(),
-            tokenizer_folder, yaml_text, card=model_card(config, yaml_text),
+            out, stream_tensors(plan, device, seed=args.random_seed), layout, merged_config,
+            tokenizer_folder, yaml_text, card=card, tokenizer=tokenizer,
             progress=lambda: bar.advance(writing), overwrite=args.overwrite,
         )
     seed = "" if not plan.method.randomised or args.random_seed is None else f", random seed {args.random_seed}"
     console.print(f"wrote {len(plan.outputs)} tensors ({plan.num_layers} layers, {config.merge_method}{seed}) to {out}")
     return 0
+
+
+def _tokenizer(plan, merged_config: dict, allow_pickle: bool):
+    """(folder to copy tokenizer files from, or a loaded tokenizer to save), the way mergekit-yaml chooses.
+
+    With `tokenizer_source` mergekit loads that tokenizer (the base's without tokens past its
+    embedding) and saves it, and sets vocab_size to its length; without, it copies the donor's
+    files, or loads and saves the donor's tokenizer when there are no files to copy.
+    """
+    from merge_core.errors import MergeInputError
+    from merge_core.refs import resolve
+    from merge_core.writer import copies_tokenizer, load_tokenizer
+
+    source = plan.config.tokenizer_source
+    if source is None:
+        folder = plan.reference.folder
+        if copies_tokenizer(folder):
+            return folder, None
+        try:  # mergekit logs a tokenizer that fails here and still writes the model
+            return folder, load_tokenizer(folder)
+        except MergeInputError:
+            return None, None
+    label = f"tokenizer_source: {source}"
+    if source == "base":
+        tokenizer = load_tokenizer(plan.reference.folder, plan.reference.config.get("vocab_size"), label)
+    else:
+        tokenizer = load_tokenizer(resolve(source, allow_pickle), None, label)
+    _check_same_vocabulary(plan, tokenizer, label)
+    merged_config["vocab_size"] = len(tokenizer.get_vocab())
+    return None, tokenizer
+
+
+def _check_same_vocabulary(plan, tokenizer, label: str) -> None:
+    """Refuse a tokenizer for which mergekit would rebuild the embeddings (we copy them row for row)."""
+    from merge_core.errors import MergeInputError
+    from merge_core.writer import load_tokenizer
+
+    vocab = tokenizer.get_vocab()
+    for model, weights in zip(plan.models, plan.weights, strict=True):
+        rows = weights.config.get("vocab_size")
+        try:
+            own = load_tokenizer(weights.folder).get_vocab() if hasattr(weights, "folder") else vocab
+        except MergeInputError:
+            own = vocab  # mergekit too takes a model whose tokenizer does not load to share the base's
+        moved = [t for t, i in vocab.items() if own.get(t) != i or (rows is not None and i >= rows)]
+        if moved or (rows is not None and rows != len(vocab)):
+            what = (f"{len(moved)} of its tokens ({moved[0]!r}...) sit at other ids in {model}" if moved
+                    else f"it has {len(vocab)} tokens but {model} has {rows} embedding rows")
+            raise MergeInputError(f"{label}: {what}; mergekit would rebuild the embeddings for it, which "
+                                  "merge-search does not do; remove tokenizer_source to keep the models' vocabulary")

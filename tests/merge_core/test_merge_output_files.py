@@ -1,0 +1,191 @@
+"""What `search merge` writes next to the tensors, compared with what `mergekit-yaml` writes.
+
+config.json (saved by transformers, per-layer lists following the layers), the tokenizer files
+(copied, or saved by transformers when tokenizer_source is set), mergekit_config.yml (the config
+file's own text) and README.md (mergekit's card).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import transformers
+
+from tests.conftest import build_tiny_model, run_cli
+from tests.merge_core.test_merge_bad_input import assert_refused
+from tests.merge_core.test_oracle import assert_within_one_ulp, load_folder
+
+LAYER_TYPES = ["full_attention", "sliding_attention", "sliding_attention", "full_attention"]
+
+
+def mergekit_yaml(config: Path, out: Path) -> subprocess.CompletedProcess:
+    """mergekit's own CLI on a config file, offline."""
+    env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1")
+    return subprocess.run([str(Path(sys.executable).parent / "mergekit-yaml"), str(config), str(out), "--quiet"],
+                          capture_output=True, text=True, env=env, timeout=600)
+
+
+def both(tmp_path: Path, text: str) -> tuple[Path, Path]:
+    """Run mergekit-yaml and search merge on one config text; both outputs are folders named `merged`."""
+    config = tmp_path / "config.yml"
+    config.write_text(text)
+    mk, us = tmp_path / "mk" / "merged", tmp_path / "us" / "merged"
+    done = mergekit_yaml(config, mk)
+    assert done.returncode == 0, done.stderr[-3000:]
+    result = run_cli("merge", str(config), str(us))
+    assert result.returncode == 0, result.stderr
+    return mk, us
+
+
+@pytest.fixture(scope="module")
+def qwen(tmp_path_factory) -> tuple[Path, Path]:
+    """Two tiny qwen2 models whose config.json lists mixed `layer_types`."""
+    root = tmp_path_factory.mktemp("qwen_layer_types")
+    pair = []
+    for seed in (1, 2):
+        folder = build_tiny_model(root / f"q{seed}", "qwen2", seed=seed)
+        config = json.loads((folder / "config.json").read_text())
+        config["layer_types"] = LAYER_TYPES
+        (folder / "config.json").write_text(json.dumps(config, indent=2))
+        pair.append(folder)
+    return pair[0], pair[1]
+
+
+@pytest.fixture(scope="module")
+def transformers4(tmp_path_factory) -> tuple[Path, Path]:
+    """Two tiny llama models with a transformers-4 config.json (`torch_dtype`, an old version)."""
+    root = tmp_path_factory.mktemp("transformers4")
+    pair = []
+    for seed in (1, 2):
+        folder = build_tiny_model(root / f"m{seed}", "llama", seed=seed)
+        config = json.loads((folder / "config.json").read_text())
+        config.pop("dtype", None)
+        config.update(torch_dtype="float32", transformers_version="4.44.0")
+        (folder / "config.json").write_text(json.dumps(config, indent=2))
+        pair.append(folder)
+    return pair[0], pair[1]
+
+
+@pytest.mark.parametrize("ranges", [[(0, 0, 3), (1, 1, 4)], [(0, 0, 2)], [(1, 3, 4), (0, 0, 4)]],
+                         ids=["stack6", "cut2", "reorder5"])
+def test_passthrough_layer_types_follow_the_layers(tmp_path, qwen, ranges):
+    """mergekit writes the parents' layer_types (transformers then refuses the config); ours follow the layers."""
+    slices = [{"sources": [{"model": str(qwen[m]), "layer_range": [a, b]}]} for m, a, b in ranges]
+    config = tmp_path / "config.yml"
+    config.write_text(json.dumps({"merge_method": "passthrough", "dtype": "float16", "slices": slices}))
+    out = tmp_path / "out"
+    result = run_cli("merge", str(config), str(out))
+    assert result.returncode == 0, result.stderr
+    loaded = transformers.AutoConfig.from_pretrained(out)
+    expected = [LAYER_TYPES[i] for _, a, b in ranges for i in range(a, b)]
+    assert loaded.num_hidden_layers == len(expected)
+    assert loaded.layer_types == expected
+    transformers.AutoModelForCausalLM.from_pretrained(out)  # the whole model loads
+
+
+def test_plain_merge_keeps_layer_types_and_config_like_mergekit(tmp_path, qwen):
+    text = (f"merge_method: linear\ndtype: bfloat16\nmodels:\n  - model: {qwen[0]}\n    parameters: {{weight: 0.3}}\n"
+            f"  - model: {qwen[1]}\n    parameters: {{weight: 0.7}}\n")
+    mk, us = both(tmp_path, text)
+    assert json.loads((us / "config.json").read_text())["layer_types"] == LAYER_TYPES
+    assert (us / "config.json").read_text() == (mk / "config.json").read_text()
+    assert_within_one_ulp(load_folder(us), load_folder(mk))
+
+
+def test_transformers4_config_written_as_mergekit_writes_it(tmp_path, transformers4):
+    """`torch_dtype` parents: config.json says `dtype` (the merge's) and this transformers' version, like mergekit."""
+    text = (f"merge_method: linear\ndtype: bfloat16\nmodels:\n  - model: {transformers4[0]}\n"
+            f"    parameters: {{weight: 0.5}}\n  - model: {transformers4[1]}\n    parameters: {{weight: 0.5}}\n")
+    mk, us = both(tmp_path, text)
+    written = json.loads((us / "config.json").read_text())
+    assert "torch_dtype" not in written and written["dtype"] == "bfloat16"
+    assert written["transformers_version"] == transformers.__version__
+    assert (us / "config.json").read_text() == (mk / "config.json").read_text()
+
+
+def test_no_dtype_keeps_the_reference_dtype_like_mergekit(tmp_path, transformers4):
+    text = (f"merge_method: passthrough\nslices:\n  - sources:\n      - model: {transformers4[1]}\n"
+            "        layer_range: [0, 4]\n")
+    mk, us = both(tmp_path, text)
+    assert (us / "config.json").read_text() == (mk / "config.json").read_text()
+
+
+@pytest.mark.parametrize("source", ["base", "other"])
+def test_tokenizer_source_files_like_mergekit(tmp_path, transformers4, source):
+    """tokenizer_source: the tokenizer saved by transformers (is_local, local_files_only), no generation_config."""
+    name = "base" if source == "base" else str(transformers4[1])
+    text = (f"merge_method: linear\ndtype: float32\nbase_model: {transformers4[0]}\nmodels:\n"
+            f"  - model: {transformers4[0]}\n    parameters: {{weight: 0.6}}\n"
+            f"  - model: {transformers4[1]}\n    parameters: {{weight: 0.4}}\ntokenizer_source: {name}\n")
+    mk, us = both(tmp_path, text)
+    files = sorted(p.name for p in mk.iterdir())
+    assert sorted(p.name for p in us.iterdir()) == files
+    assert "generation_config.json" not in files
+    for f in files:
+        if f != "README.md" and not f.endswith(".safetensors"):
+            assert (us / f).read_text() == (mk / f).read_text(), f
+    assert "local_files_only" in json.loads((us / "tokenizer_config.json").read_text())
+    assert_within_one_ulp(load_folder(us), load_folder(mk))
+
+
+def test_without_tokenizer_source_files_like_mergekit(tmp_path, transformers4):
+    """No tokenizer_source: the donor's files are copied, generation_config.json included."""
+    text = (f"merge_method: slerp\ndtype: float16\nbase_model: {transformers4[1]}\nmodels:\n"
+            f"  - model: {transformers4[0]}\n  - model: {transformers4[1]}\nparameters: {{t: 0.3}}\n")
+    mk, us = both(tmp_path, text)
+    files = sorted(p.name for p in mk.iterdir())
+    assert sorted(p.name for p in us.iterdir()) == files
+    assert "generation_config.json" in files
+    for f in ("tokenizer.json", "tokenizer_config.json", "generation_config.json"):
+        assert (us / f).read_text() == (mk / f).read_text(), f
+
+
+def test_tokenizer_source_union_is_refused(tmp_path, transformers4):
+    config = tmp_path / "config.yml"
+    config.write_text(f"merge_method: linear\nmodels:\n  - model: {transformers4[0]}\n    parameters: {{weight: 1}}\n"
+                      "tokenizer_source: union\n")
+    out = tmp_path / "out"
+    assert_refused(run_cli("merge", str(config), str(out)), "tokenizer_source: union", "tokenizer_source: base",
+                   out=out)
+
+
+def test_tokenizer_that_would_resize_embeddings_is_refused(tmp_path, transformers4):
+    """A tokenizer shorter than the embedding: mergekit cuts the embedding to it; we refuse rather than differ."""
+    padded = tmp_path / "padded"
+    shutil.copytree(transformers4[1], padded)
+    tokenizer = json.loads((padded / "tokenizer.json").read_text())
+    tokenizer["model"]["vocab"] = {t: i for t, i in tokenizer["model"]["vocab"].items() if i < 10}
+    (padded / "tokenizer.json").write_text(json.dumps(tokenizer))
+    config = tmp_path / "config.yml"
+    config.write_text(f"merge_method: linear\nmodels:\n  - model: {transformers4[0]}\n    parameters: {{weight: 1}}\n"
+                      f"tokenizer_source: {padded}\n")
+    out = tmp_path / "out"
+    assert_refused(run_cli("merge", str(config), str(out)), f"tokenizer_source: {padded}", "embedding", out=out)
+
+
+def test_config_text_and_card_like_mergekit(tmp_path, transformers4):
+    """mergekit_config.yml is the file's own text (comments, flow style); README.md is mergekit's card."""
+    text = (f"# my merge, v3: m1 heavier\nmerge_method: slerp\nbase_model: {transformers4[0]}\nmodels:\n"
+            f"  - model: {transformers4[0]}\n  - model: {transformers4[1]}\nparameters:\n"
+            "  t: [0, 0.5, 1]   # V-shaped\ndtype: bfloat16\n")
+    mk, us = both(tmp_path, text)
+    assert (us / "mergekit_config.yml").read_text() == text == (mk / "mergekit_config.yml").read_text()
+    ours, theirs = (us / "README.md").read_text(), (mk / "README.md").read_text()
+    # mergekit lists the models in a Python set's order, which changes from run to run
+    assert sorted(ours.splitlines()) == sorted(theirs.splitlines())
+    assert [line for line in ours.splitlines() if not line.startswith("* ")] == \
+           [line for line in theirs.splitlines() if not line.startswith("* ")]
+    assert "# merged\n" in ours and "base_model: []" in ours and text in ours
+
+
+def test_card_with_base_names_it_like_mergekit(tmp_path, transformers4):
+    text = (f"merge_method: task_arithmetic\nbase_model: {transformers4[0]}\nmodels:\n"
+            f"  - model: {transformers4[1]}\n    parameters: {{weight: 0.5}}\ndtype: float32\n")
+    mk, us = both(tmp_path, text)
+    assert (us / "README.md").read_text() == (mk / "README.md").read_text()
