@@ -31,6 +31,8 @@ SHAPE_FIELDS = ("model_type", "hidden_size", "n_embd", "intermediate_size", "num
 # Tensors mergekit's architectures list before the layers; every other non-layer tensor comes after.
 EMBEDDING_PATTERN = re.compile(r"(embed|(^|\.)wte\.|(^|\.)wpe\.)")
 LAYER_KEYS = ("num_hidden_layers", "n_layer", "num_layers", "n_layers")
+# Per-layer lists of config.json that transformers checks against num_hidden_layers.
+PER_LAYER_SUFFIX = "layer_types"
 
 
 @dataclass(frozen=True)
@@ -289,7 +291,35 @@ class MergePlan:
         cfg["dtype"] = dtype
         if "torch_dtype" in cfg:
             cfg["torch_dtype"] = dtype
+        cfg.update(self.per_layer_lists())
         return cfg
+
+    def per_layer_lists(self) -> dict[str, list]:
+        """Each per-layer list of the reference config.json (`layer_types`...), one entry per output
+        layer: the entry of the source layer it was built from (the reference model's source in
+        slices that merge several). A list that does not follow its model's layers is left out."""
+        reference = self.config.base_model or self.slices[0].sources[0].model
+        lists = {}
+        for key, value in self.reference.config.items():
+            if not key.endswith(PER_LAYER_SUFFIX) or not isinstance(value, list):
+                continue
+            entries = []
+            for sl in self.slices:
+                source = next((s for s in sl.sources if s.model == reference), sl.sources[0])
+                values = _per_layer_list(self.weights[self._index[source.model]].config, key)
+                start, end = source.layer_range
+                entries += values[start:end] if values is not None and end <= len(values) else [None] * (end - start)
+            if None not in entries:
+                lists[key] = entries
+        return lists
+
+
+def _per_layer_list(config: dict, key: str) -> list | None:
+    """config[key] when it is a list with one entry per layer of that model (an earlier chain stage's
+    merged config included), else None."""
+    value = config.get(key)
+    count = next((config[k] for k in LAYER_KEYS if isinstance(config.get(k), int)), None)
+    return value if isinstance(value, list) and len(value) == count else None
 
 
 def _settings(parameters) -> dict | None:

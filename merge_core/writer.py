@@ -20,7 +20,6 @@ from pathlib import Path
 import torch
 
 from merge_core.errors import MergeInputError
-from merge_core.layers import LAYER_COUNT_KEYS as LAYER_KEYS
 
 # mergekit's `_copy_tokenizer` list, copied when the donor has tokenizer_config.json and tokenizer.json or .model.
 TOKENIZER_FILES = ("tokenizer_config.json", "special_tokens_map.json", "tokenizer.json", "tokenizer.model",
@@ -138,17 +137,11 @@ def _strip_tokens(tokenizer, vocab_size: int, unused: list[str], label: str):
     return tokenizer
 
 
-# Per-layer lists of config.json that transformers checks against num_hidden_layers.
-PER_LAYER_SUFFIX = "layer_types"
-
 
 def output_config(plan) -> dict:
-    """config.json of a plan's merged model, as mergekit writes it, with per-layer lists that follow the layers.
-
-    mergekit sets `dtype` only when the merge config names one (out_dtype first); per-layer lists
-    (`layer_types`, `mlp_layer_types`) get one entry per output layer, the entry of the source
-    layer it was built from (the reference model's source in slices that merge several).
-    """
+    """config.json of a plan's merged model as mergekit writes it (per-layer lists that follow the
+    layers come from `plan.merged_config`): mergekit sets `dtype` only when the merge config names
+    one (out_dtype first)."""
     config = plan.merged_config()
     original = plan.reference.config
     config.pop("torch_dtype", None)
@@ -159,34 +152,7 @@ def output_config(plan) -> dict:
         config["dtype"] = original.get("dtype", original.get("torch_dtype"))
     else:
         config.pop("dtype", None)
-    config.update(per_layer_lists(plan))
     return config
-
-
-def per_layer_lists(plan) -> dict[str, list]:
-    """Each per-layer list of the reference config.json, one entry per output layer from its source layer."""
-    reference = plan.config.base_model or plan.slices[0].sources[0].model
-    lists = {}
-    for key, value in plan.reference.config.items():
-        if not key.endswith(PER_LAYER_SUFFIX) or not isinstance(value, list):
-            continue
-        entries = []
-        for sl in plan.slices:
-            source = next((s for s in sl.sources if s.model == reference), sl.sources[0])
-            values = _source_list(plan.weights[plan.models.index(source.model)], key)
-            start, end = source.layer_range
-            entries += values[start:end] if values is not None and end <= len(values) else [None] * (end - start)
-        if None not in entries:
-            lists[key] = entries
-    return lists
-
-
-def _source_list(weights, key: str) -> list | None:
-    if hasattr(weights, "plan"):  # an earlier chain stage's output: its list follows its own layers
-        return per_layer_lists(weights.plan).get(key)
-    value = weights.config.get(key)
-    count = next((weights.config[k] for k in LAYER_KEYS if isinstance(weights.config.get(k), int)), None)
-    return value if isinstance(value, list) and len(value) == count else None
 
 
 def config_json(config: dict) -> str:

@@ -15,8 +15,11 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 import transformers
 
+from merge_core.config import load_config
+from merge_core.merger import MergePlan, Merger
 from tests.conftest import build_tiny_model, run_cli
 from tests.merge_core.test_merge_bad_input import assert_refused
 from tests.merge_core.test_oracle import assert_within_one_ulp, load_folder
@@ -86,7 +89,14 @@ def test_passthrough_layer_types_follow_the_layers(tmp_path, qwen, ranges):
     expected = [LAYER_TYPES[i] for _, a, b in ranges for i in range(a, b)]
     assert loaded.num_hidden_layers == len(expected)
     assert loaded.layer_types == expected
-    transformers.AutoModelForCausalLM.from_pretrained(out)  # the whole model loads
+    written = transformers.AutoModelForCausalLM.from_pretrained(out)  # the whole model loads
+    # a study's live model is built from the same config, and the candidate is the written model
+    merger = Merger(MergePlan(load_config(config)))
+    live = merger.new_model()
+    assert live.config.layer_types == expected
+    merger.build_into(live)
+    for name, tensor in written.state_dict().items():
+        assert torch.equal(live.state_dict()[name].to(tensor.dtype), tensor), name
 
 
 def test_plain_merge_keeps_layer_types_and_config_like_mergekit(tmp_path, qwen):
