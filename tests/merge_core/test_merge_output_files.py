@@ -46,33 +46,34 @@ def both(tmp_path: Path, text: str) -> tuple[Path, Path]:
     return mk, us
 
 
-@pytest.fixture(scope="module")
-def qwen(tmp_path_factory) -> tuple[Path, Path]:
-    """Two tiny qwen2 models whose config.json lists mixed `layer_types`."""
-    root = tmp_path_factory.mktemp("qwen_layer_types")
+def _pair_with_config(root: Path, arch: str, change) -> tuple[Path, Path]:
+    """Two tiny models (seeds 1, 2) whose config.json `change(config)` edits in place."""
     pair = []
     for seed in (1, 2):
-        folder = build_tiny_model(root / f"q{seed}", "qwen2", seed=seed)
+        folder = build_tiny_model(root / f"m{seed}", arch, seed=seed)
         config = json.loads((folder / "config.json").read_text())
-        config["layer_types"] = LAYER_TYPES
+        change(config)
         (folder / "config.json").write_text(json.dumps(config, indent=2))
         pair.append(folder)
     return pair[0], pair[1]
+
+
+@pytest.fixture(scope="module")
+def qwen(tmp_path_factory) -> tuple[Path, Path]:
+    """Two tiny qwen2 models whose config.json lists mixed `layer_types`."""
+    return _pair_with_config(tmp_path_factory.mktemp("qwen_layer_types"), "qwen2",
+                             lambda config: config.update(layer_types=LAYER_TYPES))
 
 
 @pytest.fixture(scope="module")
 def transformers4(tmp_path_factory) -> tuple[Path, Path]:
     """Two tiny llama models with a transformers-4 config.json (`torch_dtype`, an old version)."""
-    root = tmp_path_factory.mktemp("transformers4")
-    pair = []
-    for seed in (1, 2):
-        folder = build_tiny_model(root / f"m{seed}", "llama", seed=seed)
-        config = json.loads((folder / "config.json").read_text())
+
+    def old_style(config):
         config.pop("dtype", None)
         config.update(torch_dtype="float32", transformers_version="4.44.0")
-        (folder / "config.json").write_text(json.dumps(config, indent=2))
-        pair.append(folder)
-    return pair[0], pair[1]
+
+    return _pair_with_config(tmp_path_factory.mktemp("transformers4"), "llama", old_style)
 
 
 @pytest.mark.parametrize("ranges", [[(0, 0, 3), (1, 1, 4)], [(0, 0, 2)], [(1, 3, 4), (0, 0, 4)]],
