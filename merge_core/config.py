@@ -205,16 +205,6 @@ class MergeConfig(_Strict):
             names += [s.model for s in sl.sources] + ([sl.base_model] if sl.base_model else [])
         return list(dict.fromkeys(names))
 
-    def model_pairs(self) -> list[list[str]]:
-        """The model names of each slice (or of the whole merge)."""
-        if self.models is not None:
-            return [[m.model for m in self.models]]
-        return [[s.model for s in sl.sources] for sl in self.slices or []]
-
-    def other_model(self) -> str:
-        """The first model that is not the base (v1 in SLERP)."""
-        return next(m for m in self.model_names() if m != self.base_model)
-
     def with_parameters(self, parameters: dict) -> MergeConfig:
         """The same merge with these global parameters replacing the config's (slice-level ones dropped)."""
         data = self.model_dump(exclude_none=True, mode="json")

@@ -21,6 +21,7 @@ import subprocess
 import tempfile
 import threading
 from concurrent.futures import ThreadPoolExecutor
+from functools import lru_cache
 from pathlib import Path
 
 import torch
@@ -137,11 +138,12 @@ def _load() -> ctypes.CDLL | None:
 
 
 def usable(out: torch.Tensor, tensors: list[torch.Tensor]) -> bool:
-    """Whether a native pass can take these: CPU, contiguous, one supported dtype, few enough inputs."""
+    """Whether a native pass can take these: the library is here, and CPU, contiguous tensors of one
+    supported dtype, few enough inputs."""
     dtype = out.dtype
     return (dtype in DTYPE_CODES and len(tensors) <= MAX_INPUTS and out.device.type == "cpu"
             and out.is_contiguous() and all(t.dtype == dtype and t.device.type == "cpu" and t.is_contiguous()
-                                            for t in tensors))
+                                            for t in tensors) and enabled())
 
 
 def verified(key: tuple, variants: list, run_native, run_eager, specials: bool = True):
@@ -173,9 +175,11 @@ def verified(key: tuple, variants: list, run_native, run_eager, specials: bool =
         return found
 
 
-def _probe(dtype: torch.dtype, count: int, specials: bool = True) -> list[torch.Tensor]:
+@lru_cache(maxsize=8)
+def _probe(dtype: torch.dtype, count: int, specials: bool = True) -> tuple[torch.Tensor, ...]:
     """Probe inputs: the first a base, the others near it on every third element; with `specials`,
-    zeros of both signs, infinities and NaNs at fixed places in each."""
+    zeros of both signs, infinities and NaNs at fixed places in each. Made once per process (the
+    passes only read them)."""
     generator = torch.Generator().manual_seed(1234)
     numel = 8 * 131072 + 5  # large enough that every variant differs from the others somewhere
     tensors = []
@@ -192,7 +196,7 @@ def _probe(dtype: torch.dtype, count: int, specials: bool = True) -> list[torch.
         tensors.append(x.to(dtype))
     for x in tensors[1:]:  # children close to the base, so deltas cancel in their low bits
         x[::3] = (tensors[0][::3].float() + torch.randn(x[::3].shape, generator=generator) * 1e-3).to(dtype)
-    return tensors
+    return tuple(tensors)
 
 
 def _same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:

@@ -137,7 +137,6 @@ def _strip_tokens(tokenizer, vocab_size: int, unused: list[str], label: str):
     return tokenizer
 
 
-
 def output_config(plan) -> dict:
     """config.json of a plan's merged model as mergekit writes it (per-layer lists that follow the
     layers come from `plan.merged_config`): mergekit sets `dtype` only when the merge config names

@@ -28,7 +28,7 @@ class Linear(MergeMethod):
 
 
 def _native_variant(out: torch.Tensor, tensors: list[torch.Tensor]):
-    if not native.usable(out, tensors) or not native.enabled():
+    if not native.usable(out, tensors):
         return None
 
     def run_native(variant, probe, into):

@@ -169,7 +169,7 @@ def _chunked_pass(out, inputs, norms, weights, eps) -> _ChunkedPass:
     tensors = [inputs.tensors[i] for i in inputs.non_base]
     base = inputs.base_tensor if inputs.base is not None else None
     everything = tensors + ([base] if base is not None else [])
-    if not native.usable(out, everything) or not native.enabled():
+    if not native.usable(out, everything):
         return _ChunkedPass(out, inputs, norms, weights, eps)
     rows = min(len(tensors), 3)  # two rows and more are summed differently
 

@@ -44,7 +44,7 @@ class NearSwap(MergeMethod):
 
 def _native_variant(out, base, other):
     """native.py's fused nearswap where it gives the eager pass's bits, else None."""
-    if not native.usable(out, [base, other]) or not native.enabled():
+    if not native.usable(out, [base, other]):
         return None
 
     def run_native(variant, probe, into):

@@ -99,7 +99,7 @@ def _flat_pass(out, inputs, first, second, t, colinear, theta, sin_theta) -> Non
 
 
 def _native_variant(out, tensors, base, linear: bool):
-    if not native.usable(out, tensors + ([base] if base is not None else [])) or not native.enabled():
+    if not native.usable(out, tensors + ([base] if base is not None else [])):
         return None
     theta = torch.tensor([1.234], dtype=out.dtype)
     t = 0.3125 if linear else 0.61

@@ -171,7 +171,7 @@ class TaskArithmetic(MergeMethod):
     def _native_variant(self, out, inputs):
         """The verified native pass for this plain weighted sum of deltas (native.py), or None."""
         tensors = list(inputs.tensors)
-        if not native.usable(out, tensors) or not native.enabled():
+        if not native.usable(out, tensors):
             return None
         rows = min(len(inputs.non_base), 3)  # one, two and more rows are summed differently
 
