@@ -1,6 +1,6 @@
 """Candidate build speed and memory of every merge method, against the bandwidth floor and mergekit.
 
-    nice .venv/bin/python benchmarks/merge_speed.py [--layers 4] [--repeats 3] [--methods ties,slerp]
+    nice .venv/bin/python benchmarks/merge_speed.py [--layers 4] [--repeats 3] [--methods ties,sce+select_topk]
                                                     [--end-to-end slerp,ties|none] [--mergekit-repeats 1]
                                                     [--threads 1]
 
@@ -84,7 +84,10 @@ VALUES = {
     "lambda": ([1.0], [0.9]),
     "t": ([SLERP_T], [[{"filter": "self_attn", "value": [1, 0.6, 0.2]}, {"value": 0.4}]]),
     "scale": ([1.0], [0.9]),
+    "select_topk": ([0.5], [0.6]),
 }
+# Optional parameters set only when the method is named with them: `--methods sce+select_topk`.
+OPT_IN = {"select_topk"}
 
 
 # --- the family -------------------------------------------------------------------------------
@@ -129,10 +132,13 @@ def family_models(method_name: str) -> tuple[list[str], bool] | str:
     return models, contract.base in ("required", "optional")
 
 
-def method_config(root: Path, method_name: str, which: int) -> dict | str:
-    """A `models:` config for the method with parameter set `which` (0 = A, 1 = B), or a skip reason."""
+def method_config(root: Path, name: str, which: int) -> dict | str:
+    """A `models:` config for the method with parameter set `which` (0 = A, 1 = B), or a skip reason.
+
+    `name` is a method, or a method and optional parameters it sets too: `sce+select_topk`."""
     from merge_core import methods
 
+    method_name, *optional = name.split("+")
     method = methods.get(method_name)
     found = family_models(method_name)
     if isinstance(found, str):
@@ -145,7 +151,7 @@ def method_config(root: Path, method_name: str, which: int) -> dict | str:
     shared, per_model = {}, [{} for _ in models]
     for param in method.params:
         options = VALUES.get(param.name)
-        if options is None and not param.required:
+        if options is None and not param.required or param.name in OPT_IN and param.name not in optional:
             continue
         if options is None:
             options = ([0.5], [0.6])
@@ -362,7 +368,7 @@ def main() -> None:
 
     chosen = [m.strip() for m in args.methods.split(",") if m.strip()] or methods.names()
     for m in chosen:
-        methods.get(m)  # an unknown name fails now, with the closest one
+        methods.get(m.split("+")[0])  # an unknown name fails now, with the closest one
     end_to_end = [] if args.end_to_end == "none" else [m.strip() for m in args.end_to_end.split(",") if m.strip()]
     mergekit_yaml = str(Path(sys.executable).parent / "mergekit-yaml")
     rows: list[tuple[str, ...]] = []

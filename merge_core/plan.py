@@ -22,6 +22,7 @@ from merge_core.errors import MergeInputError
 from merge_core.layers import layer_count, layer_index, with_layer
 from merge_core.methods.base import Inputs, Values
 from merge_core.refs import resolve
+from merge_core.vocabulary import OutputVocabulary
 from merge_core.weights import ModelWeights, read_config
 
 DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32, "float64": torch.float64}
@@ -52,6 +53,7 @@ class OutputTensor:
     base: int | None  # position of the base input in `sources`
     p: float  # position on the gradients (0 outside the layers)
     slice_index: int  # the slice whose parameters apply
+    rows: int | None = None  # inputs cut to their first `rows` rows (the tokenizer_source vocabulary)
 
 
 class MergePlan:
@@ -71,6 +73,9 @@ class MergePlan:
         self.reference = self.weights[self._index[config.base_model or self.slices[0].sources[0].model]]
         self.base = self.reference  # the study code reads plan.base.folder for the tokenizer
         self._check_contract()
+        self.vocabulary = (OutputVocabulary(config.tokenizer_source, self.models, self.weights, self.reference,
+                                            allow_pickle) if config.tokenizer_source else None)
+        self.tokenizer = self.vocabulary.tokenizer if self.vocabulary else None
         self._check_compatible()
         self.outputs, self.num_layers = self._plan_outputs()
         self.dtype = DTYPES[config.dtype] if config.dtype else None
@@ -89,6 +94,8 @@ class MergePlan:
                 tensors.append(cache[key])
                 continue
             tensor = self.weights[s.model].get(s.tensor)
+            if out.rows is not None:
+                tensor = tensor.narrow(0, 0, out.rows)
             if tensor.is_floating_point():
                 # A view of the mapped file when dtype and device already match; else one copy.
                 tensor = tensor.to(device=device, dtype=dtype)
@@ -118,7 +125,8 @@ class MergePlan:
 
     def shape(self, out: OutputTensor) -> tuple[int, ...]:
         """The merged tensor's shape."""
-        return self.weights[out.sources[0].model].index[out.sources[0].tensor].shape
+        shape = tuple(self.weights[out.sources[0].model].index[out.sources[0].tensor].shape)
+        return shape if out.rows is None else (out.rows, *shape[1:])
 
     def model_dtype(self) -> torch.dtype:
         """The dtype of a live model of the merge."""
@@ -227,10 +235,11 @@ class MergePlan:
 
     def _check_compatible(self) -> None:
         first = self.weights[0]
+        cut = self.vocabulary is not None and self.vocabulary.rows is not None
         for model, weights in zip(self.models[1:], self.weights[1:], strict=True):
             for key in SHAPE_FIELDS:
                 a, b = first.config.get(key), weights.config.get(key)
-                if a != b:
+                if a != b and not (key == "vocab_size" and cut):  # each model's rows are cut to the tokenizer
                     raise MergeInputError(
                         f"{key} differs: {a} in {self.models[0]} but {b} in {model}; "
                         "merged models must share one architecture")
@@ -264,18 +273,23 @@ class MergePlan:
             base_model = None
         sources = []
         shapes = set()
+        rows = None
         for model, tensor in inputs:
             weights = self.weights[self._index[model]]
             if tensor not in weights.index:
                 raise MergeInputError(f"{model} has no tensor {tensor}, which {name} of the merge needs")
-            shapes.add(weights.index[tensor].shape)
+            shape = tuple(weights.index[tensor].shape)
+            if self.vocabulary and self.vocabulary.cuts(tensor, shape, weights.config.get("vocab_size")):
+                rows = self.vocabulary.rows
+                shape = (rows, *shape[1:])
+            shapes.add(shape)
             sources.append(Source(self._index[model], tensor))
         if len(shapes) > 1:
             found = ", ".join(f"{m} {list(self.weights[self._index[m]].index[t].shape)}" for m, t in inputs)
             raise MergeInputError(f"tensor {name} has different shapes: {found}; merged models must share one "
                                   "architecture")
         base = next((i for i, (m, _) in enumerate(inputs) if m == base_model), None)
-        return OutputTensor(name, tuple(sources), base, p, slice_index)
+        return OutputTensor(name, tuple(sources), base, p, slice_index, rows)
 
     def slice_lengths(self) -> list[int]:
         """Output layers per slice, in order (each slice restarts the gradients)."""
@@ -292,6 +306,8 @@ class MergePlan:
         if "torch_dtype" in cfg:
             cfg["torch_dtype"] = dtype
         cfg.update(self.per_layer_lists())
+        if self.vocabulary is not None:  # mergekit sets it to the output tokenizer's length
+            cfg["vocab_size"] = self.vocabulary.size
         return cfg
 
     def per_layer_lists(self) -> dict[str, list]:

@@ -98,45 +98,6 @@ def copies_tokenizer(folder: Path) -> bool:
         (folder / "tokenizer.json").is_file() or (folder / "tokenizer.model").is_file())
 
 
-def load_tokenizer(folder: Path, vocab_size: int | None = None, label: str = "tokenizer"):
-    """The tokenizer of `folder` as mergekit saves it; tokens with an id >= `vocab_size` removed.
-
-    mergekit loads `tokenizer_source: base` this way (its `get_stripped_tokenizer`), and any
-    donor tokenizer it cannot copy as files; `vocab_size` None keeps every token (a model named
-    as tokenizer_source).
-    """
-    import transformers
-
-    try:
-        tokenizer = transformers.AutoTokenizer.from_pretrained(str(folder), use_fast=True)
-    except Exception as exc:  # a missing or broken tokenizer is the user's to fix
-        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
-        raise MergeInputError(f"{label}: cannot load the tokenizer of {folder} ({first})") from None
-    unused = [tok for tok, i in tokenizer.get_vocab().items() if vocab_size is not None and i >= vocab_size]
-    if unused:
-        tokenizer = _strip_tokens(tokenizer, vocab_size, unused, label)
-    return tokenizer
-
-
-def _strip_tokens(tokenizer, vocab_size: int, unused: list[str], label: str):
-    """mergekit's get_stripped_tokenizer: drop tokens past the embedding (fast BPE tokenizers only)."""
-    import tokenizers
-
-    data = json.loads(tokenizer._tokenizer.to_str()) if tokenizer.is_fast else None
-    if data is None or data["model"]["type"] != "BPE":
-        raise MergeInputError(f"{label}: the tokenizer has {len(unused)} tokens past vocab_size {vocab_size} "
-                              "and is not a fast BPE tokenizer, which mergekit cannot strip either; name a "
-                              "model's folder as tokenizer_source, or remove tokenizer_source")
-    data["added_tokens"] = [e for e in data["added_tokens"] if e["id"] < vocab_size]
-    gone = set(unused)
-    for tok in unused:
-        data["model"]["vocab"].pop(tok, None)
-    data["model"]["merges"] = [m for m in data["model"]["merges"]
-                               if not gone.intersection(m.split(" ") if isinstance(m, str) else m)]
-    tokenizer._tokenizer = tokenizers.Tokenizer.from_str(json.dumps(data))
-    return tokenizer
-
-
 def output_config(plan) -> dict:
     """config.json of a plan's merged model as mergekit writes it (per-layer lists that follow the
     layers come from `plan.merged_config`): mergekit sets `dtype` only when the merge config names

@@ -118,7 +118,6 @@ class Candidates:
         import transformers
 
         from merge_core.merger import MergePlan, Merger
-        from merge_core.refs import resolve
         from objectives import Suite, TaskSpec
 
         self.study = study
@@ -143,11 +142,10 @@ class Candidates:
                 self.plan.values(self.space.config_of(probe))
         except Exception as exc:
             raise StudyError(f"search_space: {exc}; add a `default` entry") from None
-        tokenizer_dir = self.plan.base.folder
-        tokenizer_source = self.plan.config.tokenizer_source
-        if tokenizer_source not in (None, "base"):
-            tokenizer_dir = resolve(tokenizer_source, study.merge.allow_pickle)
-        tokenizer = transformers.AutoTokenizer.from_pretrained(str(tokenizer_dir))
+        # the tokenizer the merged model is written with: tokenizer_source's (loaded and checked by the plan)
+        tokenizer = self.plan.tokenizer
+        if tokenizer is None:
+            tokenizer = transformers.AutoTokenizer.from_pretrained(str(self.plan.base.folder))
         specs = [TaskSpec(**t.model_dump()) for t in study.objectives.tasks]
         include = [str(Path(p)) for p in study.objectives.include_path]
         self.suite = Suite.build(specs, tokenizer, include, max_length=study.objectives.max_length)

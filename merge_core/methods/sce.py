@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
 from merge_core.methods.base import Contract, MergeMethod, Param
@@ -10,11 +12,22 @@ from merge_core.methods.sparsify import HALF
 from merge_core.methods.task_arithmetic import _sign_consensus
 
 
+@dataclass
+class SceState:
+    """What a study keeps per tensor: the per-model weights without selection, and, from the first
+    candidate with select_topk < 1, |variance| across models and its count of nonzeros (one tensor
+    the size of the output: the slowest step of mergekit's candidate, a float64 Welford per element)."""
+
+    weights: torch.Tensor
+    variance: torch.Tensor | None = None
+    nonzero: int = 0
+
+
 class Sce(MergeMethod):
     """mergekit's sce. Without selection (select_topk >= 1, the default) nothing depends on a
     searched parameter, so the per-model weights are prepared once and a candidate is one chunked
     pass (`_merge_chunked`); with selection, the variance top-k changes every weight, and the
-    candidate runs as mergekit runs it (whole tensors)."""
+    candidate runs as mergekit runs it (whole tensors) from the variance kept after its first use."""
 
     name = "sce"
     params = (Param("int8_mask", bool, "global", False), Param("select_topk", float, "global", 1.0))
@@ -24,7 +37,7 @@ class Sce(MergeMethod):
     def prepare(self, inputs):
         if not inputs.non_base:
             return None
-        return _weights(_task_vectors(inputs))
+        return SceState(_weights(_task_vectors(inputs)))
 
     @torch.no_grad()
     def merge(self, out, inputs, state, values, rng) -> None:
@@ -34,13 +47,13 @@ class Sce(MergeMethod):
             return
         mask_dtype = torch.int8 if values.shared["int8_mask"] else base.dtype
         topk = values.shared["select_topk"]
-        if topk >= 1 and base.dtype in BIT_TYPES and _same_dtypes(inputs) and bool(torch.isfinite(state).all()):
-            _merge_chunked(out, inputs, state)
+        weights = state.weights
+        if topk >= 1 and base.dtype in BIT_TYPES and _same_dtypes(inputs) and bool(torch.isfinite(weights).all()):
+            _merge_chunked(out, inputs, weights)
             return
         vectors = _task_vectors(inputs)
-        weights = state
         if topk < 1:
-            vectors = vectors * _select(vectors, topk, mask_dtype).unsqueeze(0)
+            vectors = vectors * _select(vectors, topk, mask_dtype, state).unsqueeze(0)
             weights = _weights(vectors)
         erase = _sign_consensus(vectors, mask_dtype)
         while weights.dim() < vectors.dim():
@@ -120,15 +133,18 @@ def _weights(vectors: torch.Tensor) -> torch.Tensor:
     return energy / total
 
 
-def _select(vectors: torch.Tensor, density: float, mask_dtype: torch.dtype) -> torch.Tensor:
-    """Mask of the elements whose variance across models is in the top `density` of the nonzero ones."""
+def _select(vectors: torch.Tensor, density: float, mask_dtype: torch.dtype, state: SceState) -> torch.Tensor:
+    """Mask of the elements whose variance across models is in the top `density` of the nonzero ones
+    (mergekit's calls on the same |variance|, so equal variances at the cut are chosen alike)."""
     if density <= 0:
         return torch.zeros_like(vectors[0], dtype=mask_dtype)
-    variance = torch.var(vectors, dim=0, unbiased=False)
-    k = int(torch.count_nonzero(variance) * density)
-    mask = torch.zeros_like(variance, dtype=mask_dtype)
+    if state.variance is None:
+        state.variance = torch.var(vectors, dim=0, unbiased=False).abs_()
+        state.nonzero = int(torch.count_nonzero(state.variance))
+    k = int(state.nonzero * density)
+    mask = torch.zeros_like(state.variance, dtype=mask_dtype)
     if k == 0:
         return mask
-    _, indices = torch.topk(variance.abs().view(-1), k=k, largest=True)
+    _, indices = torch.topk(state.variance.view(-1), k=k, largest=True)
     mask.view(-1)[indices] = 1
     return mask

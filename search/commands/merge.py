@@ -44,7 +44,7 @@ def run(args: argparse.Namespace) -> int:
         config = parse_config(docs[0] if docs else None, args.config)
         plan = MergePlan(config, allow_pickle=args.allow_pickle)
     merged_config = output_config(plan)
-    tokenizer_folder, tokenizer = _tokenizer(plan, merged_config, args.allow_pickle)
+    tokenizer_folder, tokenizer = _tokenizer(plan)
     if tokenizer is None and not tokenizer_folder:
         console.print(f"[yellow]no tokenizer written: {plan.reference.folder} has none that loads[/yellow]")
     layout = [(o.name, tuple(plan.shape(o)), plan.output_dtype(o)) for o in plan.outputs]
@@ -61,51 +61,23 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def _tokenizer(plan, merged_config: dict, allow_pickle: bool):
+def _tokenizer(plan):
     """(folder to copy tokenizer files from, or a loaded tokenizer to save), the way mergekit-yaml chooses.
 
-    With `tokenizer_source` mergekit loads that tokenizer (the base's without tokens past its
-    embedding) and saves it, and sets vocab_size to its length; without, it copies the donor's
-    files, or loads and saves the donor's tokenizer when there are no files to copy.
+    With `tokenizer_source` mergekit saves that tokenizer (the plan has loaded and checked it, and
+    set vocab_size to its length); without, it copies the donor's files, or loads and saves the
+    donor's tokenizer when there are no files to copy.
     """
     from merge_core.errors import MergeInputError
-    from merge_core.refs import resolve
-    from merge_core.writer import copies_tokenizer, load_tokenizer
+    from merge_core.vocabulary import load_tokenizer
+    from merge_core.writer import copies_tokenizer
 
-    source = plan.config.tokenizer_source
-    if source is None:
-        folder = plan.reference.folder
-        if copies_tokenizer(folder):
-            return folder, None
-        try:  # mergekit logs a tokenizer that fails here and still writes the model
-            return folder, load_tokenizer(folder)
-        except MergeInputError:
-            return None, None
-    label = f"tokenizer_source: {source}"
-    if source == "base":
-        tokenizer = load_tokenizer(plan.reference.folder, plan.reference.config.get("vocab_size"), label)
-    else:
-        tokenizer = load_tokenizer(resolve(source, allow_pickle), None, label)
-    _check_same_vocabulary(plan, tokenizer, label)
-    merged_config["vocab_size"] = len(tokenizer.get_vocab())
-    return None, tokenizer
-
-
-def _check_same_vocabulary(plan, tokenizer, label: str) -> None:
-    """Refuse a tokenizer for which mergekit would rebuild the embeddings (we copy them row for row)."""
-    from merge_core.errors import MergeInputError
-    from merge_core.writer import load_tokenizer
-
-    vocab = tokenizer.get_vocab()
-    for model, weights in zip(plan.models, plan.weights, strict=True):
-        rows = weights.config.get("vocab_size")
-        try:
-            own = load_tokenizer(weights.folder).get_vocab() if hasattr(weights, "folder") else vocab
-        except MergeInputError:
-            own = vocab  # mergekit too takes a model whose tokenizer does not load to share the base's
-        moved = [t for t, i in vocab.items() if own.get(t) != i or (rows is not None and i >= rows)]
-        if moved or (rows is not None and rows != len(vocab)):
-            what = (f"{len(moved)} of its tokens ({moved[0]!r}...) sit at other ids in {model}" if moved
-                    else f"it has {len(vocab)} tokens but {model} has {rows} embedding rows")
-            raise MergeInputError(f"{label}: {what}; mergekit would rebuild the embeddings for it, which "
-                                  "merge-search does not do; remove tokenizer_source to keep the models' vocabulary")
+    if plan.tokenizer is not None:
+        return None, plan.tokenizer
+    folder = plan.reference.folder
+    if copies_tokenizer(folder):
+        return folder, None
+    try:  # mergekit logs a tokenizer that fails here and still writes the model
+        return folder, load_tokenizer(folder)
+    except MergeInputError:
+        return None, None

@@ -20,7 +20,7 @@ import transformers
 
 from merge_core.config import load_config
 from merge_core.merger import MergePlan, Merger
-from tests.conftest import build_tiny_model, run_cli
+from tests.conftest import WORDS, build_tiny_model, run_cli
 from tests.merge_core.test_merge_bad_input import assert_refused
 from tests.merge_core.test_oracle import assert_within_one_ulp, load_folder
 
@@ -166,18 +166,85 @@ def test_tokenizer_source_union_is_refused(tmp_path, transformers4):
                    out=out)
 
 
-def test_tokenizer_that_would_resize_embeddings_is_refused(tmp_path, transformers4):
-    """A tokenizer shorter than the embedding: mergekit cuts the embedding to it; we refuse rather than differ."""
-    padded = tmp_path / "padded"
-    shutil.copytree(transformers4[1], padded)
-    tokenizer = json.loads((padded / "tokenizer.json").read_text())
-    tokenizer["model"]["vocab"] = {t: i for t, i in tokenizer["model"]["vocab"].items() if i < 10}
-    (padded / "tokenizer.json").write_text(json.dumps(tokenizer))
+@pytest.fixture(scope="module")
+def padded(tmp_path_factory) -> dict[str, Path]:
+    """Three tiny phi models (lm_head has a bias) whose embeddings have more rows than the tokenizer has
+    tokens, as phi-2's 51,200 rows for 50,295 tokens; `short` has one row per token."""
+    root = tmp_path_factory.mktemp("padded_vocabulary")
+    rows = len(WORDS) + 2 + 7
+    return {"base": build_tiny_model(root / "base", "phi", seed=1, vocab_rows=rows),
+            "child": build_tiny_model(root / "child", "phi", seed=2, vocab_rows=rows),
+            "other": build_tiny_model(root / "other", "phi", seed=3, vocab_rows=rows),
+            "short": build_tiny_model(root / "short", "phi", seed=4)}
+
+
+PADDED_MERGES = {
+    # ties elects over whole tensors (a cut after the merge would give other bits; in float32, as half
+    # precision ties magnitudes, see README), model_stock takes angles between whole tensors, slerp norms
+    "ties": "merge_method: ties\ndtype: float32\nbase_model: {base}\nparameters: {{density: 0.5, weight: 0.6}}\n"
+            "models:\n  - model: {base}\n  - model: {child}\n  - model: {other}\n",
+    "model_stock": "merge_method: model_stock\ndtype: float16\nbase_model: {base}\n"
+                   "models:\n  - model: {base}\n  - model: {child}\n  - model: {other}\n",
+    "slerp": "merge_method: slerp\ndtype: float16\nbase_model: {base}\nparameters: {{t: [0, 0.3, 1]}}\n"
+             "models:\n  - model: {base}\n  - model: {child}\n",
+    "rows_differ": "merge_method: linear\ndtype: bfloat16\nparameters: {{weight: 0.5}}\nbase_model: {base}\n"
+                   "models:\n  - model: {base}\n  - model: {short}\n",
+}
+
+
+@pytest.mark.parametrize("source", ["base", "child"])
+@pytest.mark.parametrize("merge", list(PADDED_MERGES))
+def test_padded_vocabulary_is_cut_to_the_tokenizer_like_mergekit(tmp_path, padded, merge, source):
+    """tokenizer_source on embeddings with spare rows: mergekit merges the first rows, one per token, and
+    sets vocab_size to the tokenizer's length; so do search merge and a study's in-memory candidate."""
+    text = PADDED_MERGES[merge].format(**padded) + "tokenizer_source: " + (
+        "base" if source == "base" else str(padded[source])) + "\n"
+    mk, us = both(tmp_path, text)
+    ours = load_folder(us)
+    assert ours["model.embed_tokens.weight"].shape[0] == len(WORDS) + 2
+    assert ours["lm_head.bias"].shape == (len(WORDS) + 2,)
+    assert_within_one_ulp(ours, load_folder(mk))
+    for f in ("config.json", "tokenizer.json", "tokenizer_config.json"):
+        assert (us / f).read_text() == (mk / f).read_text(), f
+    merger = Merger(MergePlan(load_config(tmp_path / "config.yml")))
+    live = merger.new_model()
+    merger.build_into(live)
+    for name, tensor in ours.items():
+        assert torch.equal(live.state_dict()[name].to(tensor.dtype), tensor), name
+
+
+def _with_tokenizer(root: Path, model: Path, change) -> Path:
+    """A copy of `model` whose tokenizer.json's vocabulary `change(vocab)` edits in place."""
+    copy = root / f"{model.name}_retokenized"
+    shutil.copytree(model, copy)
+    tokenizer = json.loads((copy / "tokenizer.json").read_text())
+    change(tokenizer["model"]["vocab"])
+    (copy / "tokenizer.json").write_text(json.dumps(tokenizer))
+    return copy
+
+
+def _swap_two(vocab: dict) -> None:
+    vocab["cat"], vocab["dog"] = vocab["dog"], vocab["cat"]
+
+
+@pytest.mark.parametrize("case", ["moved_ids", "more_tokens_than_rows", "ids_with_a_gap"])
+def test_tokenizer_that_would_rebuild_embeddings_is_refused(tmp_path, padded, transformers4, case):
+    """Tokens at other ids, a tokenizer longer than a model's embedding, ids that skip a row: mergekit moves,
+    averages or zero-fills rows; we refuse in one line rather than differ."""
+    base = padded["base"]
+    if case == "moved_ids":
+        models, source = [base, _with_tokenizer(tmp_path, padded["child"], _swap_two)], "base"
+    elif case == "more_tokens_than_rows":
+        longer = _with_tokenizer(tmp_path, padded["short"], lambda v: v.update({f"w{i}": 17 + i for i in range(9)}))
+        models, source = [padded["short"], base], str(longer)
+    else:
+        gap = _with_tokenizer(tmp_path, base, lambda v: v.update({"mat": 20}))
+        models, source = [base, padded["child"]], str(gap)
     config = tmp_path / "config.yml"
-    config.write_text(f"merge_method: linear\nmodels:\n  - model: {transformers4[0]}\n    parameters: {{weight: 1}}\n"
-                      f"tokenizer_source: {padded}\n")
+    config.write_text(f"merge_method: linear\nparameters: {{weight: 0.5}}\nmodels:\n  - model: {models[0]}\n"
+                      f"  - model: {models[1]}\ntokenizer_source: {source}\n")
     out = tmp_path / "out"
-    assert_refused(run_cli("merge", str(config), str(out)), f"tokenizer_source: {padded}", "embedding", out=out)
+    assert_refused(run_cli("merge", str(config), str(out)), f"tokenizer_source: {source}", "embeddings", out=out)
 
 
 def test_config_text_and_card_like_mergekit(tmp_path, transformers4):

@@ -106,3 +106,24 @@ def test_sce_into_another_dtype():
     theirs = _mergekit_kernel("sce", tensors, 0, SCE_DEFAULTS)
     ours = _ours("sce", tensors, 0, SCE_DEFAULTS, [{} for _ in tensors], torch.float32)
     assert _bits_equal(ours, theirs.float())
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_sce_selection_candidates_share_one_prepared_state(dtype):
+    """A study prepares once and keeps |variance| from its first select_topk < 1 candidate: every later
+    candidate (another select_topk, int8_mask, or no selection) is still mergekit's result bit for bit,
+    equal variances at the cut included (half types have many)."""
+    from merge_core.methods import get as get_method
+    from merge_core.methods.base import Inputs, Values
+
+    tensors = _family((300_001,), dtype, 3)
+    impl = get_method("sce")
+    inputs = Inputs(tuple(tensors), 0, "kernel")
+    state = impl.prepare(inputs)
+    for topk, int8 in ((0.3, False), (0.7, True), (1.0, False), (0.05, False), (0.0, False), (0.999, True)):
+        shared = {"int8_mask": int8, "select_topk": topk}
+        theirs = _mergekit_kernel("sce", tensors, 0, shared)
+        ours = torch.empty_like(theirs)
+        impl.merge(ours, inputs, state, Values(shared, tuple({} for _ in tensors)), None)
+        assert _bits_equal(ours, theirs), shared
+    assert state.variance is not None

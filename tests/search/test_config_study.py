@@ -8,7 +8,7 @@ import yaml
 
 from search.space import space_of
 from search.study_config import load_study_file
-from tests.conftest import run_cli
+from tests.conftest import WORDS, build_tiny_model, run_cli
 from tests.merge_core.test_methods_oracle import mergekit_merge
 from tests.merge_core.test_oracle import load_folder
 from tests.search.conftest import write_task
@@ -174,3 +174,29 @@ def test_samplers_with_a_three_model_method(families, tmp_path, sampler, per_tas
     assert len(loaded.directions) == (2 if per_task else 1)
     finished = [t for t in loaded.trials if t.state == optuna.trial.TrialState.COMPLETE]
     assert len(finished) == 3 and all("weight.child_1.mlp.0" in t.params for t in finished)
+
+
+def test_study_over_a_padded_vocabulary(families, tmp_path):
+    """tokenizer_source on embeddings with spare rows (phi-2's case): the study's candidates are cut to the
+    tokenizer like `search merge` and mergekit, score with that tokenizer, and the export rebuilds the best."""
+    rows = len(WORDS) + 2 + 7
+    models = [build_tiny_model(tmp_path / name, "phi", seed=seed, vocab_rows=rows)
+              for name, seed in (("base", 1), ("child", 2))]
+    config = {"merge_method": "linear", "dtype": "float32", "tokenizer_source": "base", "base_model": str(models[0]),
+              "models": [{"model": str(m), "parameters": {"weight": 0.5}} for m in models]}
+    doc = study(families, tmp_path, "random", space=[
+        {"parameter": "weight", "models": "all", "anchors": 1, "low": 0.1, "high": 1.0}])
+    doc["merge"] = {"config": config}
+    path = tmp_path / "study.yaml"
+    path.write_text(yaml.safe_dump(doc))
+    done = run_cli("start", str(path))
+    assert done.returncode == 0, done.stderr[-3000:]
+    exported = run_cli("export", str(path))
+    assert exported.returncode == 0, exported.stderr
+    best = sorted((tmp_path / "export").glob("*.yml"))[0]
+    ours = run_cli("merge", str(best), str(tmp_path / "ours"))
+    assert ours.returncode == 0, ours.stderr
+    merged = load_folder(tmp_path / "ours")
+    assert merged["model.embed_tokens.weight"].shape[0] == len(WORDS) + 2
+    theirs = load_folder(mergekit_merge(yaml.safe_load(best.read_text()), tmp_path / "mk", seed=0))
+    same_weights(merged, theirs)
