@@ -312,7 +312,7 @@ def method_rows(name: str, ours: dict, mk: dict, model_bytes: int) -> list[tuple
 
     if "error" in ours:
         return [(name, "ours failed", ours["error"][:90], "", "", "")]
-    randomised = methods.get(name).randomised
+    randomised = methods.get(name.split("+")[0]).randomised
     rows = []
     x_floor = ours["build"] / ours["floor"]
     target = "<= 2x" if name in FLOOR_METHODS else "(none)"

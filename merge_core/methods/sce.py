@@ -48,13 +48,17 @@ class Sce(MergeMethod):
         mask_dtype = torch.int8 if values.shared["int8_mask"] else base.dtype
         topk = values.shared["select_topk"]
         weights = state.weights
-        if topk >= 1 and base.dtype in BIT_TYPES and _same_dtypes(inputs) and bool(torch.isfinite(weights).all()):
+        chunked = base.dtype in BIT_TYPES and _same_dtypes(inputs)
+        if topk >= 1 and chunked and bool(torch.isfinite(weights).all()):
             _merge_chunked(out, inputs, weights)
             return
         vectors = _task_vectors(inputs)
         if topk < 1:
-            vectors = vectors * _select(vectors, topk, mask_dtype, state).unsqueeze(0)
-            weights = _weights(vectors)
+            vectors = vectors.mul_(_select(vectors, topk, mask_dtype, state).unsqueeze(0))
+            weights = _weights(vectors)  # a reduction over whole rows: torch's own, for its summation order
+            if chunked and bool(torch.isfinite(weights).all()):
+                _merge_chunked(out, inputs, weights, vectors)
+                return
         erase = _sign_consensus(vectors, mask_dtype)
         while weights.dim() < vectors.dim():
             weights = weights.unsqueeze(-1)
@@ -68,8 +72,9 @@ def _same_dtypes(inputs) -> bool:
     return all(inputs.tensors[i].dtype == inputs.base_tensor.dtype for i in inputs.non_base)
 
 
-def _merge_chunked(out: torch.Tensor, inputs, weights: torch.Tensor) -> None:
-    """The candidate without selection, chunk by chunk: every operation after the prepared weights
+def _merge_chunked(out: torch.Tensor, inputs, weights: torch.Tensor, masked: torch.Tensor | None = None) -> None:
+    """The candidate from its weights, chunk by chunk (`masked`: the task vectors after selection,
+    else they are the children minus the base): every operation after the weights
     is elementwise or a sum over the models' axis, so mergekit's operations on a chunk of every
     input give that chunk of its result, bit for bit. Everything runs in preallocated chunk buffers:
     the sums over models as `half_row_sum` (torch's float32 accumulation, rounded once) for half
@@ -82,6 +87,7 @@ def _merge_chunked(out: torch.Tensor, inputs, weights: torch.Tensor) -> None:
     delta is finite and the result has no NaN (the erased sum only adds same-signed products)."""
     base = inputs.base_tensor.reshape(-1)
     children = [inputs.tensors[i].reshape(-1) for i in inputs.non_base]
+    masked = None if masked is None else masked.reshape(len(children), -1)
     flat = out.view(-1)
     m, size = len(children), min(flat.numel(), CHUNK_ELEMENTS)
     shares = [float(w) for w in weights]  # half values, exact as Python floats; >= 0 when finite
@@ -102,8 +108,11 @@ def _merge_chunked(out: torch.Tensor, inputs, weights: torch.Tensor) -> None:
         n = stop - start
         vectors, signs, erased = (r[: m * n].view(m, n) for r in rows)
         x, t, d, e = base[start:stop], total[:n], denom[:n], erase[:n]
-        for i, child in enumerate(children):
-            torch.sub(child[start:stop], x, out=vectors[i])
+        if masked is not None:
+            vectors.copy_(masked[:, start:stop])
+        else:
+            for i, child in enumerate(children):
+                torch.sub(child[start:stop], x, out=vectors[i])
         # _sign_consensus: sign(delta) == (sum(delta) >= 0) * 2 - 1 (int8_mask changes no value)
         maj = majority[:n].copy_(torch.ge(row_sum(vectors, t), 0, out=e)).mul_(2).sub_(1)
         sign_bits, maj_bits = torch.sign(vectors, out=signs).view(bits), maj.view(bits)
@@ -145,6 +154,7 @@ def _select(vectors: torch.Tensor, density: float, mask_dtype: torch.dtype, stat
     mask = torch.zeros_like(state.variance, dtype=mask_dtype)
     if k == 0:
         return mask
-    _, indices = torch.topk(state.variance.view(-1), k=k, largest=True)
+    # unsorted: the same index set (torch's nth_element or partial_sort), without sorting k of them
+    _, indices = torch.topk(state.variance.view(-1), k=k, largest=True, sorted=False)
     mask.view(-1)[indices] = 1
     return mask

@@ -116,14 +116,17 @@ def test_sce_selection_candidates_share_one_prepared_state(dtype):
     from merge_core.methods import get as get_method
     from merge_core.methods.base import Inputs, Values
 
-    tensors = _family((300_001,), dtype, 3)
+    family = _family((300_001,), dtype, 3)
+    infinite = [t.clone() for t in family]
+    infinite[2].view(-1)[7::50_000] = float("inf")  # NaN weights once masked (inf * 0): mergekit's whole-tensor path
     impl = get_method("sce")
-    inputs = Inputs(tuple(tensors), 0, "kernel")
-    state = impl.prepare(inputs)
-    for topk, int8 in ((0.3, False), (0.7, True), (1.0, False), (0.05, False), (0.0, False), (0.999, True)):
-        shared = {"int8_mask": int8, "select_topk": topk}
-        theirs = _mergekit_kernel("sce", tensors, 0, shared)
-        ours = torch.empty_like(theirs)
-        impl.merge(ours, inputs, state, Values(shared, tuple({} for _ in tensors)), None)
-        assert _bits_equal(ours, theirs), shared
-    assert state.variance is not None
+    for tensors in (family, infinite):
+        inputs = Inputs(tuple(tensors), 0, "kernel")
+        state = impl.prepare(inputs)
+        for topk, int8 in ((0.3, False), (0.7, True), (1.0, False), (0.05, False), (0.0, False), (0.999, True)):
+            shared = {"int8_mask": int8, "select_topk": topk}
+            theirs = _mergekit_kernel("sce", tensors, 0, shared)
+            ours = torch.empty_like(theirs)
+            impl.merge(ours, inputs, state, Values(shared, tuple({} for _ in tensors)), None)
+            assert _bits_equal(ours, theirs), shared
+        assert state.variance is not None
