@@ -11,6 +11,7 @@ from pathlib import Path
 import torch
 
 from merge_core.errors import MergeInputError
+from merge_core.layout import model_layout
 
 SAFETENSORS_DTYPES = {
     "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
@@ -34,7 +35,9 @@ class ModelWeights:
     """Tensors of one model folder, memory-mapped on first use and never copied.
 
     `get(name)` returns a tensor that views the file's pages: several reads share them,
-    so two parents and a live model cost three models of RAM, not more.
+    so two parents and a live model cost three models of RAM, not more. Names are transformers'
+    model layout (`merge_core.layout`): a tensor the model keeps stacked (MoE experts) is built
+    from the checkpoint's tensors on each read, a copy.
     """
 
     def __init__(self, folder: Path, allow_pickle: bool = False):
@@ -51,16 +54,47 @@ class ModelWeights:
                 for name, tensor in _load_pickled(f).items():
                     self._pickled[name] = tensor
                     self.index[name] = TensorInfo(f, tensor.dtype, tuple(tensor.shape), 0, 0)
+        self._checkpoint = self.index
+        self._renamed, self._converted = model_layout(self.config.get("model_type"), list(self.index))
+        if self._renamed or self._converted:
+            self.index = self._model_layout_index()
+
+    def _model_layout_index(self) -> dict[str, TensorInfo]:
+        """Model-layout names in checkpoint order (a stacked tensor where its first part was)."""
+        new_name = {old: new for new, old in self._renamed.items()}
+        for target, recipe in self._converted.items():
+            for group in recipe.groups:
+                new_name.update({part: target for part in group})
+        index: dict[str, TensorInfo] = {}
+        for old, info in self._checkpoint.items():
+            name = new_name.get(old, old)
+            if name in index:
+                continue
+            recipe = self._converted.get(name)
+            if recipe is not None:
+                parts = [self._checkpoint[n] for group in recipe.groups for n in group]
+                if len({p.dtype for p in parts}) != 1:
+                    raise MergeInputError(f"model folder {self.folder}: the parts of {name} have different dtypes")
+                shape = recipe.shape({n: self._checkpoint[n].shape for group in recipe.groups for n in group})
+                info = TensorInfo(info.file, info.dtype, shape, 0, 0)
+            index[name] = info
+        return index
 
     def names(self) -> list[str]:
         """All tensor names, in file order."""
         return list(self.index)
 
     def get(self, name: str) -> torch.Tensor:
-        """The tensor `name` as a read-only view of the mapped file."""
+        """The tensor `name`: a read-only view of the mapped file (a new tensor for a stacked one)."""
+        recipe = self._converted.get(name)
+        if recipe is not None:
+            return recipe.build(self._checkpoint_tensor)
+        return self._checkpoint_tensor(self._renamed.get(name, name))
+
+    def _checkpoint_tensor(self, name: str) -> torch.Tensor:
         if name in self._pickled:
             return self._pickled[name]
-        info = self.index[name]
+        info = self._checkpoint[name]
         if info.end == info.start:
             return torch.empty(info.shape, dtype=info.dtype)
         buffer = self._maps.get(info.file)

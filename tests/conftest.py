@@ -33,6 +33,12 @@ ARCHS = {
     "phi": ("PhiConfig", "PhiForCausalLM", dict(partial_rotary_factor=0.5)),
     "llama": ("LlamaConfig", "LlamaForCausalLM", dict(num_key_value_heads=2, tie_word_embeddings=False)),
     "qwen2": ("Qwen2Config", "Qwen2ForCausalLM", dict(num_key_value_heads=2, tie_word_embeddings=True)),
+    # mixture-of-experts: checkpoints hold one tensor per expert, transformers' model stacked ones
+    "mixtral": ("MixtralConfig", "MixtralForCausalLM", dict(num_key_value_heads=2, num_local_experts=3,
+                                                            num_experts_per_tok=2)),
+    "qwen2_moe": ("Qwen2MoeConfig", "Qwen2MoeForCausalLM", dict(num_key_value_heads=2, num_experts=3,
+                                                               num_experts_per_tok=2, moe_intermediate_size=16,
+                                                               shared_expert_intermediate_size=16)),
 }
 
 

@@ -1,0 +1,87 @@
+"""Mixture-of-experts checkpoints: merged in transformers' model layout (stacked experts), as mergekit does.
+
+A Mixtral or Qwen-MoE checkpoint stores one tensor per expert; transformers 5 and mergekit 0.1.5
+work on one stacked tensor per layer (`mlp.experts.gate_up_proj`), so TIES' threshold or SLERP's
+angle covers all experts at once, and the merged model is written under model-layout names.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import transformers
+
+from merge_core.config import load_config
+from merge_core.merger import MergePlan, Merger
+from merge_core.weights import ModelWeights
+from tests.conftest import build_tiny_model, run_cli
+from tests.merge_core.test_merge_output_files import both
+from tests.merge_core.test_oracle import assert_within_one_ulp, load_folder
+
+MOE = ["mixtral", "qwen2_moe"]
+
+
+@pytest.fixture(scope="module")
+def moe(tmp_path_factory) -> dict[str, list]:
+    root = tmp_path_factory.mktemp("moe")
+    return {arch: [build_tiny_model(root / f"{arch}_{seed}", arch, seed=seed, layers=3) for seed in (1, 2, 3)]
+            for arch in MOE}
+
+
+@pytest.mark.parametrize("arch", MOE)
+def test_names_and_tensors_are_what_transformers_loads(moe, arch):
+    """Every tensor we read is the model's own: names, shapes and values of from_pretrained's state dict."""
+    folder = moe[arch][0]
+    weights = ModelWeights(folder)
+    loaded = transformers.AutoModelForCausalLM.from_pretrained(folder).state_dict()
+    assert sorted(weights.names()) == sorted(loaded)
+    assert any(".experts.gate_up_proj" in n for n in weights.names())
+    for name, tensor in loaded.items():
+        assert tuple(weights.index[name].shape) == tuple(tensor.shape), name
+        assert torch.equal(weights.get(name), tensor), name
+
+
+MERGES = {
+    # ties' magnitude threshold and slerp's angle reduce over a whole (stacked) tensor
+    "ties": "merge_method: ties\ndtype: float32\nbase_model: {a}\nparameters: {{density: 0.5, weight: 0.6}}\n"
+            "models:\n  - model: {a}\n  - model: {b}\n  - model: {c}\n",
+    "slerp": "merge_method: slerp\ndtype: float16\nbase_model: {a}\nparameters: {{t: [0, 0.4, 1]}}\n"
+             "models:\n  - model: {a}\n  - model: {b}\n",
+    "model_stock": "merge_method: model_stock\ndtype: bfloat16\nbase_model: {a}\n"
+                   "models:\n  - model: {a}\n  - model: {b}\n  - model: {c}\n",
+}
+
+
+@pytest.mark.parametrize("arch", MOE)
+@pytest.mark.parametrize("merge", list(MERGES))
+def test_moe_merges_like_mergekit(tmp_path, moe, arch, merge):
+    """search merge and a study's in-memory candidate against mergekit-yaml: names, shapes, dtypes, values
+    within 1 ulp; the written model loads in transformers."""
+    a, b, c = moe[arch]
+    mk, us = both(tmp_path, MERGES[merge].format(a=a, b=b, c=c))
+    ours = load_folder(us)
+    assert_within_one_ulp(ours, load_folder(mk))
+    merger = Merger(MergePlan(load_config(tmp_path / "config.yml")))
+    live = merger.new_model()
+    merger.build_into(live)
+    state = live.state_dict()
+    for name, tensor in ours.items():
+        assert torch.equal(state[name].to(tensor.dtype), tensor), name
+    written = transformers.AutoModelForCausalLM.from_pretrained(us).state_dict()
+    for name, tensor in written.items():
+        assert torch.equal(tensor, ours[name]), name
+
+
+def test_moe_passthrough_stacks_layers(tmp_path, moe):
+    """A frankenmerge of MoE models: layers renumbered, experts kept stacked, the model loads."""
+    a, b, _ = moe["mixtral"]
+    config = tmp_path / "config.yml"
+    config.write_text(f"merge_method: passthrough\nslices:\n  - sources:\n    - model: {a}\n      layer_range: [0, 2]\n"
+                      f"  - sources:\n    - model: {b}\n      layer_range: [1, 3]\n")
+    result = run_cli("merge", str(config), str(tmp_path / "out"))
+    assert result.returncode == 0, result.stderr
+    model = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "out")
+    assert model.config.num_hidden_layers == 4
+    source = transformers.AutoModelForCausalLM.from_pretrained(b).state_dict()
+    assert torch.equal(model.state_dict()["model.layers.3.mlp.experts.gate_up_proj"],
+                       source["model.layers.2.mlp.experts.gate_up_proj"])
