@@ -307,9 +307,9 @@ def resolve_paths(data: dict, folder: Path) -> dict:
     merge = section("merge")
     if isinstance(merge, dict):
         if isinstance(merge.get("models"), list):
-            merge["models"] = [model_path(m, folder) if isinstance(m, str) else m for m in merge["models"]]
-        if isinstance(merge.get("base_model"), str):
-            merge["base_model"] = model_path(merge["base_model"], folder)
+            merge["models"] = [model_reference(m, folder) for m in merge["models"]]
+        if "base_model" in merge:
+            merge["base_model"] = model_reference(merge["base_model"], folder)
         if isinstance(merge.get("tokenizer_source"), str) and merge["tokenizer_source"] not in ("base", "union"):
             merge["tokenizer_source"] = model_path(merge["tokenizer_source"], folder)
         if isinstance(merge.get("slices"), list):
@@ -335,13 +335,25 @@ def _slice_paths(item: Any, folder: Path) -> Any:
     if not isinstance(item, dict):
         return item
     item = dict(item)
-    if isinstance(item.get("base_model"), str):
-        item["base_model"] = model_path(item["base_model"], folder)
+    if "base_model" in item:
+        item["base_model"] = model_reference(item["base_model"], folder)
     if isinstance(item.get("sources"), list):
-        item["sources"] = [{**src, "model": model_path(src["model"], folder)}
-                           if isinstance(src, dict) and isinstance(src.get("model"), str) else src
+        item["sources"] = [{**src, "model": model_reference(src["model"], folder)}
+                           if isinstance(src, dict) and "model" in src else src
                            for src in item["sources"]]
     return item
+
+
+def model_reference(value: Any, folder: Path) -> Any:
+    """`model_path` applied to a model reference in any of mergekit's forms: `path`, `{path, revision}`,
+    `{model: {path, revision}}` (anything else is left for validation to report)."""
+    if isinstance(value, str):
+        return model_path(value, folder)
+    if isinstance(value, dict) and isinstance(value.get("path"), str):
+        return {**value, "path": model_path(value["path"], folder)}
+    if isinstance(value, dict) and isinstance(value.get("model"), dict | str):
+        return {**value, "model": model_reference(value["model"], folder)}
+    return value
 
 
 def describe(exc: ValidationError, data: Any) -> str:

@@ -85,3 +85,21 @@ def test_missing_relative_path_names_the_study_folder(study_parts, tmp_path, key
     result = run_cli("start", str(path), cwd=tmp_path)
     assert result.returncode == 2
     assert str(project / "nowhere") in result.stderr and len(result.stderr.strip().splitlines()) == 1
+
+
+def test_model_references_in_mapping_form_resolve_too(tmp_path):
+    """mergekit's `{model: {path, revision}}` and `{path}` forms of a parent, in `models`, `base_model` and
+    slice sources, resolve against the study file like plain strings; Hub ids stay as written."""
+    from search.study_config import resolve_paths
+
+    (tmp_path / "a").mkdir()
+    data = {"merge": {"models": [{"model": {"path": "a", "revision": "main"}}, "org/name"],
+                      "base_model": {"path": "./a"},
+                      "slices": [{"sources": [{"model": {"model": {"path": "a"}}, "layer_range": [0, 2]},
+                                              {"model": "org/other@v1", "layer_range": [0, 2]}]}]}}
+    merge = resolve_paths(data, tmp_path)["merge"]
+    local = str(tmp_path / "a")
+    assert merge["models"] == [{"model": {"path": local, "revision": "main"}}, "org/name"]
+    assert merge["base_model"] == {"path": local}
+    assert merge["slices"][0]["sources"][0]["model"] == {"model": {"path": local}}
+    assert merge["slices"][0]["sources"][1]["model"] == "org/other@v1"
