@@ -9,6 +9,10 @@ magnitude threshold, SLERP's angle, model_stock's cosines) sees all experts at o
 under the model-layout name. We read transformers' table the same way (renamings, stacking
 experts along a new first dim, concatenating along a dim) and refuse, in one line, a conversion
 that needs another operation.
+
+Only checkpoints with per-expert tensors (`.experts.N.`) are converted: other models keep their
+checkpoint names (the table's renamings of legacy names change no value), and reading transformers'
+table costs about a second of imports that a dense model does not need.
 """
 
 from __future__ import annotations
@@ -20,14 +24,17 @@ import torch
 
 from merge_core.errors import MergeInputError
 
+PER_EXPERT = re.compile(r"\.experts\.\d+\.")
+
 
 @dataclass(frozen=True)
 class Converted:
     """A model-layout tensor made from checkpoint tensors: per source pattern, its tensors (in expert
-    order) stacked along `stack_dim`, then the stacks concatenated along `concat_dim` (one stack: no cat)."""
+    order) stacked along `stack_dim` (None: one tensor, as it is), then the parts concatenated along
+    `concat_dim` (None: one part)."""
 
     groups: tuple[tuple[str, ...], ...]  # checkpoint tensor names, per source pattern
-    stack_dim: int
+    stack_dim: int | None
     concat_dim: int | None
 
     def shape(self, shapes: dict[str, tuple[int, ...]]) -> tuple[int, ...]:
@@ -39,20 +46,26 @@ class Converted:
         return tuple(out)
 
     def build(self, get) -> torch.Tensor:
-        stacks = [torch.stack([get(n) for n in group], dim=self.stack_dim) for group in self.groups]
+        stacks = [get(group[0]) if self.stack_dim is None else torch.stack([get(n) for n in group], dim=self.stack_dim)
+                  for group in self.groups]
         return stacks[0] if self.concat_dim is None else torch.cat(stacks, dim=self.concat_dim)
 
 
 def model_layout(model_type: str | None, names: list[str]) -> tuple[dict[str, str], dict[str, Converted]]:
     """(model-layout name -> checkpoint name for renamed tensors, model-layout name -> how to build it)
     for a checkpoint of `model_type` holding `names`; both empty when the layouts agree."""
+    if not any(PER_EXPERT.search(n) for n in names):
+        return {}, {}
     transforms = _conversion_table(model_type)
     if not transforms:
         return {}, {}
-    from transformers.core_model_loading import WeightRenaming
+    from transformers.core_model_loading import WeightConverter, WeightRenaming
 
     current: dict[str, str | Converted] = {n: n for n in names}
     for transform in transforms:
+        if not isinstance(transform, WeightRenaming | WeightConverter):
+            _refuse_if_it_applies(transform, current)
+            continue
         renamed: dict[str, str | Converted] = {}
         matched: dict[str, dict[str, list[tuple[str, str | Converted]]]] = {}
         for key in sorted(current, key=_natural):
@@ -71,6 +84,15 @@ def model_layout(model_type: str | None, names: list[str]) -> tuple[dict[str, st
     return renames, converted
 
 
+def _refuse_if_it_applies(transform, current: dict) -> None:
+    """A kind of conversion merge-search does not reproduce: refused when it matches a tensor."""
+    for pattern in getattr(transform, "source_patterns", []):
+        hit = next((k for k in current if re.search(pattern, k)), None)
+        if hit is not None:
+            raise MergeInputError(f"{hit}: transformers converts it with {type(transform).__name__}, which "
+                                  "merge-search does not reproduce; merge a checkpoint saved in model layout")
+
+
 def _conversion_table(model_type: str | None) -> list:
     if not model_type:
         return []
@@ -85,7 +107,8 @@ def _converted(transform, target: str, by_pattern: dict[str, list[tuple[str, str
     ops = [(type(op).__name__, getattr(op, "dim", None)) for op in transform.operations]
     kinds = [k for k, _ in ops]
     patterns = list(transform.source_patterns)
-    if kinds not in (["MergeModulelist"], ["MergeModulelist", "Concatenate"]) or len(transform.target_patterns) != 1:
+    if kinds not in (["MergeModulelist"], ["MergeModulelist", "Concatenate"], ["Concatenate"]) \
+            or len(transform.target_patterns) != 1:
         raise MergeInputError(f"{target}: transformers builds it from the checkpoint with {' + '.join(kinds)}, "
                               "which merge-search does not reproduce; merge a checkpoint saved in model layout")
     groups = []
@@ -97,13 +120,18 @@ def _converted(transform, target: str, by_pattern: dict[str, list[tuple[str, str
     if len({len(g) for g in groups}) != 1:
         raise MergeInputError(f"{target}: the checkpoint has a different number of tensors per part "
                               f"({', '.join(str(len(g)) for g in groups)})")
-    concat = ops[1][1] if len(ops) == 2 else None
+    stack = ops[0][1] if kinds[0] == "MergeModulelist" else None
+    concat = ops[-1][1] if kinds[-1] == "Concatenate" else None
+    if stack is None and any(len(g) != 1 for g in groups):
+        raise MergeInputError(f"{target}: several checkpoint tensors per part but nothing stacks them")
     if concat is None and len(groups) != 1:
         raise MergeInputError(f"{target}: {len(groups)} parts but no concatenation in transformers' table")
-    return Converted(tuple(groups), ops[0][1], concat)
+    return Converted(tuple(groups), stack, concat)
 
 
-def _stacked_shape(shapes: list[tuple[int, ...]], dim: int) -> tuple[int, ...]:
+def _stacked_shape(shapes: list[tuple[int, ...]], dim: int | None) -> tuple[int, ...]:
+    if dim is None:
+        return shapes[0]
     if len(set(shapes)) != 1:
         raise MergeInputError(f"tensors stacked into one model-layout tensor differ in shape: {sorted(set(shapes))}")
     out = list(shapes[0])

@@ -41,6 +41,39 @@ def test_names_and_tensors_are_what_transformers_loads(moe, arch):
         assert torch.equal(weights.get(name), tensor), name
 
 
+TINY = dict(vocab_size=17, hidden_size=32, intermediate_size=64, moe_intermediate_size=16, num_hidden_layers=2,
+            num_attention_heads=4, num_key_value_heads=4, head_dim=8, max_position_embeddings=64, num_experts=3,
+            num_local_experts=3, n_routed_experts=3, num_experts_per_tok=2, n_group=1, topk_group=1,
+            shared_expert_intermediate_size=16, first_k_dense_replace=0)
+
+
+@pytest.mark.parametrize("model_type", ["olmoe", "qwen3_moe", "deepseek_v3", "phimoe", "glm4_moe", "minimax"])
+def test_other_moe_families_read_as_transformers_loads_them(tmp_path, model_type):
+    """Other families' conversion tables (renamings, stacked experts with and without concatenation)."""
+    defaults = transformers.AutoConfig.for_model(model_type)
+    config = transformers.AutoConfig.for_model(model_type, **{k: v for k, v in TINY.items() if hasattr(defaults, k)})
+    torch.manual_seed(0)
+    transformers.AutoModelForCausalLM.from_config(config).save_pretrained(tmp_path)
+    weights = ModelWeights(tmp_path)
+    loaded = transformers.AutoModelForCausalLM.from_pretrained(tmp_path).state_dict()
+    assert any(".experts." in n and "_proj" in n and n.count(".") <= 5 for n in weights.names())
+    assert sorted(weights.names()) == sorted(loaded)
+    for name, tensor in loaded.items():
+        assert torch.equal(weights.get(name), tensor), name
+
+
+def test_an_unsupported_conversion_is_one_line():
+    """A table entry built another way than stacking and concatenating (ernie4_5_vl_moe splits text and
+    vision experts) is refused by name, with what to do instead."""
+    from merge_core.errors import MergeInputError
+    from merge_core.layout import model_layout
+
+    names = [f"model.layers.0.mlp.experts.{e}.{p}_proj.weight" for e in range(2) for p in ("gate", "up", "down")]
+    with pytest.raises(MergeInputError, match="ErnieFuseAndSplitTextVisionExperts, which merge-search does not "
+                                              "reproduce; merge a checkpoint saved in model layout"):
+        model_layout("ernie4_5_vl_moe", names)
+
+
 MERGES = {
     # ties' magnitude threshold and slerp's angle reduce over a whole (stacked) tensor
     "ties": "merge_method: ties\ndtype: float32\nbase_model: {a}\nparameters: {{density: 0.5, weight: 0.6}}\n"
