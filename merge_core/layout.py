@@ -12,7 +12,7 @@ that needs another operation.
 
 Only checkpoints with per-expert tensors (`.experts.N.`) are converted: other models keep their
 checkpoint names (the table's renamings of legacy names change no value), and reading transformers'
-table costs about a second of imports that a dense model does not need.
+table imports modules (torch.distributed among them) that a dense model does not need.
 """
 
 from __future__ import annotations
@@ -37,8 +37,8 @@ class Converted:
     stack_dim: int | None
     concat_dim: int | None
 
-    def shape(self, shapes: dict[str, tuple[int, ...]]) -> tuple[int, ...]:
-        stacked = [_stacked_shape([shapes[n] for n in group], self.stack_dim) for group in self.groups]
+    def shape(self, shape_of) -> tuple[int, ...]:
+        stacked = [_stacked_shape([tuple(shape_of(n)) for n in group], self.stack_dim) for group in self.groups]
         if self.concat_dim is None:
             return stacked[0]
         out = list(stacked[0])

@@ -75,7 +75,6 @@ class MergePlan:
         self._check_contract()
         self.vocabulary = (OutputVocabulary(config.tokenizer_source, self.models, self.weights, self.reference,
                                             allow_pickle) if config.tokenizer_source else None)
-        self.tokenizer = self.vocabulary.tokenizer if self.vocabulary else None
         self._check_compatible()
         self.outputs, self.num_layers = self._plan_outputs()
         self.dtype = DTYPES[config.dtype] if config.dtype else None
@@ -105,6 +104,11 @@ class MergePlan:
                 cache[key] = tensor
             tensors.append(tensor)
         return Inputs(tuple(tensors), out.base, out.name)
+
+    @property
+    def tokenizer(self):
+        """The tokenizer `tokenizer_source` names, loaded and checked (None without one)."""
+        return self.vocabulary.tokenizer if self.vocabulary else None
 
     def working_dtype(self, out: OutputTensor) -> torch.dtype:
         """The config dtype, or the promoted dtype of the stored inputs when it has none."""

@@ -28,10 +28,9 @@ class OutputVocabulary:
 
     def __init__(self, source: str, models: list[str], weights: list, reference, allow_pickle: bool = False):
         self.label = f"tokenizer_source: {source}"
-        if source == "base":
-            self.tokenizer = load_tokenizer(reference.folder, reference.config.get("vocab_size"), self.label)
-        else:
-            self.tokenizer = load_tokenizer(resolve(source, allow_pickle), None, self.label)
+        folder = reference.folder if source == "base" else resolve(source, allow_pickle)
+        strip_past = reference.config.get("vocab_size") if source == "base" else None
+        self.tokenizer = load_tokenizer(folder, strip_past, self.label)
         vocab = self.tokenizer.get_vocab()
         self.size = len(vocab)
         if sorted(vocab.values()) != list(range(self.size)):
@@ -39,16 +38,14 @@ class OutputVocabulary:
                                   "rebuild the embeddings for it, which merge-search does not do; remove "
                                   "tokenizer_source to keep the models' vocabulary")
         for model, w in zip(models, weights, strict=True):
-            self._check_same_ids(model, w, vocab)
+            # the source's own model has every token at its id (stripping only drops ids past its rows)
+            own = vocab if Path(getattr(w, "folder", "")) == Path(folder) else _own_vocab(w, vocab)
+            self._check_same_ids(model, w, vocab, own)
         rows = {w.config.get("vocab_size") for w in weights}
         self.rows = self.size if rows - {None, self.size} else None
 
-    def _check_same_ids(self, model: str, weights, vocab: dict) -> None:
+    def _check_same_ids(self, model: str, weights, vocab: dict, own: dict) -> None:
         rows = weights.config.get("vocab_size")
-        try:
-            own = load_tokenizer(weights.folder).get_vocab() if hasattr(weights, "folder") else vocab
-        except MergeInputError:
-            own = vocab  # mergekit too takes a model whose tokenizer does not load to share the base's
         moved = [t for t, i in vocab.items() if own.get(t) != i]
         if moved or (rows is not None and rows < self.size):
             what = (f"{len(moved)} of its tokens ({moved[0]!r}...) sit at other ids in {model}" if moved
@@ -61,6 +58,17 @@ class OutputVocabulary:
         cut to the tokenizer's rows."""
         return (self.rows is not None and len(shape) >= 1 and shape[0] == model_rows
                 and VOCABULARY_PATTERN.search(name) is not None)
+
+
+def _own_vocab(weights, vocab: dict) -> dict:
+    """A model's own token ids; the output's when its tokenizer does not load or it has no folder
+    (mergekit too takes such a model to share the base's)."""
+    if not hasattr(weights, "folder"):
+        return vocab
+    try:
+        return load_tokenizer(weights.folder).get_vocab()
+    except MergeInputError:
+        return vocab
 
 
 def load_tokenizer(folder: Path, vocab_size: int | None = None, label: str = "tokenizer"):

@@ -75,7 +75,7 @@ class ModelWeights:
                 parts = [self._checkpoint[n] for group in recipe.groups for n in group]
                 if len({p.dtype for p in parts}) != 1:
                     raise MergeInputError(f"model folder {self.folder}: the parts of {name} have different dtypes")
-                shape = recipe.shape({n: self._checkpoint[n].shape for group in recipe.groups for n in group})
+                shape = recipe.shape(lambda n: self._checkpoint[n].shape)
                 info = TensorInfo(info.file, info.dtype, shape, 0, 0)
             index[name] = info
         return index
