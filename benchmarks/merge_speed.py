@@ -36,8 +36,11 @@ End to end (--end-to-end), each a fresh process on the same family and config, r
 other: `python -m search.cli merge CONFIG OUT --random-seed 0` against `mergekit-yaml CONFIG OUT
 --random-seed 0`, wall time from the parent and peak RSS from /usr/bin/time -v (getrusage of the
 children when that is missing), for SLERP (base + child 1, the phigment6 t gradients) and TIES
-(base + children 1 and 2, the ties row's parameter set A). Target: ours >= 3x faster with a lower
-peak RSS.
+(base + children 1 and 2, the ties row's parameter set A). Before every run the page cache is
+settled the same way for both tools: dirty pages flushed (`sync`, so no run pays for writing back
+the previous one's output) and the family's files read once (so both read their parents from
+memory). With --end-to-end-repeats N the tools alternate N times and the medians are compared.
+Target: ours >= 3x faster with a lower peak RSS.
 
 --threads N sets torch's thread count in every child (ours, its floor, and mergekit): on a machine
 whose cores other work keeps busy, each two-thread torch operation waits for a descheduled thread,
@@ -278,6 +281,22 @@ def run_child(kind: str, configs: list[Path], repeats: int, slow: float, threads
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
+def settle_page_cache(root: Path) -> None:
+    """Flush dirty pages and read the family's files once, so every timed run starts alike."""
+    os.sync()
+    for path in sorted(root.glob("*/*")):
+        if path.is_file():
+            with open(path, "rb") as handle:
+                while handle.read(1 << 24):
+                    pass
+
+
+def median_run(runs: list[tuple[float, int, str | None]]) -> tuple[float, int, str | None]:
+    """The run of median wall time (the first failure, if any run failed)."""
+    failed = [run for run in runs if run[2]]
+    return failed[0] if failed else sorted(runs)[len(runs) // 2]
+
+
 def timed_process(command: list[str]) -> tuple[float, int, str | None]:
     """(wall seconds, peak RSS bytes, error line or None) of one command in a fresh process."""
     if Path("/usr/bin/time").exists():
@@ -352,6 +371,7 @@ def main() -> None:
                         help="a warm-up build slower than this many seconds is taken as the measurement")
     parser.add_argument("--methods", default="", help="comma list (default: every registered method)")
     parser.add_argument("--end-to-end", default="slerp,ties", help="comma list of slerp, ties; or none")
+    parser.add_argument("--end-to-end-repeats", type=int, default=1, help="alternating runs per tool (median)")
     parser.add_argument("--threads", type=int, default=None,
                         help="torch threads in every child, ours and mergekit alike (default: torch's)")
     parser.add_argument("--child", nargs="+", help=argparse.SUPPRESS)
@@ -405,15 +425,18 @@ def main() -> None:
                     skipped.append(f"end to end {name}: skipped, {config}")
                     continue
                 config_path.write_text(yaml.safe_dump(config, sort_keys=False))
-            results = {}
-            for tool, command in (("search merge", [sys.executable, "-m", "search.cli", "merge"]),
-                                  ("mergekit-yaml", [mergekit_yaml])):
-                out = root / "out"
-                shutil.rmtree(out, ignore_errors=True)
-                results[tool] = timed_process([*command, str(config_path), str(out), "--random-seed", "0"])
-                print(f"end to end {name} {tool}: {results[tool]}", file=sys.stderr)
+            runs: dict[str, list] = {"search merge": [], "mergekit-yaml": []}
+            for _ in range(args.end_to_end_repeats):
+                for tool, command in (("search merge", [sys.executable, "-m", "search.cli", "merge"]),
+                                      ("mergekit-yaml", [mergekit_yaml])):
+                    out = root / "out"
+                    shutil.rmtree(out, ignore_errors=True)
+                    settle_page_cache(root)
+                    runs[tool].append(timed_process([*command, str(config_path), str(out), "--random-seed", "0"]))
+                    print(f"end to end {name} {tool}: {runs[tool][-1]}", file=sys.stderr)
             shutil.rmtree(root / "out", ignore_errors=True)
-            (ours_s, ours_rss, ours_err), (mk_s, mk_rss, mk_err) = results["search merge"], results["mergekit-yaml"]
+            (ours_s, ours_rss, ours_err), (mk_s, mk_rss, mk_err) = (median_run(runs["search merge"]),
+                                                                    median_run(runs["mergekit-yaml"]))
             inputs = len(yaml.safe_load(config_path.read_text()).get("models") or [0, 0])
             label = f"{name} e2e ({inputs} in)"
             if ours_err or mk_err:

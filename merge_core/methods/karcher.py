@@ -24,8 +24,8 @@ class Karcher(MergeMethod):
     """mergekit's karcher: equal weights 1/N, up to `max_iter` gradient steps on the sphere.
 
     The norms of the inputs (in float32, float64 for float64 inputs) do not depend on max_iter or
-    tol: computed once per study. The iteration reduces over whole tensors, so it runs as
-    mergekit runs it.
+    tol: computed once per study. The iteration reduces over whole tensors, so it runs mergekit's
+    operations, into buffers allocated once per tensor.
     """
 
     name = "karcher"
@@ -49,6 +49,9 @@ class Karcher(MergeMethod):
 
 
 def _karcher_mean(tensors, norms, max_iter: int, tol: float) -> torch.Tensor:
+    """mergekit's karcher_merge_tensors with the same operations in the same order and dtypes, each
+    elementwise step written into buffers allocated once per tensor (`out=` and in-place forms of the
+    same torch operations, so the same kernels and bits) instead of a fresh tensor per step."""
     dtype = norms[0].dtype
     alphas = [1.0 / len(tensors)] * len(tensors)
     valid = [i for i, norm in enumerate(norms) if norm.item() > tol]
@@ -60,28 +63,42 @@ def _karcher_mean(tensors, norms, max_iter: int, tol: float) -> torch.Tensor:
     shares = [alphas[i] / alpha_sum for i in valid]
     valid_units = [units[i] for i in valid]
     del units
+    widened = None if valid_units[0].dtype == dtype else torch.empty(valid_units[0].shape, dtype=dtype)
+
+    def norm(x: torch.Tensor) -> torch.Tensor:  # vector_norm(x.to(dtype)), the copy made into one buffer
+        return torch.linalg.vector_norm(x if widened is None else widened.copy_(x))
 
     mean = torch.zeros_like(valid_units[0])
+    step = torch.empty_like(mean)
     for share, unit in zip(shares, valid_units, strict=True):
-        mean += share * unit
-    mean_norm = torch.linalg.vector_norm(mean.to(dtype))
-    mean = valid_units[0].clone() if mean_norm.item() < tol else (mean / mean_norm).to(mean.dtype)
+        mean += torch.mul(unit, share, out=step)  # share * unit: a Python float multiplies as mul(unit, share)
+    mean_norm = norm(mean)
+    if mean_norm.item() < tol:
+        mean.copy_(valid_units[0])
+    else:
+        torch.div(mean, mean_norm, out=mean)
 
+    tangent = torch.empty_like(mean)
     for _ in range(max_iter):
-        tangent = torch.zeros_like(mean)
+        tangent.zero_()
+        flat_mean = mean.flatten()
         for share, unit in zip(shares, valid_units, strict=True):
-            dot = torch.clamp(torch.dot(mean.flatten(), unit.flatten()), -1.0, 1.0)
+            dot = torch.clamp(torch.dot(flat_mean, unit.flatten()), -1.0, 1.0)
             theta = torch.arccos(dot)
             if theta.item() < tol:
                 continue
-            tangent += share * (theta / torch.sin(theta)) * (unit - dot * mean)
-        tangent_norm = torch.linalg.vector_norm(tangent.to(dtype))
+            torch.mul(dot, mean, out=step)
+            torch.sub(unit, step, out=step)
+            tangent += torch.mul(share * (theta / torch.sin(theta)), step, out=step)
+        tangent_norm = norm(tangent)
         if tangent_norm.item() < tol:
             break
-        mean = (torch.cos(tangent_norm) * mean + torch.sin(tangent_norm) * (tangent / tangent_norm)).to(mean.dtype)
-        unit_norm = torch.linalg.vector_norm(mean.to(dtype))
+        torch.mul(torch.cos(tangent_norm), mean, out=step)
+        torch.div(tangent, tangent_norm, out=tangent)
+        torch.add(step, torch.mul(torch.sin(tangent_norm), tangent, out=tangent), out=mean)
+        unit_norm = norm(mean)
         if unit_norm.item() > tol:
-            mean = (mean / unit_norm).to(mean.dtype)
+            torch.div(mean, unit_norm, out=mean)
 
     scale = sum(alpha * norm for alpha, norm in zip(alphas, norms, strict=True))
     return scale * mean
