@@ -272,7 +272,9 @@ def della_magprune(delta: torch.Tensor, density: float, epsilon: float, rescale:
     # so there is no sort to save); the second argsort is an inverse permutation: a scatter.
     order = torch.argsort(rows.abs(), dim=1, descending=False)
     ranks = torch.empty_like(order)
-    ranks.scatter_(1, order, torch.arange(order.shape[1], device=order.device).expand_as(order))
+    # positions along dim 1, broadcast over the other dims (stacked experts have three)
+    positions = torch.arange(order.shape[1], device=order.device).reshape(1, -1, *[1] * (order.dim() - 2))
+    ranks.scatter_(1, order, positions.expand_as(order))
     ranks = ranks.to(dtype) + 1
     min_ranks = ranks.min(dim=1, keepdim=True).values
     max_ranks = ranks.max(dim=1, keepdim=True).values

@@ -48,6 +48,11 @@ class TaskArithmetic(MergeMethod):
         return tuple(params)
 
     def check(self, values, where) -> None:
+        if self.sparsification == "random":  # mergekit's Bernoulli draw fails on a negative probability
+            for per_input in values.per_input:
+                if per_input.get("density") is not None and per_input["density"] < 0:
+                    raise ValueError(f"density {per_input['density']:g} is negative; DARE keeps each element "
+                                     "with probability density, so give a value from 0 to 1")
         if self.sparsification != "della":
             return
         for per_input in values.per_input:

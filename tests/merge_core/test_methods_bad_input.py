@@ -45,6 +45,9 @@ def bad_configs(f, wide) -> list[tuple[str, dict, tuple[str, ...]]]:
                               "models": three(f, weight=[1, 1, 1])[:2] + [{"model": str(wide),
                                                                            "parameters": {"weight": 1}}]},
          ("hidden_size differs", str(wide))),
+        ("dare density below 0", {"merge_method": "dare_ties", "base_model": base,
+                                  "models": three(f, weight=[1, 1, 1], density=[0.5, -0.1, 0.5])},
+         ("density -0.1 is negative", "from 0 to 1")),
     ]
 
 
@@ -53,7 +56,7 @@ def wide(tmp_path_factory):
     return build_tiny_model(tmp_path_factory.mktemp("wide") / "wide", "phi", seed=3, hidden=64)
 
 
-@pytest.mark.parametrize("index", range(11))
+@pytest.mark.parametrize("index", range(12))
 def test_refused(families, wide, tmp_path, index):
     name, config, needles = bad_configs(families["phi"], wide)[index]
     out = tmp_path / "out"

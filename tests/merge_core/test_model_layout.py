@@ -118,3 +118,44 @@ def test_moe_passthrough_stacks_layers(tmp_path, moe):
     source = transformers.AutoModelForCausalLM.from_pretrained(b).state_dict()
     assert torch.equal(model.state_dict()["model.layers.3.mlp.experts.gate_up_proj"],
                        source["model.layers.2.mlp.experts.gate_up_proj"])
+
+
+@pytest.mark.parametrize("method", ["della", "dare_ties"])
+def test_moe_randomised_merges_build_and_load(tmp_path, moe, method):
+    """DELLA ranks along dim 1 of a stacked (experts, rows, columns) tensor as mergekit does; search
+    merge and the in-memory candidate draw the same masks. mergekit draws the stacked tensors first,
+    in an order its task graph sets (README), so whole-model masks are not compared with its own."""
+    a, b, c = moe["mixtral"]
+    config = tmp_path / "config.yml"
+    epsilon = ", epsilon: 0.1" if method == "della" else ""
+    config.write_text(f"merge_method: {method}\ndtype: bfloat16\nbase_model: {a}\n"
+                      f"parameters: {{density: 0.5, weight: 0.6{epsilon}}}\n"
+                      f"models:\n  - model: {a}\n  - model: {b}\n  - model: {c}\n")
+    result = run_cli("merge", str(config), str(tmp_path / "out"), "--random-seed", "7")
+    assert result.returncode == 0, result.stderr
+    written = load_folder(tmp_path / "out")
+    merger = Merger(MergePlan(load_config(config)), seed=7)
+    live = merger.new_model()
+    merger.build_into(live)
+    state = live.state_dict()
+    for name, tensor in written.items():
+        assert torch.equal(state[name].to(tensor.dtype), tensor), name
+    loaded = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "out").state_dict()
+    assert torch.equal(loaded["model.layers.1.mlp.experts.down_proj"], written["model.layers.1.mlp.experts.down_proj"])
+
+
+@pytest.mark.parametrize("shape", [(3, 32, 64), (2, 5, 7, 3), (40,), (8, 9)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_della_prunes_stacked_tensors_as_mergekit(shape, dtype):
+    """DELLA's magnitude ranks of a tensor with more than two dims: bit for bit mergekit's, same draws."""
+    from mergekit.sparsify import RescaleNorm
+    from mergekit.sparsify import della_magprune as theirs
+
+    from merge_core.methods.sparsify import della_magprune as ours
+
+    delta = torch.randn(shape, generator=torch.Generator().manual_seed(1)).to(dtype)
+    for rescale in (False, True):
+        torch.manual_seed(3)
+        expected = theirs(delta, 0.5, 0.1, RescaleNorm.l1 if rescale else None)
+        got = ours(delta, 0.5, 0.1, rescale, torch.Generator().manual_seed(3))
+        assert torch.equal(got, expected)
