@@ -63,16 +63,18 @@ def _karcher_mean(tensors, norms, max_iter: int, tol: float) -> torch.Tensor:
     shares = [alphas[i] / alpha_sum for i in valid]
     valid_units = [units[i] for i in valid]
     del units
-    widened = None if valid_units[0].dtype == dtype else torch.empty(valid_units[0].shape, dtype=dtype)
-
-    def norm(x: torch.Tensor) -> torch.Tensor:  # vector_norm(x.to(dtype)), the copy made into one buffer
-        return torch.linalg.vector_norm(x if widened is None else widened.copy_(x))
-
     mean = torch.zeros_like(valid_units[0])
-    step = torch.empty_like(mean)
+    # half inputs: the float32 copy a norm takes, and the step of an update, share one buffer (a
+    # step is done with before each norm, and each norm before the next step)
+    widened = None if mean.dtype == dtype else torch.empty(mean.shape, dtype=dtype, device=mean.device)
+    if widened is None:
+        step = torch.empty_like(mean)
+    else:
+        step = widened.view(-1).view(mean.dtype)[:mean.numel()].view(mean.shape)
+
     for share, unit in zip(shares, valid_units, strict=True):
         mean += torch.mul(unit, share, out=step)  # share * unit: a Python float multiplies as mul(unit, share)
-    mean_norm = norm(mean)
+    mean_norm = _norm(mean, widened)
     if mean_norm.item() < tol:
         mean.copy_(valid_units[0])
     else:
@@ -90,15 +92,21 @@ def _karcher_mean(tensors, norms, max_iter: int, tol: float) -> torch.Tensor:
             torch.mul(dot, mean, out=step)
             torch.sub(unit, step, out=step)
             tangent += torch.mul(share * (theta / torch.sin(theta)), step, out=step)
-        tangent_norm = norm(tangent)
+        tangent_norm = _norm(tangent, widened)
         if tangent_norm.item() < tol:
             break
         torch.mul(torch.cos(tangent_norm), mean, out=step)
         torch.div(tangent, tangent_norm, out=tangent)
         torch.add(step, torch.mul(torch.sin(tangent_norm), tangent, out=tangent), out=mean)
-        unit_norm = norm(mean)
+        unit_norm = _norm(mean, widened)
         if unit_norm.item() > tol:
             torch.div(mean, unit_norm, out=mean)
 
+    del valid_units, step, tangent, widened  # before the result is allocated
     scale = sum(alpha * norm for alpha, norm in zip(alphas, norms, strict=True))
     return scale * mean
+
+
+def _norm(x: torch.Tensor, widened: torch.Tensor | None) -> torch.Tensor:
+    """vector_norm(x.to(dtype)) as mergekit takes it, the widening copy made into `widened`."""
+    return torch.linalg.vector_norm(x if widened is None else widened.copy_(x))
