@@ -12,6 +12,7 @@ from pathlib import Path
 
 import optuna
 
+from merge_core.errors import MergeInputError
 from search import results
 from search.errors import StudyError
 from search.interrupts import SignalGuard
@@ -134,14 +135,7 @@ class Candidates:
             self.plan = self.chain.final
         else:
             self.plan = MergePlan(self.space.config_of(self.baseline), allow_pickle=study.merge.allow_pickle)
-        probe = self.space.recipe({n: _middle(d) for n, d in self.space.distributions().items()})
-        try:
-            if self.chain is not None:
-                self.chain.use(self.space.config_of(probe))
-            else:
-                self.plan.values(self.space.config_of(probe))
-        except Exception as exc:
-            raise StudyError(f"search_space: {exc}; add a `default` entry") from None
+        self._check_ranges()
         # the tokenizer the merged model is written with: tokenizer_source's (loaded and checked by the plan)
         tokenizer = self.plan.tokenizer
         if tokenizer is None:
@@ -160,6 +154,38 @@ class Candidates:
         parents = self.space.parents() if hasattr(self.space, "parents") else self.plan.config.model_names()
         self.parents = parent_fingerprints(parents, study.merge.allow_pickle)
         self.batch_size = study.objectives.batch_size
+
+    def _check_ranges(self) -> None:
+        """Every tensor gets a value (a probe at the middle of every range), and the method takes the
+        ends of each range (each end with the others in the middle, then all lows, then all highs): a
+        range a trial would leave as an invalid merge is refused now, before any storage exists."""
+        distributions = self.space.distributions()
+        middle = {n: _middle(d) for n, d in distributions.items()}
+        try:
+            self._values_of(middle)
+        except Exception as exc:
+            raise StudyError(f"search_space: {exc}; add a `default` entry") from None
+        ends = {n: d for n, d in distributions.items()
+                if not isinstance(d, optuna.distributions.CategoricalDistribution)}
+        probes = []
+        for name, dist in ends.items():
+            probes += [(f"{name} = {dist.low:g} (the low end of its range)", {**middle, name: dist.low}),
+                       (f"{name} = {dist.high:g} (the high end of its range)", {**middle, name: dist.high})]
+        if len(ends) > 1:
+            probes += [("every range at its low end", {**middle, **{n: d.low for n, d in ends.items()}}),
+                       ("every range at its high end", {**middle, **{n: d.high for n, d in ends.items()}})]
+        for where, params in probes:
+            try:
+                self._values_of(params)
+            except Exception as exc:
+                raise StudyError(f"search_space: at {where}: {exc}; narrow the range") from None
+
+    def _values_of(self, params: dict) -> None:
+        config = self.space.config_of(self.space.recipe(params))
+        if self.chain is not None:
+            self.chain.use(config)
+        else:
+            self.plan.values(config)
 
     def build(self, recipe: Recipe) -> float:
         """Write the candidate into the live model; returns seconds taken."""
@@ -189,6 +215,8 @@ def _middle(dist):
     """A point inside a distribution (the probe that checks every tensor gets a value)."""
     if isinstance(dist, optuna.distributions.CategoricalDistribution):
         return dist.choices[0]
+    if isinstance(dist, optuna.distributions.IntDistribution):
+        return (dist.low + dist.high) // 2
     return (dist.low + dist.high) / 2
 
 
@@ -355,6 +383,13 @@ class StudyRunner:
                     return self._objective(trial)
             except optuna.TrialPruned:
                 raise
+            except MergeInputError as exc:
+                # a sampled point the method refuses where the ranges combine (della's density - epsilon
+                # below 0 at a low density and a high epsilon): this trial fails in one line, the study goes on
+                write(trial, fail_reason=f"invalid point: {str(exc)[:500]}")
+                optuna.logging.get_logger("optuna").warning(
+                    f"Trial {trial.number} is not a valid merge: {exc}; it fails and the study goes on")
+                return [math.nan] * len(trial.study.directions) if len(trial.study.directions) > 1 else math.nan
             except BudgetReached as exc:
                 write(trial, fail_reason=str(exc))
                 raise

@@ -358,8 +358,11 @@ def model_reference(value: Any, folder: Path) -> Any:
 
 def describe(exc: ValidationError, data: Any) -> str:
     """The first validation error as `field.path: what is wrong`, with a did-you-mean for typos."""
-    # An unknown key usually explains a "missing" one (a typo), so report it first.
-    err = sorted(exc.errors(), key=lambda e: e["type"] != "extra_forbidden")[0]
+    # A field that takes a mapping or a list (search_space) reports both branches' errors: keep the
+    # branch of the form the file has. An unknown key usually explains a "missing" one (a typo), so
+    # report it first.
+    errors = [e for e in exc.errors() if _branch_fits(e["loc"], data)] or exc.errors()
+    err = sorted(errors, key=lambda e: e["type"] != "extra_forbidden")[0]
     loc = [p for p in err["loc"] if not (isinstance(p, str) and ("[" in p or p in {"float", "int", "str"}))]
     field = ".".join(str(p) for p in loc)
     message = err["msg"].removeprefix("Value error, ")
@@ -370,6 +373,22 @@ def describe(exc: ValidationError, data: Any) -> str:
     elif err["type"] == "missing":
         message = "required"
     return f"{field}: {message}" if field else message
+
+
+def _branch_fits(loc: tuple, data: Any) -> bool:
+    """False when an error's location goes through a union branch (`dict[...]`, `list[...]`) that is
+    not the form of the value found there in `data`."""
+    value = data
+    for part in loc:
+        if isinstance(part, str) and part.startswith(("dict[", "list[")):
+            if not isinstance(value, dict if part.startswith("dict[") else list):
+                return False
+            continue
+        try:
+            value = value[part]
+        except (KeyError, IndexError, TypeError):
+            return True
+    return True
 
 
 def _did_you_mean(word: str, choices: list[str]) -> str:

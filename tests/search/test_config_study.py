@@ -200,3 +200,68 @@ def test_study_over_a_padded_vocabulary(families, tmp_path):
     assert merged["model.embed_tokens.weight"].shape[0] == len(WORDS) + 2
     theirs = load_folder(mergekit_merge(yaml.safe_load(best.read_text()), tmp_path / "mk", seed=0))
     same_weights(merged, theirs)
+
+
+def _della_study(families, tmp_path, space, sampler_seed=0, n_trials=4) -> dict:
+    f = families["phi"]
+    doc = study(families, tmp_path, "random", space=space)
+    doc["study"].update(seed=sampler_seed, n_trials=n_trials)
+    doc["merge"]["config"] = {"merge_method": "della", "base_model": str(f["base"]), "dtype": "float32",
+                              "models": [{"model": str(f[c]), "parameters": {"weight": 0.5, "density": 0.5,
+                                                                              "epsilon": 0.1}}
+                                         for c in ("child_1", "child_2")]}
+    return doc
+
+
+def test_a_range_whose_end_the_method_refuses_is_refused_before_the_study(families, tmp_path):
+    """epsilon up to 0.7 at density 0.5 is not a della merge: refused in one line at start, no storage."""
+    doc = _della_study(families, tmp_path, [
+        {"parameter": "epsilon", "models": ["child_1"], "anchors": 1, "low": 0.05, "high": 0.7}])
+    path = tmp_path / "study.yaml"
+    path.write_text(yaml.safe_dump(doc))
+    result = run_cli("start", str(path))
+    lines = result.stderr.strip().splitlines()
+    assert result.returncode == 2 and len(lines) == 1, result.stderr[-2000:]
+    assert "= 0.7 (the high end of its range)" in lines[0] and "epsilon 0.7 must stay inside (0, 1)" in lines[0]
+    assert "narrow the range" in lines[0] and not (tmp_path / "cfg.db").exists()
+
+
+def test_a_sampled_point_the_method_refuses_fails_its_trial_in_one_line(families, tmp_path):
+    """Every range end is a della merge, but a low density with a high epsilon is not: that trial fails
+    with its reason (no traceback) and the study fills its budget with valid trials."""
+    import optuna
+
+    # with sampler seed 7, trial 1 draws density 0.13, epsilon 0.14 (checked when this test was written)
+    doc = _della_study(families, tmp_path, [
+        {"parameter": "density", "models": ["child_1"], "anchors": 1, "low": 0.1, "high": 0.5},
+        {"parameter": "epsilon", "models": ["child_1"], "anchors": 1, "low": 0.01, "high": 0.18}],
+        sampler_seed=7, n_trials=4)
+    path = tmp_path / "study.yaml"
+    path.write_text(yaml.safe_dump(doc))
+    result = run_cli("start", str(path))
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "Traceback" not in result.stderr
+    trials = optuna.load_study(study_name="cfg-random", storage=doc["study"]["storage"]).trials
+    failed = [t for t in trials if t.state == optuna.trial.TrialState.FAIL]
+    assert failed, "the sampler no longer draws an invalid point: pick another seed"
+    for trial in failed:
+        density, epsilon = trial.params["density.child_1.default.0"], trial.params["epsilon.child_1.default.0"]
+        assert density - epsilon <= 0 or density + epsilon >= 1
+        assert trial.user_attrs["fail_reason"].startswith("invalid point: ")
+        assert f"Trial {trial.number} is not a valid merge" in result.stderr
+    assert len([t for t in trials if t.state == optuna.trial.TrialState.COMPLETE]) == 4
+
+
+@pytest.mark.parametrize("item,needle", [
+    ({"parameter": "weight", "anchors": 1, "low": 0.8, "high": 0.2}, "low (0.8) must not exceed high (0.2)"),
+    ({"parameter": "weight", "anchors": 0}, "search_space.0.anchors: Input should be greater than or equal to 1"),
+    ({"parameter": "weight", "anchors": 1, "low": 0, "high": 1, "log": True}, "log: needs low > 0"),
+])
+def test_a_bad_search_space_item_is_named(families, tmp_path, item, needle):
+    """The list form's own error, not the mapping form's ("Input should be a valid dictionary")."""
+    path = tmp_path / "study.yaml"
+    path.write_text(yaml.safe_dump(study(families, tmp_path, "random", space=[item])))
+    result = run_cli("start", str(path), "--dry-run")
+    lines = result.stderr.strip().splitlines()
+    assert result.returncode == 2 and len(lines) == 1, result.stderr
+    assert needle in lines[0] and "valid dictionary" not in lines[0], lines[0]
