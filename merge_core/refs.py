@@ -44,10 +44,14 @@ def resolve(ref: ModelRef | str, allow_pickle: bool = False) -> Path:
         return local.resolve()
     if local.exists():
         raise MergeInputError(f"model {ref}: {local} is a file, expected a model folder")
-    looks_like_path = ref.name.startswith((".", "/", "~")) or ref.name.count("/") != 1
-    if looks_like_path:
+    if not is_hub_id(ref.name):
         raise MergeInputError(f"model {ref}: no such folder (and not a Hub id of the form org/name)")
     return _hub_snapshot(ref, allow_pickle)
+
+
+def is_hub_id(name: str) -> bool:
+    """Whether a model name that is not a local folder reads as a Hub id (org/name), not a path."""
+    return not name.startswith((".", "/", "~")) and name.count("/") == 1
 
 
 def _hub_snapshot(ref: ModelRef, allow_pickle: bool) -> Path:

@@ -112,19 +112,16 @@ class RunOptions:
     allow_changed_parents: bool = False
 
 
-class Candidates:
-    """Everything built once per study: the merger with the parents' geometry, a live model, the suite."""
+class StudyPlan:
+    """A study's space, baseline and merge plan (a chain's final stage for chains), checked as far as
+    it can be without loading weights: the baseline is a point of the space, and the method takes the
+    middle and the ends of every range."""
 
-    def __init__(self, study: StudyFile, device: str, progress: Callable[[str, int, int], None] | None = None):
-        import transformers
+    def __init__(self, study: StudyFile, device: str = "cpu"):
+        from merge_core.merger import MergePlan
 
-        from merge_core.merger import MergePlan, Merger
-        from objectives import Suite, TaskSpec
-
-        self.study = study
-        self.device = device
-        self.space: SearchSpace = space_of(study)
-        self.baseline: Recipe = baseline_recipe(study)
+        self.space = space_of(study)
+        self.baseline = baseline_recipe(study)
         self.space.params_of(self.baseline)  # the baseline must be a point of the space
         self.chain = None
         if hasattr(self.space, "stages"):  # a multi-stage study: every stage in memory, per candidate
@@ -136,24 +133,6 @@ class Candidates:
         else:
             self.plan = MergePlan(self.space.config_of(self.baseline), allow_pickle=study.merge.allow_pickle)
         self._check_ranges()
-        # the tokenizer the merged model is written with: tokenizer_source's (loaded and checked by the plan)
-        tokenizer = self.plan.tokenizer
-        if tokenizer is None:
-            tokenizer = transformers.AutoTokenizer.from_pretrained(str(self.plan.base.folder))
-        specs = [TaskSpec(**t.model_dump()) for t in study.objectives.tasks]
-        include = [str(Path(p)) for p in study.objectives.include_path]
-        self.suite = Suite.build(specs, tokenizer, include, max_length=study.objectives.max_length)
-        on_tensor = (lambda done, total: progress("geometry", done, total)) if progress else None
-        if self.chain is not None:
-            from merge_core.chain import ChainMerger
-
-            self.merger = ChainMerger(self.chain)
-        else:
-            self.merger = Merger(self.plan, device, progress=on_tensor, seed=study.merge.random_seed)
-        self.model = self.merger.new_model()
-        parents = self.space.parents() if hasattr(self.space, "parents") else self.plan.config.model_names()
-        self.parents = parent_fingerprints(parents, study.merge.allow_pickle)
-        self.batch_size = study.objectives.batch_size
 
     def _check_ranges(self) -> None:
         """Every tensor gets a value (a probe at the middle of every range), and the method takes the
@@ -186,6 +165,61 @@ class Candidates:
             self.chain.use(config)
         else:
             self.plan.values(config)
+
+
+def parents_on_disk(study: StudyFile) -> bool:
+    """Whether every model a generic study merges is a folder here (nothing to download or build); a
+    path to no folder (not a Hub id, not a demo model built on first use) is refused in one line."""
+    from merge_core.refs import ModelRef, is_hub_id
+    from search.study_config import DEMO3_MODELS, DEMO_MODELS
+
+    if not study.is_generic():
+        return False
+    on_disk = True
+    for name in space_of(study).parents():
+        folder = Path(ModelRef.parse(str(name)).name).expanduser()
+        if folder.is_dir():
+            continue
+        on_disk = False
+        demo = folder.resolve().parent in (DEMO_MODELS.resolve(), DEMO3_MODELS.resolve())
+        if not is_hub_id(str(folder)) and not demo:
+            raise StudyError(f"model {name}: no such folder (and not a Hub id of the form org/name)")
+    return on_disk
+
+
+class Candidates:
+    """Everything built once per study: the merger with the parents' geometry, a live model, the suite."""
+
+    def __init__(self, study: StudyFile, device: str, progress: Callable[[str, int, int], None] | None = None):
+        import transformers
+
+        from merge_core.merger import Merger
+        from objectives import Suite, TaskSpec
+
+        self.study = study
+        self.device = device
+        checked = StudyPlan(study, device)
+        self.space: SearchSpace = checked.space
+        self.baseline: Recipe = checked.baseline
+        self.chain, self.plan = checked.chain, checked.plan
+        # the tokenizer the merged model is written with: tokenizer_source's (loaded and checked by the plan)
+        tokenizer = self.plan.tokenizer
+        if tokenizer is None:
+            tokenizer = transformers.AutoTokenizer.from_pretrained(str(self.plan.base.folder))
+        specs = [TaskSpec(**t.model_dump()) for t in study.objectives.tasks]
+        include = [str(Path(p)) for p in study.objectives.include_path]
+        self.suite = Suite.build(specs, tokenizer, include, max_length=study.objectives.max_length)
+        on_tensor = (lambda done, total: progress("geometry", done, total)) if progress else None
+        if self.chain is not None:
+            from merge_core.chain import ChainMerger
+
+            self.merger = ChainMerger(self.chain)
+        else:
+            self.merger = Merger(self.plan, device, progress=on_tensor, seed=study.merge.random_seed)
+        self.model = self.merger.new_model()
+        parents = self.space.parents() if hasattr(self.space, "parents") else self.plan.config.model_names()
+        self.parents = parent_fingerprints(parents, study.merge.allow_pickle)
+        self.batch_size = study.objectives.batch_size
 
     def build(self, recipe: Recipe) -> float:
         """Write the candidate into the live model; returns seconds taken."""

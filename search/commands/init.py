@@ -44,8 +44,9 @@ def run(args: argparse.Namespace) -> int:
     if args.from_evolve:
         text, notes = _from_evolve(source, out, tasks, args)
     else:
-        text, notes = study_text(load_config(source), source, out, tasks, args.include_path, args.name,
-                                 args.n_trials), []
+        config = load_config(source)
+        _check_config(config, source)
+        text, notes = study_text(config, source, out, tasks, args.include_path, args.name, args.n_trials), []
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
         tmp = out.with_name(f".{out.name}.partial")
@@ -88,3 +89,36 @@ def _from_evolve(source: Path, out: Path, tasks, args) -> tuple[str, list[str]]:
     text = render_study(header + [f"# Changed: {n}." for n in notes], name, config, items,
                         tasks or evolve_tasks or [{"name": "CHANGE_ME"}], args.include_path, args.n_trials, out)
     return text, notes
+
+
+def _check_config(config, source: Path) -> None:
+    """Refuse now what `search start` would: a config mergekit cannot merge (parameters, contract, models
+    on disk), slice-level parameters (a study searches top-level and per-model ones), nothing to search.
+    Models named by Hub id are checked by `search start`, which may download them."""
+    from merge_core.methods import get as get_method
+    from merge_core.plan import MergePlan
+    from merge_core.refs import ModelRef, is_hub_id, resolve
+    from search.study_init import space_items
+
+    for i, sl in enumerate(config.slices or []):
+        if sl.parameters:
+            names = ", ".join(sl.parameters)
+            raise StudyError(f"{source}: slices.{i}.parameters sets {names} for one slice; a study searches the "
+                             "config's top-level and per-model parameters: move them to the top-level parameters "
+                             "(a gradient or filter list there can give each layer range its value)")
+    method = get_method(config.merge_method)
+    if not space_items(config):
+        if not method.params:
+            raise StudyError(f"{source}: {method.name} has no parameters, so there is nothing to search")
+        raise StudyError(f"{source}: sets no number {method.name} takes ({', '.join(p.name for p in method.params)}), "
+                         "so there is nothing to search; write the values to start from into the config")
+    on_disk = True
+    for name in config.model_names():
+        ref = ModelRef.parse(str(name))
+        if not Path(ref.name).expanduser().exists() and is_hub_id(ref.name):
+            on_disk = False
+        else:
+            resolve(ref)  # a missing folder is one line now
+    if on_disk:
+        plan = MergePlan(config)
+        plan.values(plan.candidate(None))

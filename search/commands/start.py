@@ -50,7 +50,7 @@ def run_study(study_file, storage=None, study_name=None, n_trials=None, timeout=
     from search.notes import StudyNotes
     from search.progress import progress_bar
     from search.report_text import print_final_table, print_plan
-    from search.runner import Candidates, RunOptions, StudyRunner
+    from search.runner import Candidates, RunOptions, StudyPlan, StudyRunner, parents_on_disk
     from search.storage import check_url, default_storage, mask
 
     s = study_file.study
@@ -61,6 +61,8 @@ def run_study(study_file, storage=None, study_name=None, n_trials=None, timeout=
                          seed=s.seed if seed is None else seed, device=device or study_file.merge.device,
                          heartbeat=heartbeat, allow_changed_parents=allow_changed_parents)
     if dry_run:
+        if parents_on_disk(study_file):  # the merge checks need only the parents' headers
+            StudyPlan(study_file)
         print_plan(study_file, options, mask(storage))
         return None
     options.device = check_device(options.device)

@@ -66,6 +66,58 @@ def test_init_gives_a_study_whose_trial0_is_the_config(families, tmp_path, metho
         same_weights(load_folder(mergekit_merge(data, tmp_path / name, seed=0)), expected)
 
 
+def _bad_for_init(f, case: str) -> tuple[dict, str]:
+    base, c1, c2, c3 = str(f["base"]), str(f["child_1"]), str(f["child_2"]), str(f["child_3"])
+    ties = {"merge_method": "ties", "base_model": base,
+            "models": [{"model": c, "parameters": {"weight": 0.5, "density": 0.5}} for c in (c1, c2)]}
+    if case == "missing folder":
+        return ties | {"base_model": base + "-gone"}, "-gone: no such folder"
+    if case == "misspelt parameter":
+        ties["models"][0]["parameters"] = {"weight": 0.5, "densty": 0.5}
+        return ties, "did you mean 'density'"
+    if case == "slerp of three":
+        return {"merge_method": "slerp", "base_model": c1, "parameters": {"t": 0.5},
+                "models": [{"model": c} for c in (c1, c2, c3)]}, "exactly 2 models"
+    if case == "della epsilon":
+        return ties | {"merge_method": "della", "parameters": {"epsilon": 0.6}}, "+/- epsilon 0.6 must stay inside"
+    if case == "nothing to search":
+        return {"merge_method": "arcee_fusion", "base_model": base, "models": [{"model": base}, {"model": c1}]}, \
+            "arcee_fusion has no parameters, so there is nothing to search"
+    return {"merge_method": "slerp", "base_model": base, "slices": [  # slice-level parameters
+        {"sources": [{"model": base, "layer_range": [0, 2]}, {"model": c1, "layer_range": [0, 2]}],
+         "parameters": {"t": 0.3}},
+        {"sources": [{"model": base, "layer_range": [2, 4]}, {"model": c1, "layer_range": [2, 4]}],
+         "parameters": {"t": 0.7}}]}, "slices.0.parameters sets t for one slice"
+
+
+@pytest.mark.parametrize("case", ["missing folder", "misspelt parameter", "slerp of three", "della epsilon",
+                                  "nothing to search", "slice parameters"])
+def test_init_refuses_what_start_would(families, tmp_path, case):
+    """A config search start would refuse (or could never search) is refused by init: one line, exit 2, no file."""
+    config, needle = _bad_for_init(families["phi"], case)
+    path = tmp_path / "c.yml"
+    path.write_text(yaml.safe_dump(config))
+    made = run_cli("init", str(path), "--tasks", "toy_a")
+    lines = made.stderr.strip().splitlines()
+    assert made.returncode == 2 and len(lines) == 1 and needle in lines[0], made.stderr
+    assert not (tmp_path / "c.study.yaml").exists()
+
+
+def test_dry_run_checks_the_merge_when_the_parents_are_on_disk(families, tmp_path):
+    """--dry-run loads no weights, but the config and every range end are checked against the method."""
+    doc = _della_study(families, tmp_path, [
+        {"parameter": "epsilon", "models": ["child_1"], "anchors": 1, "low": 0.05, "high": 0.7}])
+    path = tmp_path / "study.yaml"
+    path.write_text(yaml.safe_dump(doc))
+    dry = run_cli("start", str(path), "--dry-run")
+    lines = dry.stderr.strip().splitlines()
+    assert dry.returncode == 2 and len(lines) == 1 and "epsilon 0.7 must stay inside (0, 1)" in lines[0], dry.stderr
+    doc["merge"]["config"]["base_model"] += "-gone"
+    path.write_text(yaml.safe_dump(doc))
+    dry = run_cli("start", str(path), "--dry-run")
+    assert dry.returncode == 2 and "-gone: no such folder" in dry.stderr, dry.stderr
+
+
 def test_init_refuses_to_overwrite(families, tmp_path):
     path = tmp_path / "c.yml"
     path.write_text(yaml.safe_dump(configs(families["phi"])["linear"]))
