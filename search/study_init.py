@@ -3,7 +3,7 @@
 Every number the config sets (global parameters, and each model's own) becomes a searched item
 with the same anchor count and filter, over a range that suits the parameter and always holds
 the config's own value, so the config itself is trial 0 (the baseline). Switches (normalize,
-int8_mask, rescale, filter_wise) become choices. Slice-level parameters are kept as written.
+int8_mask, rescale, filter_wise) become choices. (`search init` refuses slice-level parameters.)
 """
 
 from __future__ import annotations
@@ -31,6 +31,10 @@ RANGES = {"t": (0.0, 1.0), "weight": (0.0, 1.0), "density": (0.1, 1.0), "lambda"
           "gamma": (0.0, 0.1), "epsilon": (0.01, 0.25), "scale": (0.0, 2.0), "max_iter": (1, 50),
           "tol": (1e-7, 1e-3), "select_topk": (0.1, 1.0)}
 DELLA_DENSITY = (0.3, 0.7)  # with epsilon <= 0.25, density +/- epsilon stays inside (0, 1)
+# Thresholds on the size of a delta (nearswap's t, ram's epsilon) span decades: searched on a log
+# scale over the sizes fine-tune deltas have (above about 0.1 every element counts as near or moved).
+DELTA_THRESHOLDS = {("nearswap", "t"): (1e-5, 0.1), ("ram", "epsilon"): (1e-7, 0.01),
+                    ("ramplus_tl", "epsilon"): (1e-7, 0.01)}
 
 
 def space_items(config: MergeConfig) -> list[dict]:
@@ -71,10 +75,13 @@ def _items_for(method, name: str, model: str | None, setting) -> list[dict]:
         if param.kind is bool or any(isinstance(v, bool | str) for v in values):
             item["choices"] = [True, False]
         else:
-            low, high = DELLA_DENSITY if name == "density" and "della" in method.name else RANGES.get(name, (0.0, 1.0))
+            if name == "density" and "della" in method.name:
+                low, high = DELLA_DENSITY
+            else:
+                low, high = DELTA_THRESHOLDS.get((method.name, name), RANGES.get(name, (0.0, 1.0)))
             low, high = min([low, *values]), max([high, *values])
             item |= {"anchors": len(values), "low": float(f"{low:.6g}"), "high": float(f"{high:.6g}")}
-            if name == "tol" and low > 0:
+            if (name == "tol" or (method.name, name) in DELTA_THRESHOLDS) and low > 0:
                 item["log"] = True
         items.append(item)
     return items

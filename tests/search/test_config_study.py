@@ -118,6 +118,24 @@ def test_dry_run_checks_the_merge_when_the_parents_are_on_disk(families, tmp_pat
     assert dry.returncode == 2 and "-gone: no such folder" in dry.stderr, dry.stderr
 
 
+@pytest.mark.parametrize("method,parameter,value,expected", [
+    ("nearswap", "t", 0.001, (1e-5, 0.1)), ("ram", "epsilon", 1e-5, (1e-7, 0.01)), ("nearswap", "t", 0.5, (1e-5, 0.5))])
+def test_init_searches_delta_thresholds_on_a_log_scale(families, tmp_path, method, parameter, value, expected):
+    """nearswap's t and ram's epsilon compare with delta sizes: a log range over those sizes that holds the
+    config's own value (a t above every |delta| gives the other model unchanged)."""
+    f = families["phi"]
+    config = {"merge_method": method, "base_model": str(f["base"]), "parameters": {parameter: value},
+              "models": [{"model": str(f["base"])}, {"model": str(f["child_1"])}]
+              + ([{"model": str(f["child_2"])}] if method == "ram" else [])}
+    path = tmp_path / "c.yml"
+    path.write_text(yaml.safe_dump(config))
+    made = run_cli("init", str(path), "--tasks", "toy_a")
+    assert made.returncode == 0, made.stderr
+    (item,) = yaml.safe_load((tmp_path / "c.study.yaml").read_text())["search_space"]
+    assert item["parameter"] == parameter and item["log"] is True
+    assert (item["low"], item["high"]) == expected
+
+
 def test_init_refuses_to_overwrite(families, tmp_path):
     path = tmp_path / "c.yml"
     path.write_text(yaml.safe_dump(configs(families["phi"])["linear"]))
