@@ -211,7 +211,8 @@ class MergePlan:
             for name in parameters or {}:
                 if name not in known:
                     close = difflib.get_close_matches(name, known, n=1)
-                    hint = f"did you mean {close[0]!r}?" if close else f"{self.method.name} takes {', '.join(known)}"
+                    takes = ", ".join(known) or "no parameters"
+                    hint = f"did you mean {close[0]!r}?" if close else f"{self.method.name} takes {takes}"
                     raise MergeInputError(f"{where}.{name}: unknown parameter for {self.method.name}; {hint}")
 
     def _check_same_structure(self, config: MergeConfig) -> None:

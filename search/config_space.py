@@ -127,7 +127,7 @@ class ConfigSpace:
         if param is None:
             known = [p.name for p in self.method.params]
             close = difflib.get_close_matches(item.parameter, known, n=1)
-            hint = f"did you mean {close[0]!r}?" if close else f"it takes {', '.join(known)}"
+            hint = f"did you mean {close[0]!r}?" if close else f"it takes {', '.join(known) or 'no parameters'}"
             raise StudyError(f"{where}.parameter: {self.method.name} has no parameter {item.parameter!r}; {hint}")
         if item.blocks is not None and param.kind is not float and param.kind is not int:
             raise StudyError(f"{where}.blocks: {item.parameter} is not a number; search it with choices")

@@ -150,7 +150,9 @@ def _select(vectors: torch.Tensor, density: float, mask_dtype: torch.dtype, stat
     if state.variance is None:
         state.variance = torch.var(vectors, dim=0, unbiased=False).abs_()
         state.nonzero = int(torch.count_nonzero(state.variance))
-    k = int(state.nonzero * density)
+    # mergekit's int(count_nonzero(var) * density): an int64 tensor times a float is a float32 product
+    # (torch's default dtype), which rounds differently from Python's float64 (0.49999999999999994 * 2048)
+    k = int(torch.tensor(state.nonzero) * density)
     mask = torch.zeros_like(state.variance, dtype=mask_dtype)
     if k == 0:
         return mask

@@ -130,3 +130,14 @@ def test_sce_selection_candidates_share_one_prepared_state(dtype):
             impl.merge(ours, inputs, state, Values(shared, tuple({} for _ in tensors)), None)
             assert _bits_equal(ours, theirs), shared
         assert state.variance is not None
+
+
+@pytest.mark.parametrize("topk,count", [(0.49999999999999994, 2048), (0.49999999999999994, 4096)])
+def test_sce_selection_count_is_mergekits_float32_product(topk, count):
+    """k = int(count_nonzero(var) * select_topk) in float32, as mergekit's tensor product rounds it: a gradient
+    gives a layer 0.49999999999999994, where Python's float64 product keeps one element fewer."""
+    tensors = _family((count,), torch.float32, 2)
+    shared = {"int8_mask": False, "select_topk": topk}
+    theirs = _mergekit_kernel("sce", tensors, 0, shared)
+    ours = _ours("sce", tensors, 0, shared, [{} for _ in tensors], torch.float32)
+    assert _bits_equal(ours, theirs)
