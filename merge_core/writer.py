@@ -15,7 +15,6 @@ import shutil
 import struct
 import tempfile
 from collections.abc import Callable, Iterable
-from concurrent.futures import Future, ThreadPoolExecutor, wait
 from pathlib import Path
 
 import torch
@@ -65,19 +64,12 @@ def write_model(
     shard headers are written first and each tensor goes to disk as soon as it is merged: no
     merged tensor is kept in memory after it is written. `tokenizer` (a loaded transformers
     tokenizer, see `load_tokenizer`) is saved instead of copying the files of `tokenizer_folder`.
-
-    Two worker threads overlap work that does not depend on the merge with it: one writes each
-    merged tensor while the next is merged (so at most two merged tensors are held), the other
-    renders config.json, whose transformers import is pure Python while merging and writing run
-    without the GIL.
     """
     out = prepare_output(out_dir, overwrite)
     staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
     try:
-        with ThreadPoolExecutor(max_workers=2, thread_name_prefix="merge-writer") as workers:
-            config_text = workers.submit(config_json, config)
-            _stream_shards(staging, tensors, layout, max_shard_bytes, progress, workers)
-            (staging / "config.json").write_text(config_text.result(), encoding="utf-8")
+        _stream_shards(staging, tensors, layout, max_shard_bytes, progress)
+        (staging / "config.json").write_text(config_json(config), encoding="utf-8")
         if card is not None:
             (staging / "README.md").write_text(card, encoding="utf-8")
         (staging / "mergekit_config.yml").write_text(merge_yaml, encoding="utf-8")
@@ -149,15 +141,6 @@ SAFETENSORS_NAMES = {torch.float64: "F64", torch.float32: "F32", torch.float16: 
                      torch.bool: "BOOL"}
 
 
-def _finish(writing: Future | None, progress) -> None:
-    """Wait for a tensor's write (raising its error) and count it as done."""
-    if writing is None:
-        return
-    writing.result()
-    if progress:
-        progress()
-
-
 def _nbytes(shape, dtype: torch.dtype) -> int:
     count = 1
     for dim in shape:
@@ -165,8 +148,7 @@ def _nbytes(shape, dtype: torch.dtype) -> int:
     return count * dtype.itemsize
 
 
-def _stream_shards(folder: Path, tensors: Iterable, layout: list, max_bytes: int, progress,
-                   workers: ThreadPoolExecutor) -> None:
+def _stream_shards(folder: Path, tensors: Iterable, layout: list, max_bytes: int, progress) -> None:
     shards: list[list] = [[]]
     size = 0
     for entry in layout:
@@ -193,21 +175,15 @@ def _stream_shards(folder: Path, tensors: Iterable, layout: list, max_bytes: int
         with open(folder / file_name, "wb") as handle:
             handle.write(struct.pack("<Q", len(text)))
             handle.write(text)
-            writing = None  # the previous tensor's write, running while this one is merged
-            try:
-                for name, shape, dtype in shard:
-                    got_name, tensor = next(stream)
-                    if got_name != name or tuple(tensor.shape) != tuple(shape) or tensor.dtype != dtype:
-                        raise RuntimeError(f"writer expected {name} {list(shape)} {dtype}, got {got_name} "
-                                           f"{list(tensor.shape)} {tensor.dtype}")
-                    data = tensor.detach().to("cpu").contiguous().view(-1).view(torch.uint8)
-                    del tensor
-                    _finish(writing, progress)
-                    writing = workers.submit(handle.write, memoryview(data.numpy()))
-                    del data
-            finally:  # never close the file under a running write
-                wait([writing] if writing else [])
-            _finish(writing, progress)
+            for name, shape, dtype in shard:
+                got_name, tensor = next(stream)
+                if got_name != name or tuple(tensor.shape) != tuple(shape) or tensor.dtype != dtype:
+                    raise RuntimeError(f"writer expected {name} {list(shape)} {dtype}, got {got_name} "
+                                       f"{list(tensor.shape)} {tensor.dtype}")
+                data = tensor.detach().to("cpu").contiguous().view(-1).view(torch.uint8)
+                handle.write(memoryview(data.numpy()))
+                if progress:
+                    progress()
     if total > 1:
         total_size = sum(_nbytes(s, d) for _, s, d in layout)
         index = {"metadata": {"total_size": total_size}, "weight_map": weight_map}
