@@ -3,7 +3,7 @@
 Every number the config sets (global parameters, and each model's own) becomes a searched item
 with the same anchor count and filter, over a range that suits the parameter and always holds
 the config's own value, so the config itself is trial 0 (the baseline). Switches (normalize,
-int8_mask, rescale, filter_wise) become choices. (`search init` refuses slice-level parameters.)
+int8_mask, rescale, filter_wise) become choices. Slice-level parameters are kept as written.
 """
 
 from __future__ import annotations

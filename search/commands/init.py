@@ -93,23 +93,23 @@ def _from_evolve(source: Path, out: Path, tasks, args) -> tuple[str, list[str]]:
 
 def _check_config(config, source: Path) -> None:
     """Refuse now what `search start` would: a config mergekit cannot merge (parameters, contract, models
-    on disk), slice-level parameters (a study searches top-level and per-model ones), nothing to search.
+    on disk), or one with nothing to search (slice-level parameters are kept as written, not searched).
     Models named by Hub id are checked by `search start`, which may download them."""
     from merge_core.methods import get as get_method
     from merge_core.plan import MergePlan
     from merge_core.refs import ModelRef, is_hub_id, resolve
     from search.study_init import space_items
 
-    for i, sl in enumerate(config.slices or []):
-        if sl.parameters:
-            names = ", ".join(sl.parameters)
-            raise StudyError(f"{source}: slices.{i}.parameters sets {names} for one slice; a study searches the "
-                             "config's top-level and per-model parameters: move them to the top-level parameters "
-                             "(a gradient or filter list there can give each layer range its value)")
     method = get_method(config.merge_method)
     if not space_items(config):
         if not method.params:
             raise StudyError(f"{source}: {method.name} has no parameters, so there is nothing to search")
+        sliced = next((i for i, sl in enumerate(config.slices or []) if sl.parameters), None)
+        if sliced is not None:
+            raise StudyError(f"{source}: its numbers are in slices.{sliced}.parameters, which a study keeps as "
+                             "written (it searches top-level and per-model parameters): move the ones to search "
+                             "to the top-level parameters (a gradient or filter list can give each layer range "
+                             "its value)")
         raise StudyError(f"{source}: sets no number {method.name} takes ({', '.join(p.name for p in method.params)}), "
                          "so there is nothing to search; write the values to start from into the config")
     on_disk = True

@@ -87,7 +87,7 @@ def _bad_for_init(f, case: str) -> tuple[dict, str]:
         {"sources": [{"model": base, "layer_range": [0, 2]}, {"model": c1, "layer_range": [0, 2]}],
          "parameters": {"t": 0.3}},
         {"sources": [{"model": base, "layer_range": [2, 4]}, {"model": c1, "layer_range": [2, 4]}],
-         "parameters": {"t": 0.7}}]}, "slices.0.parameters sets t for one slice"
+         "parameters": {"t": 0.7}}]}, "its numbers are in slices.0.parameters, which a study keeps as written"
 
 
 @pytest.mark.parametrize("case", ["missing folder", "misspelt parameter", "slerp of three", "della epsilon",
@@ -101,6 +101,26 @@ def test_init_refuses_what_start_would(families, tmp_path, case):
     lines = made.stderr.strip().splitlines()
     assert made.returncode == 2 and len(lines) == 1 and needle in lines[0], made.stderr
     assert not (tmp_path / "c.study.yaml").exists()
+
+
+def test_init_keeps_slice_level_parameters_as_written(families, tmp_path):
+    """A blocks export's shape: per-source numbers are searched, the slice's own parameters kept as written."""
+    f = families["phi"]
+    sources = [{"model": str(f[c]), "layer_range": [0, 4], "parameters": {"weight": w}}
+               for c, w in (("child_1", 0.6), ("child_2", 0.4))]
+    config = {"merge_method": "task_arithmetic", "base_model": str(f["base"]), "dtype": "float32",
+              "slices": [{"sources": [{"model": str(f["base"]), "layer_range": [0, 4]}, *sources],
+                          "parameters": {"lambda": 0.9}}]}
+    path = tmp_path / "c.yml"
+    path.write_text(yaml.safe_dump(config))
+    made = run_cli("init", str(path), "--tasks", "toy_a")
+    assert made.returncode == 0, made.stderr
+    items = yaml.safe_load((tmp_path / "c.study.yaml").read_text())["search_space"]
+    assert [i["parameter"] for i in items] == ["weight", "weight"]
+    dry = run_cli("start", str(tmp_path / "c.study.yaml"), "--dry-run")
+    assert dry.returncode == 0, dry.stderr
+    space = space_of(load_study_file(tmp_path / "c.study.yaml"))
+    assert space.config_of(space.baseline).slices[0].parameters["lambda"] == 0.9
 
 
 def test_dry_run_checks_the_merge_when_the_parents_are_on_disk(families, tmp_path):
