@@ -167,16 +167,14 @@ class StudyPlan:
             self.plan.values(config)
 
 
-def parents_on_disk(study: StudyFile) -> bool:
-    """Whether every model a generic study merges is a folder here (nothing to download or build); a
-    path to no folder (not a Hub id, not a demo model built on first use) is refused in one line."""
+def parents_on_disk(names: list[str]) -> bool:
+    """Whether every model named is a folder here (nothing to download or build); a path to no
+    folder (not a Hub id, not a demo model built on first use) is refused in one line."""
     from merge_core.refs import ModelRef, is_hub_id
     from search.study_config import DEMO3_MODELS, DEMO_MODELS
 
-    if not study.is_generic():
-        return False
     on_disk = True
-    for name in space_of(study).parents():
+    for name in names:
         folder = Path(ModelRef.parse(str(name)).name).expanduser()
         if folder.is_dir():
             continue

@@ -97,7 +97,7 @@ def _check_config(config, source: Path) -> None:
     Models named by Hub id are checked by `search start`, which may download them."""
     from merge_core.methods import get as get_method
     from merge_core.plan import MergePlan
-    from merge_core.refs import ModelRef, is_hub_id, resolve
+    from search.runner import parents_on_disk
     from search.study_init import space_items
 
     method = get_method(config.merge_method)
@@ -112,13 +112,6 @@ def _check_config(config, source: Path) -> None:
                              "its value)")
         raise StudyError(f"{source}: sets no number {method.name} takes ({', '.join(p.name for p in method.params)}), "
                          "so there is nothing to search; write the values to start from into the config")
-    on_disk = True
-    for name in config.model_names():
-        ref = ModelRef.parse(str(name))
-        if not Path(ref.name).expanduser().exists() and is_hub_id(ref.name):
-            on_disk = False
-        else:
-            resolve(ref)  # a missing folder is one line now
-    if on_disk:
+    if parents_on_disk(config.model_names()):
         plan = MergePlan(config)
         plan.values(plan.candidate(None))

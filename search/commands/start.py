@@ -51,6 +51,7 @@ def run_study(study_file, storage=None, study_name=None, n_trials=None, timeout=
     from search.progress import progress_bar
     from search.report_text import print_final_table, print_plan
     from search.runner import Candidates, RunOptions, StudyPlan, StudyRunner, parents_on_disk
+    from search.space import space_of
     from search.storage import check_url, default_storage, mask
 
     s = study_file.study
@@ -61,7 +62,8 @@ def run_study(study_file, storage=None, study_name=None, n_trials=None, timeout=
                          seed=s.seed if seed is None else seed, device=device or study_file.merge.device,
                          heartbeat=heartbeat, allow_changed_parents=allow_changed_parents)
     if dry_run:
-        if parents_on_disk(study_file):  # the merge checks need only the parents' headers
+        # the merge checks need only the parents' headers
+        if study_file.is_generic() and parents_on_disk(space_of(study_file).parents()):
             StudyPlan(study_file)
         print_plan(study_file, options, mask(storage))
         return None
