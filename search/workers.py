@@ -32,6 +32,8 @@ FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)
 INTERRUPTED = "interrupted"
 ORPHANED = "orphaned"
 SURPLUS = "surplus slot"
+# how long a slot failed as orphaned still counts as live while its reclaimer enqueues the retry
+RETRY_GRACE_S = 60.0
 
 
 def _boot_id() -> str:
@@ -173,7 +175,8 @@ def counts(study: optuna.Study) -> dict[str, int]:
             "waiting": states.count(TrialState.WAITING)}
 
 
-def refill(study: optuna.Study, budget: int, baseline_params: dict, max_failures: int) -> int:
+def refill(study: optuna.Study, budget: int, baseline_params: dict, max_failures: int,
+           now: float | None = None) -> int:
     """Enqueue slots until finished + running + waiting reaches the budget; returns how many were added.
 
     A lost slot (a worker killed between failing a trial and giving its slot back) comes back here.
@@ -181,7 +184,7 @@ def refill(study: optuna.Study, budget: int, baseline_params: dict, max_failures
     """
     trials = study.get_trials(deepcopy=False)
     live = [t for t in trials if t.state in (*FINISHED, TrialState.RUNNING, TrialState.WAITING)]
-    missing = budget - len(live)
+    missing = budget - len(live) - len(_awaiting_retry(trials, now or time.time()))
     if missing <= 0:
         return 0
     failures = sum(1 for t in trials if t.state == TrialState.FAIL and not _no_fault(t))
@@ -195,6 +198,18 @@ def refill(study: optuna.Study, budget: int, baseline_params: dict, max_failures
         study.enqueue_trial({}, user_attrs={SLOT: True})
         added += 1
     return added
+
+
+def _awaiting_retry(trials: list[FrozenTrial], now: float) -> list[FrozenTrial]:
+    """Slots just failed as orphaned (by `reclaim`) or interrupted (by a stopping worker) whose retry
+    is not enqueued yet (they fail first, then enqueue): counted as live, or a refill in between would
+    add a fresh slot and the retry, popped after it, would be the surplus one. A slot whose retry never
+    comes (its worker killed in between) is refilled after RETRY_GRACE_S."""
+    retried = {n for t in trials for n in t.system_attrs.get("retry_history", ())}
+    return [t for t in trials
+            if t.state == TrialState.FAIL and t.user_attrs.get(SLOT) and t.number not in retried
+            and str(TrialRecord.of(t).fail_reason or "").startswith((ORPHANED, INTERRUPTED))
+            and t.datetime_complete is not None and now - t.datetime_complete.timestamp() < RETRY_GRACE_S]
 
 
 def _no_fault(trial: FrozenTrial) -> bool:

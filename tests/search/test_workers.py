@@ -12,12 +12,14 @@ from search.storage import open_storage
 from search.workers import (
     BEAT,
     OWNER,
+    RETRY_GRACE_S,
     SLOT,
     Owner,
     fail,
     orphan_reason,
     reclaim,
     refill,
+    retry,
     surplus,
 )
 
@@ -43,7 +45,8 @@ def test_refill_counts_finished_running_and_waiting(study):
     study.tell(first, 1.0)
     assert refill(study, 4, {"x": 0.5}, 4) == 0
     assert fail(study, study.get_trials(deepcopy=False)[second.number], "interrupted")  # a slot was lost
-    assert refill(study, 4, {"x": 0.5}, 4) == 1
+    assert refill(study, 4, {"x": 0.5}, 4) == 0  # its worker may be enqueueing the retry
+    assert refill(study, 4, {"x": 0.5}, 4, now=time.time() + RETRY_GRACE_S + 1) == 1
     assert states(study).count(TrialState.WAITING) == 3
     assert not fail(study, study.get_trials(deepcopy=False)[second.number], "again")  # already finished
 
@@ -85,6 +88,30 @@ def test_dead_owner_here_is_an_orphan_at_once_and_retried_with_its_parameters(st
     retry = trials[-1]
     assert retry.state == TrialState.WAITING and retry.params == {"x": 0.25}
     assert retry.system_attrs["failed_trial"] == trial.number and retry.user_attrs == {"baseline": True, SLOT: True}
+
+
+def test_a_refill_between_reclaims_fail_and_retry_adds_no_slot(study):
+    """reclaim fails an orphan, then enqueues its retry: a refill by another worker in between must
+    not add a fresh slot, or the retry (popped after it) is the surplus one and the parameters are lost."""
+    refill(study, 2, {"x": 0.25}, 2)
+    first, orphan = study.ask(), study.ask()
+    study.tell(first, 1.0)
+    orphan.suggest_float("x", 0, 1)
+    frozen = study.get_trials(deepcopy=False)[orphan.number]
+    assert fail(study, frozen, "orphaned: its worker (pid 1 on h) died")
+    assert refill(study, 2, {"x": 0.25}, 2) == 0  # the retry is on its way
+    retry(study, frozen)
+    assert refill(study, 2, {"x": 0.25}, 2) == 0
+    again = study.ask()
+    assert again.params == frozen.params and not surplus(study, again.number, 2)
+
+
+def test_an_orphan_whose_reclaimer_died_before_the_retry_comes_back_after_the_grace(study):
+    refill(study, 1, {"x": 0.25}, 1)
+    orphan = study.ask()
+    assert fail(study, study.get_trials(deepcopy=False)[orphan.number], "orphaned: no heartbeat for 99 s")
+    assert refill(study, 1, {"x": 0.25}, 1) == 0
+    assert refill(study, 1, {"x": 0.25}, 1, now=time.time() + RETRY_GRACE_S + 1) == 1
 
 
 def test_other_hosts_trials_become_orphans_only_when_silent(study):
