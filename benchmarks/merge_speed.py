@@ -366,7 +366,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--layers", type=int, default=4)
     parser.add_argument("--repeats", type=int, default=3, help="timed candidate builds per method (median)")
-    parser.add_argument("--mergekit-repeats", type=int, default=1, help="timed mergekit in-memory builds per method")
+    parser.add_argument("--mergekit-repeats", type=int, default=1, help="timed mergekit in-memory builds per method (0: not run)")
     parser.add_argument("--slow", type=float, default=20.0,
                         help="a warm-up build slower than this many seconds is taken as the measurement")
     parser.add_argument("--methods", default="", help="comma list (default: every registered method)")
@@ -413,7 +413,7 @@ def main() -> None:
             ours = run_child("ours", paths, args.repeats, args.slow, args.threads)
             print(f"{name}: ours {ours}", file=sys.stderr)
             mk = run_child("mergekit", paths, args.mergekit_repeats, args.slow, args.threads) \
-                if "error" not in ours else None
+                if "error" not in ours and args.mergekit_repeats > 0 else None
             print(f"{name}: mergekit {mk}", file=sys.stderr)
             rows += method_rows(name, ours, mk, model_bytes)
 
