@@ -18,9 +18,10 @@ def mask(url: str) -> str:
     return re.sub(r"(://[^:/@]+:)[^@]*@", r"\1***@", url)
 
 
-def default_storage(study_name: str, runs_dir: Path = Path("runs")) -> str:
-    """sqlite:///runs/<name>.db, creating runs/ when needed."""
-    runs_dir.mkdir(parents=True, exist_ok=True)
+def default_storage(study_name: str, runs_dir: Path = Path("runs"), create: bool = True) -> str:
+    """sqlite:///runs/<name>.db, creating runs/ when needed (not with create=False: a dry run writes nothing)."""
+    if create:
+        runs_dir.mkdir(parents=True, exist_ok=True)
     return f"sqlite:///{runs_dir / study_name}.db"
 
 

@@ -92,6 +92,13 @@ def test_status_of_missing_study(study_parts, tmp_path):
     result = run_cli("status", str(path), "--json")
     assert result.returncode == 2 and "run `search start` first" in result.stderr
     assert not (tmp_path / "toy.db").exists()
+    study = study_dict(study_parts, tmp_path)
+    del study["study"]["storage"]  # the default, ./runs/toy.db: a read-only command does not make runs/
+    path = write_study(tmp_path / "default.yaml", study)
+    for command in ("status", "export", "report"):
+        result = run_cli(command, str(path), cwd=tmp_path)
+        assert result.returncode == 2 and "no study storage at runs/toy.db" in result.stderr, result.stderr
+    assert not (tmp_path / "runs").exists()
 
 
 def test_dry_run_loads_nothing(study_parts, tmp_path):

@@ -53,8 +53,9 @@ def test_init_gives_a_study_whose_trial0_is_the_config(families, tmp_path, metho
     made = run_cli("init", str(path), "--tasks", "toy_a")
     assert made.returncode == 0, made.stderr
     study_path = tmp_path / f"{method}.study.yaml"
-    dry = run_cli("start", str(study_path), "--dry-run")
+    dry = run_cli("start", str(study_path), "--dry-run", cwd=tmp_path)
     assert dry.returncode == 0, dry.stderr
+    assert not (tmp_path / "runs").exists()  # a dry run writes nothing
     assert ("weight." in dry.stdout) == (method in ("linear", "ties", "dare_ties"))
 
     space = space_of(load_study_file(study_path))
