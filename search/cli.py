@@ -39,8 +39,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the `search` console script; returns the exit code."""
-    args = build_parser().parse_args(argv)
     try:
+        args = build_parser().parse_args(argv)  # imports each command's module: Ctrl-C may land here
         return args.func(args) or 0
     except USER_ERRORS as exc:
         sys.stderr.write(f"search {args.command}: error: {exc}\n")
