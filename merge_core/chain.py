@@ -135,7 +135,9 @@ class ChainMerger:
     @torch.no_grad()
     def build_into(self, model: torch.nn.Module, stages: list[Stage] | None = None) -> None:
         """Write the chain candidate (the plan's own stages when None) into the live model."""
-        from merge_core.merger import _generator, live_targets, merge_output
+        from merge_core.merger import _generator, live_targets, merge_output, release_free_heap
+
+        first = self._states is not None and not self._states
 
         final_values = self.chain.use(stages or self.chain.stages)
         if self._live is None or self._live[0] is not model:
@@ -145,6 +147,8 @@ class ChainMerger:
         rng = _generator(plan, self.chain.device, self.chain.seed)
         for out, values in zip(plan.outputs, final_values, strict=True):
             merge_output(plan, out, values, rng, self.chain.device, targets[out.name], self._states)
+        if first:  # this build ran the per-study prepare of the final stage: drop its temporaries
+            release_free_heap()
 
     def new_model(self) -> torch.nn.Module:
         """An empty live model of the chain's final shape."""
