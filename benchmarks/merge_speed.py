@@ -366,7 +366,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--layers", type=int, default=4)
     parser.add_argument("--repeats", type=int, default=3, help="timed candidate builds per method (median)")
-    parser.add_argument("--mergekit-repeats", type=int, default=1, help="timed mergekit in-memory builds per method (0: not run)")
+    parser.add_argument("--mergekit-repeats", type=int, default=1,
+                        help="timed mergekit in-memory builds per method (0: not run)")
     parser.add_argument("--slow", type=float, default=20.0,
                         help="a warm-up build slower than this many seconds is taken as the measurement")
     parser.add_argument("--methods", default="", help="comma list (default: every registered method)")
