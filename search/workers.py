@@ -32,7 +32,7 @@ FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)
 INTERRUPTED = "interrupted"
 ORPHANED = "orphaned"
 SURPLUS = "surplus slot"
-# how long a slot failed as orphaned still counts as live while its reclaimer enqueues the retry
+# how long a slot failed as orphaned or interrupted counts as live while its worker enqueues the retry
 RETRY_GRACE_S = 60.0
 
 
@@ -179,7 +179,8 @@ def refill(study: optuna.Study, budget: int, baseline_params: dict, max_failures
            now: float | None = None) -> int:
     """Enqueue slots until finished + running + waiting reaches the budget; returns how many were added.
 
-    A lost slot (a worker killed between failing a trial and giving its slot back) comes back here.
+    A lost slot (a worker killed between failing a trial and giving its slot back) comes back here,
+    RETRY_GRACE_S after the failure.
     Candidate failures (NaN, out of memory...) stop the refill once they reach `max_failures`.
     """
     trials = study.get_trials(deepcopy=False)

@@ -49,8 +49,9 @@ def locate(args: argparse.Namespace):
         raise StudyError("which study? give STUDY.yaml, or --storage URL and --study-name NAME")
     storage = args.storage or (study_file.study.storage if study_file else None)
     if storage is None:  # read-only commands: a missing runs/ is reported by load_existing, not made
-        return study_file, default_storage(study_file.study.name if study_file else name, create=False), name
-    check_url(storage)
+        storage = default_storage(study_file.study.name if study_file else name, create=False)
+    else:
+        check_url(storage)
     return study_file, storage, name
 
 

@@ -55,10 +55,11 @@ def run_study(study_file, storage=None, study_name=None, n_trials=None, timeout=
     from search.storage import check_url, default_storage, mask
 
     s = study_file.study
-    explicit = storage or s.storage
-    storage = explicit or default_storage(s.name, create=not dry_run)
-    if explicit or not dry_run:  # the default's folder is made on a real start
+    storage = storage or s.storage
+    if storage:
         check_url(storage)
+    else:  # the default; its runs/ folder is made on a real start only
+        storage = default_storage(s.name, create=not dry_run)
     options = RunOptions(storage=storage, study_name=study_name or s.name, n_trials=n_trials or s.n_trials,
                          timeout=timeout or s.timeout, sampler=sampler or s.sampler,
                          seed=s.seed if seed is None else seed, device=device or study_file.merge.device,
