@@ -1,5 +1,5 @@
 /* Fused per-candidate passes for the elementwise merges (linear, slerp, task arithmetic, nuslerp,
- * nearswap, multislerp), compiled on first
+ * nearswap, multislerp, karcher's iteration), compiled on first
  * use by native.py (x86-64 with AVX2, FMA and F16C) and checked there, bit for bit, against the
  * eager torch passes they replace before they are used.
  *
@@ -337,6 +337,84 @@ static inline __attribute__((always_inline)) void ms_impl(int dtype, int which, 
     if (which == 4) memcpy(out + off, po, rest);
 }
 
+/* karcher, the two elementwise passes of one iteration of methods/karcher.py (torch reduces in
+ * between: the dots, the norms). `widened`, where not NULL, gets a float32 copy of what the pass
+ * writes, for the norm torch takes of it next. */
+typedef struct {
+    const char *const *units;  /* pass 1: the inputs that take part in this iteration */
+    int n;
+    const float *dots;         /* pass 1: clamped dot of each unit with the mean */
+    const float *coefs;        /* pass 1: share * theta / sin(theta), in the dtype */
+    float cos, sin, norm;      /* pass 2: of the tangent's norm */
+    int reciprocal;            /* pass 2: tangent / norm as tangent * (1 / norm) */
+    int nan_bits;              /* see nan_at */
+    int tail_nan_bits;
+    int64_t tail_start;
+} KarcherOptions;
+
+static inline __attribute__((always_inline)) void store_widened(float *widened, int64_t j, __m256 v) {
+    if (widened) _mm256_storeu_ps(widened + j, v);
+}
+
+/* pass 1: tangent = +0, then tangent += coef_i * (u_i - dot_i * mean) for each unit, each rounded */
+static inline __attribute__((always_inline)) __m256 karcher_tangent_step(int dtype, const KarcherOptions *o,
+        const char *const *units, const char *mean, int64_t off) {
+    __m256 m = load_as(dtype, mean + off), total = _mm256_setzero_ps();
+    for (int i = 0; i < o->n; i++) {
+        __m256 s = round_to(dtype, _mm256_mul_ps(_mm256_set1_ps(o->dots[i]), m), o->nan_bits);
+        s = round_to(dtype, _mm256_sub_ps(load_as(dtype, units[i] + off), s), o->nan_bits);
+        s = round_to(dtype, _mm256_mul_ps(_mm256_set1_ps(o->coefs[i]), s), o->nan_bits);
+        total = round_to(dtype, _mm256_add_ps(total, s), o->nan_bits);
+    }
+    return total;
+}
+
+/* pass 2: mean = cos * mean + sin * (tangent / norm), each rounded */
+static inline __attribute__((always_inline)) __m256 karcher_update_step(int dtype, const KarcherOptions *o,
+        const char *mean, const char *tangent, int64_t off) {
+    __m256 a = round_to(dtype, _mm256_mul_ps(_mm256_set1_ps(o->cos), load_as(dtype, mean + off)), o->nan_bits);
+    __m256 t = load_as(dtype, tangent + off);
+    t = o->reciprocal ? _mm256_mul_ps(t, _mm256_set1_ps(1.0f / o->norm)) : _mm256_div_ps(t, _mm256_set1_ps(o->norm));
+    t = round_to(dtype, t, o->nan_bits);
+    __m256 b = round_to(dtype, _mm256_mul_ps(_mm256_set1_ps(o->sin), t), o->nan_bits);
+    return round_to(dtype, _mm256_add_ps(a, b), o->nan_bits);
+}
+
+static inline __attribute__((always_inline)) void karcher_impl(int dtype, int which, const KarcherOptions *o,
+        char *mean, char *tangent, float *widened, int64_t numel) {
+    const int size = element_size(dtype);
+    KarcherOptions tail = *o;
+    tail.nan_bits = o->tail_nan_bits;
+    char *written = which == 1 ? tangent : mean;
+    int64_t j = 0;
+    for (; j + LANES <= numel; j += LANES) {
+        const KarcherOptions *at = j >= o->tail_start ? &tail : o;
+        __m256 r = which == 1 ? karcher_tangent_step(dtype, at, o->units, mean, j * size)
+                              : karcher_update_step(dtype, at, mean, tangent, j * size);
+        store_as(dtype, written + j * size, r, at->nan_bits);
+        store_widened(widened, j, r);
+    }
+    if (j == numel) return;
+    int64_t rest = (numel - j) * size;
+    Lane copies[18], result;
+    const char *rows[18] = {0}, *padded[18] = {0};
+    int n = which == 1 ? o->n : 0;
+    for (int i = 0; i < n; i++) rows[i] = o->units[i];
+    rows[n] = mean;
+    rows[n + 1] = which == 2 ? tangent : 0;
+    pad_rows(rows, n + 2, j * size, rest, copies, padded);
+    const KarcherOptions *at = j >= o->tail_start ? &tail : o;
+    __m256 r = which == 1 ? karcher_tangent_step(dtype, at, padded, padded[n], 0)
+                          : karcher_update_step(dtype, at, padded[n], padded[n + 1], 0);
+    store_as(dtype, result, r, at->nan_bits);
+    memcpy(written + j * size, result, rest);
+    if (widened) {
+        float wide[LANES];
+        _mm256_storeu_ps(wide, r);
+        memcpy(widened + j, wide, (numel - j) * sizeof(float));
+    }
+}
+
 /* the entry points: one specialised copy of each pass per dtype */
 void linear_pass(int dtype, const char *const *xs, int n, const float *c, int use_fma, int normalize,
                  float denominator, int nan_bits, int tail_nan_bits, int64_t tail_start, char *out, int64_t numel) {
@@ -365,4 +443,11 @@ void multislerp_pass(int dtype, int which, const MultiSlerpOptions *o, char *mea
     if (dtype == 0) ms_impl(0, which, o, mean, vector, out, numel);
     else if (dtype == 1) ms_impl(1, which, o, mean, vector, out, numel);
     else ms_impl(2, which, o, mean, vector, out, numel);
+}
+
+void karcher_pass(int dtype, int which, const KarcherOptions *o, char *mean, char *tangent, float *widened,
+                  int64_t numel) {
+    if (dtype == 0) karcher_impl(0, which, o, mean, tangent, widened, numel);
+    else if (dtype == 1) karcher_impl(1, which, o, mean, tangent, widened, numel);
+    else karcher_impl(2, which, o, mean, tangent, widened, numel);
 }

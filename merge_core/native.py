@@ -133,6 +133,9 @@ def _load() -> ctypes.CDLL | None:
         library.multislerp_pass.restype = None
         library.multislerp_pass.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.POINTER(MultiSlerpOptions),
                                             ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64]
+        library.karcher_pass.restype = None
+        library.karcher_pass.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.POINTER(KarcherOptions), ctypes.c_void_p,
+                                         ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64]
         _library = library
         return library
 
@@ -369,5 +372,44 @@ def multislerp(variant, which: int, flats: list[torch.Tensor], base: torch.Tenso
         library.multislerp_pass(code, which, ctypes.byref(options), mean.data_ptr() + start * size,
                                 vector.data_ptr() + start * size,
                                 out.data_ptr() + start * size if out is not None else None, stop - start)
+
+    run_split(mean.numel(), call)
+
+
+class KarcherOptions(ctypes.Structure):
+    """native.c's KarcherOptions."""
+
+    _fields_ = [("units", ctypes.c_void_p), ("n", ctypes.c_int), ("dots", ctypes.c_void_p),
+                ("coefs", ctypes.c_void_p), ("cos", ctypes.c_float), ("sin", ctypes.c_float),
+                ("norm", ctypes.c_float), ("reciprocal", ctypes.c_int), ("nan_bits", ctypes.c_int),
+                ("tail_nan_bits", ctypes.c_int), ("tail_start", ctypes.c_int64)]
+
+
+# karcher's variants: (tangent / norm as a division 0 or times the reciprocal 1, whether torch rounds
+# the float32 0-dim factor of `mul(cos, mean)` and `mul(sin, tangent)` to the dtype, whether it rounds
+# the float32 0-dim divisor of `div(tangent, norm)`); torch 2.x: the first
+KARCHER_VARIANTS = [(0, True, False), (0, False, False), (1, False, False), (0, True, True)]
+
+
+def karcher(variant, which: int, mean: torch.Tensor, tangent: torch.Tensor, widened: torch.Tensor | None,
+            units: list[torch.Tensor] = (), dots: list[float] = (), coefs: list[float] = (),
+            cos: float = 1.0, sin: float = 0.0, norm: float = 1.0) -> None:
+    """One of karcher's two passes over flat vectors of one dtype (native.c): 1 the tangent from the
+    units taking part, 2 the mean's update along it; `widened` gets a float32 copy of the result."""
+    library = _load()
+    code = DTYPE_CODES[mean.dtype]
+    size = mean.element_size()
+    flats = [u.view(-1) for u in units]
+    dot_values, coef_values = _floats(dots), _floats(coefs)
+
+    def call(start: int, stop: int) -> None:
+        pointers = _pointers([u[start:stop] for u in flats])
+        options = KarcherOptions(
+            ctypes.cast(pointers, ctypes.c_void_p), len(flats), ctypes.cast(dot_values, ctypes.c_void_p),
+            ctypes.cast(coef_values, ctypes.c_void_p), cos, sin, norm, variant,
+            *bfloat16_nans(mean.numel(), start))
+        library.karcher_pass(code, which, ctypes.byref(options), mean.data_ptr() + start * size,
+                             tangent.data_ptr() + start * size,
+                             widened.data_ptr() + start * 4 if widened is not None else None, stop - start)
 
     run_split(mean.numel(), call)

@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from merge_core import native, slerp
-from merge_core.methods import linear, multislerp, nearswap, nuslerp
+from merge_core.methods import karcher, linear, multislerp, nearswap, nuslerp
 from merge_core.methods.base import Inputs, Values
 from merge_core.methods.task_arithmetic import TaskArithmetic
 
@@ -185,6 +185,52 @@ def test_multislerp(dtype, numel, children, with_base, threads):
     assert chosen.run()
     assert multislerp._ChunkedPass(expected, inputs, norms, weights, 1e-8).run()
     _assert_same(got, expected)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("numel", SIZES)
+@pytest.mark.parametrize("count", [2, 3, 5])
+@pytest.mark.parametrize("max_iter, tol", [(10, 1e-5), (3, 1e-3), (25, 1e-9)])
+def test_karcher(dtype, numel, count, max_iter, tol, threads):
+    tensors = _family(numel, dtype, count, seed=count)
+    norms = karcher._norms(tensors)
+    variant = karcher._native_variant(tensors, norms)
+    assert variant is not None
+    got = karcher._karcher_mean(tensors, norms, max_iter, tol, variant)
+    _assert_same(got, karcher._karcher_mean(tensors, norms, max_iter, tol))
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_karcher_far_apart_inputs_and_skipped_ones(dtype):
+    # large steps (the probe's kind of inputs) and an input equal to the mean, which the iteration
+    # skips (theta under tol): the pass then takes fewer units than there are inputs
+    tensors, norms = karcher._probe(dtype, 4099)
+    tensors = [*tensors, tensors[0].clone()]
+    norms = karcher._norms(tensors)
+    variant = karcher._native_variant(tensors, norms)
+    for max_iter, tol in [(10, 1e-5), (4, 0.2), (1, 1e-5)]:
+        got = karcher._karcher_mean(tensors, norms, max_iter, tol, variant)
+        _assert_same(got, karcher._karcher_mean(tensors, norms, max_iter, tol))
+
+
+def test_karcher_non_finite_inputs_run_the_eager_steps():
+    tensors = _family(4099, torch.float16, 3)
+    tensors[1][5] = float("inf")
+    assert karcher._native_variant(tensors, karcher._norms(tensors)) is None
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_karcher_probe_tells_the_variants_apart(dtype):
+    # every wrong variant gives other bits on the probe in the half types (in float32 the rounding
+    # of a float32 factor is no rounding, so only the division differs there)
+    tensors, norms = karcher._probe(dtype, 8 * 131072 + 5)
+    right = karcher._karcher_mean(tensors, norms, 4, 1e-5, native.KARCHER_VARIANTS[0])
+    _assert_same(right, karcher._karcher_mean(tensors, norms, 4, 1e-5))
+    for variant in native.KARCHER_VARIANTS[1:]:
+        if dtype == torch.float32 and variant[0] == 0:
+            continue
+        wrong = karcher._karcher_mean(tensors, norms, 4, 1e-5, variant)
+        assert not torch.equal(_bits(wrong), _bits(right)), variant
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
