@@ -50,7 +50,7 @@ def child(kind: str, root: Path, repeats: int) -> dict:
     ts = [[0.2, 0.8], [0.6, 0.3]]
     if kind == "one":
         configs = [parse_config({k: v for k, v in chain_docs(root, t)[0].items() if k != "name"}) for t in ts]
-        merger = Merger(MergePlan(configs[0]), seed=0)
+        merger = Merger(MergePlan(configs[0]), seed=0, skip_unchanged=False)
         model = merger.new_model()
         build = median_time(lambda i: merger.build_into(model, configs[(i + 1) % 2]), repeats)
         stages = [merger.plan]

@@ -13,10 +13,12 @@ contract caps them (slerp: base + child 1, passthrough: child 1); a method the f
 is skipped with the reason printed.
 
 Per method, in one run:
-  ours        `Merger(plan)` once (inputs mapped, `prepare` run), then `build_into(live model,
-              candidate)`: one warm-up build, then the median of --repeats builds that alternate
-              two parameter sets (A, B, A, B... candidate configs with the same structure), so no
-              build can reuse the previous one's result; a warm-up slower than --slow (20 s) is
+  ours        `Merger(plan, skip_unchanged=False)` once (inputs mapped, `prepare` run), then
+              `build_into(live model, candidate)`: one warm-up build, then the median of --repeats
+              builds that alternate two parameter sets (A, B, A, B... candidate configs with the same
+              structure); every output is merged in every build (a study's merger skips the tensors
+              whose values did not change, which would measure nothing for sce's parameter-free
+              A and B); a warm-up slower than --slow (20 s) is
               taken as the measurement (one build), which overstates a method that defers per-study
               work to its first candidate (rerun it with --slow 1e9). Runs in a child process.
   floor       the memory-bandwidth floor of one build: every input tensor read once and the output
@@ -218,7 +220,7 @@ def child_ours(configs: list[Path], repeats: int, slow: float = 20.0) -> dict:
 
     candidates = [load_config(p) for p in configs]
     start = time.perf_counter()
-    merger = Merger(MergePlan(candidates[0]), seed=0)
+    merger = Merger(MergePlan(candidates[0]), seed=0, skip_unchanged=False)
     model = merger.new_model()
     setup = time.perf_counter() - start
     build = median_time(lambda i: merger.build_into(model, candidates[(i + 1) % 2]), repeats, slow=slow)

@@ -41,7 +41,7 @@ def main() -> None:
 
     print("import merge_core", rss())
     candidates = [load_config(path) for path in args.configs]
-    merger = Merger(MergePlan(candidates[0]), seed=0)
+    merger = Merger(MergePlan(candidates[0]), seed=0, skip_unchanged=False)
     print("Merger (prepare)", rss())
     model = merger.new_model()
     print("new_model()", rss())

@@ -94,13 +94,17 @@ class Merger:
     """Holds the inputs on a device with their per-study state; builds candidates in one pass each."""
 
     def __init__(self, plan: MergePlan, device: str | torch.device = "cpu", progress: Progress | None = None,
-                 seed: int | None = 0):
+                 seed: int | None = 0, skip_unchanged: bool = True):
         self.plan = plan
         self.device = torch.device(device)
         self.seed = seed  # every candidate of a randomised method draws from this one seed
+        # build_into leaves a live tensor alone when its parameter values are those it last wrote there
+        # (a deterministic method gives the same bits) and nothing has written to it since
+        self.skip_unchanged = skip_unchanged and not plan.method.randomised
         self._inputs: list[Inputs] = []
         self._state: list = []
         self._live: tuple[torch.nn.Module, dict[str, torch.Tensor]] | None = None
+        self._written: dict[str, tuple] = {}  # output -> (values, the tensor's version and storage after)
         cache: dict = {}
         for i, out in enumerate(plan.outputs):
             inputs = plan.inputs(out, self.device, cache)
@@ -129,13 +133,30 @@ class Merger:
             yield out.name, target
 
     @torch.no_grad()
-    def build_into(self, model: torch.nn.Module, candidate=None) -> None:
-        """Overwrite a live model's weights with a candidate (a MergeConfig, or SLERP's t): no disk."""
+    def build_into(self, model: torch.nn.Module, candidate=None) -> int:
+        """Overwrite a live model's weights with a candidate (a MergeConfig, or SLERP's t): no disk.
+
+        With `skip_unchanged` (deterministic methods), an output whose parameter values equal those of
+        the last build into this model is not merged again, unless its tensor was changed in place
+        since (torch's version counter, or its storage replaced; writes that bypass the counter, e.g.
+        into `.data` in place, are not seen).
+        Returns how many output tensors were merged."""
         if self._live is None or self._live[0] is not model:  # name -> parameter map, once per live model
-            self._live = (model, self.targets(model))
-        targets = self._live[1]
+            self._live = (model, self.targets(model), _model_tensors(model))
+            self._written.clear()
+        _, targets, watched = self._live
+        merged = 0
         for out, inputs, state, vals, rng in self._passes(candidate):
+            # the parameter's own version counter: `targets` are its `.data`, whose writes it does not count
+            tensor = watched[out.name]
+            if self.skip_unchanged and self._written.get(out.name) == (vals, tensor._version, tensor.data_ptr()):
+                continue
+            self._written.pop(out.name, None)  # a write that fails half way leaves no record
             _merge_one(self.plan, out, inputs, state, vals, rng, targets[out.name])
+            merged += 1
+            if self.skip_unchanged:
+                self._written[out.name] = (vals, tensor._version, tensor.data_ptr())
+        return merged
 
     def targets(self, model: torch.nn.Module) -> dict[str, torch.Tensor]:
         """The model's tensor for each output name; checks that the two sets agree."""
@@ -146,10 +167,16 @@ class Merger:
         return new_live_model(self.plan, self.device)
 
 
-def live_targets(plan: MergePlan, model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    """A live model's tensor for each output of the plan; checks that the two sets agree."""
+def _model_tensors(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """Every parameter (tied ones under each name) and buffer of a model, by name."""
     params = dict(model.named_parameters(remove_duplicate=False))
     params.update(dict(model.named_buffers()))
+    return params
+
+
+def live_targets(plan: MergePlan, model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """A live model's tensor for each output of the plan; checks that the two sets agree."""
+    params = _model_tensors(model)
     wanted = {o.name for o in plan.outputs}
     missing = sorted(wanted - params.keys())
     if missing:
