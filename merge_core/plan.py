@@ -269,8 +269,16 @@ class MergePlan:
         outputs += [self._output(n, [(s.model, n) for s in last.sources], last, 0.0, len(self.slices) - 1)
                     for n in post]
         # mergekit runs each tensor's merge in the order of its largest source name.
-        outputs.sort(key=lambda o: max(s.tensor for s in o.sources))
+        outputs.sort(key=_order_key)
         return outputs, out_layer
+
+    def order_ties(self) -> list[str]:
+        """Outputs that share their largest source tensor name with another output (slices that
+        repeat a layer range, sources whose layer ranges cross): mergekit runs those in its task
+        graph's internal order, which randomised methods' draws do not follow."""
+        keys = [_order_key(o) for o in self.outputs]
+        shared = {k for k in keys if keys.count(k) > 1} if len(set(keys)) < len(keys) else set()
+        return [o.name for o, k in zip(self.outputs, keys, strict=True) if k in shared]
 
     def _output(self, name: str, inputs: list[tuple[str, str]], sl: Slice, p: float, slice_index: int) -> OutputTensor:
         base_model = sl.base_model or self.config.base_model
@@ -411,3 +419,7 @@ def _split_names(names: list[str]) -> tuple[list[str], list[str], dict[int, list
         else:
             post.append(name)
     return pre, post, by_layer
+
+
+def _order_key(output: OutputTensor) -> str:
+    return max(s.tensor for s in output.sources)

@@ -40,9 +40,12 @@ def run(args: argparse.Namespace) -> int:
     if is_chain(docs):
         chain = ChainPlan(parse_chain(docs, args.config), args.allow_pickle, device, args.random_seed, args.config)
         plan, config, stages = chain.final, chain.final.config, frozenset(chain.outputs)
+        plans = chain.plans
     else:
         config = parse_config(docs[0] if docs else None, args.config)
         plan = MergePlan(config, allow_pickle=args.allow_pickle)
+        plans = [plan]
+    _warn_draw_order(plans, args.random_seed)
     merged_config = output_config(plan)
     tokenizer_folder, tokenizer = _tokenizer(plan)
     if tokenizer is None and not tokenizer_folder:
@@ -59,6 +62,19 @@ def run(args: argparse.Namespace) -> int:
     seed = "" if not plan.method.randomised or args.random_seed is None else f", random seed {args.random_seed}"
     console.print(f"wrote {len(plan.outputs)} tensors ({plan.num_layers} layers, {config.merge_method}{seed}) to {out}")
     return 0
+
+
+def _warn_draw_order(plans, seed: int | None) -> None:
+    """One line when some DARE/DELLA masks cannot follow mergekit-yaml --random-seed's draw order."""
+    from search.progress import console
+
+    if seed is None:
+        return
+    tied = [name for plan in plans if plan.method.randomised for name in plan.order_ties()]
+    if tied:
+        console.print(f"[yellow]{len(tied)} tensors ({tied[0]}, ...) share their largest source tensor with another "
+                      "output: mergekit merges those in its task graph's internal order, so their masks may differ "
+                      "from mergekit-yaml --random-seed's (README: DARE/DELLA masks)[/yellow]")
 
 
 def _tokenizer(plan):

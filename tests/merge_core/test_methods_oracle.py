@@ -153,3 +153,39 @@ def test_ties_at_the_threshold():
     assert torch.equal(kept_tied, tied[: len(kept_tied)]), "lowest indices first among equal magnitudes"
     w = delta.abs().float()
     assert not torch.equal(torch.argsort(w, descending=True), torch.sort(w, descending=True, stable=True).indices)
+
+
+def _crossed(f, method: str) -> dict:
+    """Two slices whose sources take crossed layer ranges: output layers 0 and 2 share their largest
+    source tensor name (and 1 and 3)."""
+    def sources(first: list[int], second: list[int]) -> list[dict]:
+        return [{"model": str(f["base"]), "layer_range": first}, {"model": str(f["child_1"]), "layer_range": second},
+                {"model": str(f["child_2"]), "layer_range": first}]
+
+    return {"merge_method": method, "base_model": str(f["base"]), "dtype": "float32",
+            "parameters": {"weight": 0.5, "density": 0.6},
+            "slices": [{"sources": sources([0, 2], [2, 4])}, {"sources": sources([2, 4], [0, 2])}]}
+
+
+def test_outputs_merged_in_mergekit_internal_order_are_named(families, tmp_path):
+    # crossed ranges: mergekit runs the tied outputs in its task graph's own order, so a seeded DARE
+    # merge says which masks may differ from mergekit-yaml's; a merge without ties, or without a seed,
+    # or of a deterministic method, says nothing
+    f = families["llama"]
+    crossed = _crossed(f, "dare_ties")
+    plan = MergePlan(parse_config(crossed))
+    tied = plan.order_ties()
+    assert tied and all(".layers." in name for name in tied)
+    plain = {"merge_method": "dare_ties", "base_model": str(f["base"]), "dtype": "float32",
+             "parameters": {"density": 0.6}, **models_form(f)}
+    assert not MergePlan(parse_config(plain)).order_ties()
+    (tmp_path / "crossed.yml").write_text(yaml.safe_dump(crossed))
+    (tmp_path / "ties.yml").write_text(yaml.safe_dump(_crossed(f, "ties")))
+    result = run_cli("merge", str(tmp_path / "crossed.yml"), str(tmp_path / "a"), "--random-seed", "7")
+    assert result.returncode == 0, result.stderr
+    said = " ".join((result.stdout + result.stderr).split())
+    assert f"{len(tied)} tensors" in said and "may differ" in said
+    for args in (["crossed.yml", "b"], ["ties.yml", "c", "--random-seed", "7"]):
+        result = run_cli("merge", str(tmp_path / args[0]), str(tmp_path / args[1]), *args[2:])
+        assert result.returncode == 0, result.stderr
+        assert "may differ" not in result.stdout + result.stderr
