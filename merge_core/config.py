@@ -384,15 +384,34 @@ def load_config(path: str | Path) -> MergeConfig:
 
 
 def describe_validation_error(exc: ValidationError) -> str:
-    """The first pydantic error as `field.path: message`, the way a user reads it."""
-    err = exc.errors()[0]
+    """The first pydantic error as `field.path: message`, the way a user reads it; an unknown key
+    first, since it is often a misspelt required one that pydantic also reports as missing."""
+    errors = exc.errors()
+    err = next((e for e in errors if e["type"] == "extra_forbidden"), errors[0])
     loc = ".".join(str(p) for p in err["loc"] if not _is_union_tag(p))
     message = err["msg"].removeprefix("Value error, ")
     if err["type"] == "extra_forbidden":
-        message = "unknown key"
+        message = _unknown_key(str(err["loc"][-1]))
     if err["type"] == "literal_error" and "expected" in err.get("ctx", {}):
         message = f"must be one of {err['ctx']['expected']}"
     return f"{loc}: {message}" if loc else message
+
+
+def _unknown_key(key: str) -> str:
+    """An unknown key, with the known key it is closest to (mergekit's models ignore unknown keys, so
+    a misspelt one would silently change the merge there)."""
+    import difflib
+
+    known: set[str] = set()
+    models = [_Strict]
+    while models:
+        model = models.pop()
+        known.update(model.model_fields)
+        models.extend(model.__subclasses__())
+    close = difflib.get_close_matches(key, sorted(known), n=1, cutoff=0.6)
+    if close:
+        return f"unknown key; did you mean {close[0]}?"
+    return "unknown key; remove it (mergekit would ignore it, merge-search refuses it in case it is a typo)"
 
 
 def _is_union_tag(part: Any) -> bool:

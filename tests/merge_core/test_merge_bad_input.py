@@ -93,7 +93,16 @@ def test_malformed_yaml(tmp_path):
 def test_unknown_key_and_wrong_type(tmp_path, pair):
     config = config_for(pair[0], pair[1], "one_slice", 0.5, "float16") | {"dtpye": "float16"}
     out = tmp_path / "out"
-    assert_refused(run_cli("merge", str(write_config(tmp_path, config)), str(out)), "dtpye", "unknown key", out=out)
+    assert_refused(run_cli("merge", str(write_config(tmp_path, config)), str(out)), "dtpye", "unknown key",
+                   "did you mean dtype?", out=out)
+    # a key with no near known one (a YAML anchor holder, mergekit ignores it): remove it
+    config = config_for(pair[0], pair[1], "one_slice", 0.5, "float16") | {"x-common": {"t": 0.5}}
+    assert_refused(run_cli("merge", str(write_config(tmp_path, config)), str(out)), "x-common", "unknown key",
+                   "remove it", out=out)
+    source = config_for(pair[0], pair[1], "one_slice", 0.5, "float16")
+    source["slices"][0]["sources"][0]["layer_rnage"] = source["slices"][0]["sources"][0].pop("layer_range")
+    assert_refused(run_cli("merge", str(write_config(tmp_path, source)), str(out)), "layer_rnage",
+                   "did you mean layer_range?", out=out)
     config = config_for(pair[0], pair[1], "one_slice", 0.5, "float8")
     assert_refused(run_cli("merge", str(write_config(tmp_path, config)), str(out)), "dtype", out=out)
 
