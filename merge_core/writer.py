@@ -75,7 +75,7 @@ def write_model(
         (staging / "mergekit_config.yml").write_text(merge_yaml, encoding="utf-8")
         if tokenizer is not None:
             tokenizer.save_pretrained(staging, safe_serialization=True)
-        elif copies_tokenizer(tokenizer_folder):
+        elif tokenizer_folder is not None and copies_tokenizer(tokenizer_folder):
             for name in TOKENIZER_FILES:
                 if (Path(tokenizer_folder) / name).is_file():
                     shutil.copy2(Path(tokenizer_folder) / name, staging / name)

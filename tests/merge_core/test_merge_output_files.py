@@ -267,3 +267,24 @@ def test_card_with_base_names_it_like_mergekit(tmp_path, transformers4):
             f"  - model: {transformers4[1]}\n    parameters: {{weight: 0.5}}\ndtype: float32\n")
     mk, us = both(tmp_path, text)
     assert (us / "README.md").read_text() == (mk / "README.md").read_text()
+
+
+def test_models_without_a_tokenizer_merge_like_mergekit(tmp_path):
+    """No tokenizer files (a checkpoint shipped as weights and config only): mergekit logs that it
+    has none to copy and writes the model; so do we, with the same tensors and files."""
+    models = []
+    for seed in (1, 2):
+        folder = build_tiny_model(tmp_path / f"m{seed}", "llama", seed=seed)
+        for f in folder.iterdir():
+            if f.name.startswith(("tokenizer", "special_tokens", "vocab", "merges")):
+                f.unlink()
+        models.append(folder)
+    text = (f"merge_method: linear\ndtype: float32\nmodels:\n  - model: {models[0]}\n    parameters: {{weight: 0.3}}\n"
+            f"  - model: {models[1]}\n    parameters: {{weight: 0.7}}\n")
+    mk, us = both(tmp_path, text)
+    assert sorted(p.name for p in us.iterdir()) == sorted(p.name for p in mk.iterdir())
+    assert not list(us.glob("tokenizer*"))
+    ours, theirs = load_folder(us), load_folder(mk)
+    assert sorted(ours) == sorted(theirs)
+    for name, tensor in theirs.items():
+        assert torch.equal(ours[name], tensor), name
