@@ -30,7 +30,8 @@ DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch
 SHAPE_FIELDS = ("model_type", "hidden_size", "n_embd", "intermediate_size", "num_attention_heads",
                 "num_key_value_heads", "vocab_size")
 # Tensors mergekit's architectures list before the layers; every other non-layer tensor comes after.
-EMBEDDING_PATTERN = re.compile(r"(embed|(^|\.)wte\.|(^|\.)wpe\.)")
+# input-side tensors, taken from the first slice (gpt-neox's output head `embed_out` is not one)
+EMBEDDING_PATTERN = re.compile(r"(embed(?!_out)|(^|\.)wte\.|(^|\.)wpe\.)")
 LAYER_KEYS = ("num_hidden_layers", "n_layer", "num_layers", "n_layers")
 # Per-layer lists of config.json that transformers checks against num_hidden_layers.
 PER_LAYER_SUFFIX = "layer_types"

@@ -36,6 +36,7 @@ ARCHS = {
     # mixture-of-experts: checkpoints hold one tensor per expert, transformers' model stacked ones
     "mixtral": ("MixtralConfig", "MixtralForCausalLM", dict(num_key_value_heads=2, num_local_experts=3,
                                                             num_experts_per_tok=2)),
+    "gpt_neox": ("GPTNeoXConfig", "GPTNeoXForCausalLM", dict(tie_word_embeddings=False)),
     "qwen2_moe": ("Qwen2MoeConfig", "Qwen2MoeForCausalLM", dict(num_key_value_heads=2, num_experts=3,
                                                                num_experts_per_tok=2, moe_intermediate_size=16,
                                                                shared_expert_intermediate_size=16)),

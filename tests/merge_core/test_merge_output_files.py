@@ -288,3 +288,31 @@ def test_models_without_a_tokenizer_merge_like_mergekit(tmp_path):
     assert sorted(ours) == sorted(theirs)
     for name, tensor in theirs.items():
         assert torch.equal(ours[name], tensor), name
+
+
+def test_gpt_neox_output_head_comes_from_the_last_slice_like_mergekit(tmp_path):
+    """gpt-neox's head is `embed_out`: an output-side tensor (mergekit's post_weights), taken from
+    the last slice of a passthrough like the final norm, not from the first like `embed_in`."""
+    from safetensors.torch import save_file
+
+    models = []
+    for seed in (1, 2):
+        folder = build_tiny_model(tmp_path / f"neox{seed}", "gpt_neox", seed=seed)
+        tensors = load_folder(folder)
+        for i in range(4):  # the buffers mergekit's gpt-neox definition expects (older checkpoints hold them)
+            tensors[f"gpt_neox.layers.{i}.attention.bias"] = torch.ones(1, 1, 64, 64).tril()
+            tensors[f"gpt_neox.layers.{i}.attention.masked_bias"] = torch.tensor(-1e9)
+            tensors[f"gpt_neox.layers.{i}.attention.rotary_emb.inv_freq"] = 1.0 / 10000 ** (torch.arange(0, 8, 2) / 8)
+        for f in folder.glob("model*.safetensors*"):
+            f.unlink()
+        save_file(tensors, folder / "model.safetensors", metadata={"format": "pt"})
+        models.append(folder)
+    text = (f"merge_method: passthrough\ndtype: float32\nslices:\n"
+            f"  - sources:\n      - model: {models[0]}\n        layer_range: [0, 3]\n"
+            f"  - sources:\n      - model: {models[1]}\n        layer_range: [1, 4]\n")
+    mk, us = both(tmp_path, text)
+    ours, theirs = load_folder(us), load_folder(mk)
+    assert sorted(ours) == sorted(theirs)
+    for name, tensor in theirs.items():
+        assert torch.equal(ours[name], tensor), name
+    assert torch.equal(ours["embed_out.weight"], load_folder(models[1])["embed_out.weight"])
