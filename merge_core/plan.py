@@ -32,6 +32,10 @@ SHAPE_FIELDS = ("model_type", "hidden_size", "n_embd", "intermediate_size", "num
 # Tensors mergekit's architectures list before the layers; every other non-layer tensor comes after.
 # input-side tensors, taken from the first slice (gpt-neox's output head `embed_out` is not one)
 EMBEDDING_PATTERN = re.compile(r"(embed(?!_out)|(^|\.)wte\.|(^|\.)wpe\.)")
+# the output head, and the input embeddings a model with tied embeddings keeps in its place
+TIED_HEAD = "lm_head.weight"
+TIED_EMBEDDINGS = ("model.embed_tokens.weight", "transformer.wte.weight", "transformer.word_embeddings.weight",
+                   "model.decoder.embed_tokens.weight", "gpt_neox.embed_in.weight")
 LAYER_KEYS = ("num_hidden_layers", "n_layer", "num_layers", "n_layers")
 # Per-layer lists of config.json that transformers checks against num_hidden_layers.
 PER_LAYER_SUFFIX = "layer_types"
@@ -252,6 +256,9 @@ class MergePlan:
 
     def _plan_outputs(self) -> tuple[list[OutputTensor], int]:
         pre, post, by_layer = _split_names(self.reference.names())
+        if TIED_HEAD not in self.reference.index and _tied_source(TIED_HEAD, self.reference) is not None and any(
+                TIED_HEAD in w.index for w in self.weights):
+            post.append(TIED_HEAD)  # mergekit: a model's own head where it has one, its embeddings elsewhere
         if not by_layer:
             raise MergeInputError(f"{self.models[0]}: no layer tensors found (names like model.layers.N.)")
         ref_layer = min(by_layer)
@@ -291,7 +298,10 @@ class MergePlan:
         for model, tensor in inputs:
             weights = self.weights[self._index[model]]
             if tensor not in weights.index:
-                raise MergeInputError(f"{model} has no tensor {tensor}, which {name} of the merge needs")
+                tied = _tied_source(tensor, weights)
+                if tied is None:
+                    raise MergeInputError(f"{model} has no tensor {tensor}, which {name} of the merge needs")
+                tensor = tied
             shape = tuple(weights.index[tensor].shape)
             if self.vocabulary and self.vocabulary.cuts(tensor, shape, weights.config.get("vocab_size")):
                 rows = self.vocabulary.rows
@@ -322,6 +332,8 @@ class MergePlan:
         cfg.update(self.per_layer_lists())
         if self.vocabulary is not None:  # mergekit sets it to the output tokenizer's length
             cfg["vocab_size"] = self.vocabulary.size
+        if cfg.get("tie_word_embeddings") and any(o.name == TIED_HEAD for o in self.outputs):
+            cfg["tie_word_embeddings"] = False  # a tied reference merged with models that have their own head
         return cfg
 
     def per_layer_lists(self) -> dict[str, list]:
@@ -420,6 +432,14 @@ def _split_names(names: list[str]) -> tuple[list[str], list[str], dict[int, list
         else:
             post.append(name)
     return pre, post, by_layer
+
+
+def _tied_source(tensor: str, weights) -> str | None:
+    """The tensor a model with tied embeddings stores for `tensor` (mergekit's `tied_names`): its
+    input embeddings for the output head; None for any other tensor, or when it has none."""
+    if tensor != TIED_HEAD:
+        return None
+    return next((name for name in TIED_EMBEDDINGS if name in weights.index), None)
 
 
 def _order_key(output: OutputTensor) -> str:

@@ -316,3 +316,54 @@ def test_gpt_neox_output_head_comes_from_the_last_slice_like_mergekit(tmp_path):
     for name, tensor in theirs.items():
         assert torch.equal(ours[name], tensor), name
     assert torch.equal(ours["embed_out.weight"], load_folder(models[1])["embed_out.weight"])
+
+
+def _qwen2_family(root: Path, tied: list[bool]) -> list[Path]:
+    """Tiny qwen2 models of one shape, each with tied embeddings (no lm_head.weight stored) or its own head."""
+    from safetensors.torch import save_file
+
+    models = []
+    for seed, tie in enumerate(tied, start=1):
+        folder = build_tiny_model(root / f"qwen{seed}", "qwen2", seed=seed)
+        if not tie:
+            tensors = load_folder(folder)
+            generator = torch.Generator().manual_seed(seed)
+            embeddings = tensors["model.embed_tokens.weight"]
+            tensors["lm_head.weight"] = embeddings + torch.randn(embeddings.shape, generator=generator) * 0.02
+            for f in folder.glob("model*.safetensors*"):
+                f.unlink()
+            save_file(tensors, folder / "model.safetensors", metadata={"format": "pt"})
+            config = json.loads((folder / "config.json").read_text())
+            config["tie_word_embeddings"] = False
+            (folder / "config.json").write_text(json.dumps(config, indent=2))
+        models.append(folder)
+    return models
+
+
+@pytest.mark.parametrize("tied", [[False, True, False], [True, False, False]], ids=["untied_base", "tied_base"])
+def test_tied_and_untied_heads_merge_like_mergekit(tmp_path, tied):
+    """A model with tied embeddings stores no lm_head.weight: where another model has its own head,
+    mergekit merges the heads with the tied models' embeddings in their place (its `tied_names`), and
+    so do we. A tied reference keeps `tie_word_embeddings: true` in mergekit's config.json, so
+    transformers would discard the merged head it wrote; ours says false, so the head is used."""
+    base, *children = _qwen2_family(tmp_path, tied)
+    text = (f"merge_method: task_arithmetic\ndtype: float32\nbase_model: {base}\nmodels:\n  - model: {base}\n"
+            f"  - model: {children[0]}\n    parameters: {{weight: 0.6}}\n"
+            f"  - model: {children[1]}\n    parameters: {{weight: [0.2, 0.8]}}\n")
+    mk, us = both(tmp_path, text)
+    ours, theirs = load_folder(us), load_folder(mk)
+    assert "lm_head.weight" in theirs
+    assert sorted(ours) == sorted(theirs)
+    for name, tensor in theirs.items():
+        assert torch.equal(ours[name], tensor), name
+    ours_config, their_config = (json.loads((d / "config.json").read_text()) for d in (us, mk))
+    assert ours_config["tie_word_embeddings"] is False
+    assert their_config["tie_word_embeddings"] is tied[0]
+    # the study's live model is untied too, and holds the same head
+    merger = Merger(MergePlan(load_config(tmp_path / "config.yml")))
+    live = merger.new_model()
+    merger.build_into(live)
+    assert torch.equal(live.lm_head.weight.detach(), ours["lm_head.weight"])
+    assert not torch.equal(live.lm_head.weight.detach(), live.model.embed_tokens.weight.detach())
+    loaded = transformers.AutoModelForCausalLM.from_pretrained(us)
+    assert torch.equal(loaded.lm_head.weight.detach(), ours["lm_head.weight"])
