@@ -146,7 +146,10 @@ class ChainMerger:
         plan = self.plan
         rng = _generator(plan, self.chain.device, self.chain.seed)
         for out, values in zip(plan.outputs, final_values, strict=True):
-            merge_output(plan, out, values, rng, self.chain.device, targets[out.name], self._states)
+            if out.name not in targets and rng is None:  # a tensor the live model does not have
+                continue
+            # (drawn into a scratch tensor under a randomised method, so later masks stay `search merge`'s)
+            merge_output(plan, out, values, rng, self.chain.device, targets.get(out.name), self._states)
         if first:  # this build ran the per-study prepare of the final stage: drop its temporaries
             release_free_heap()
 

@@ -84,6 +84,20 @@ def model_layout(model_type: str | None, names: list[str]) -> tuple[dict[str, st
     return renames, converted
 
 
+def renamed_on_load(config: dict, name: str) -> str:
+    """The name transformers gives a checkpoint tensor when it loads the model of this config.json
+    (the plain renamings of its conversion tables, by model class and by model type; `name` itself
+    when none applies)."""
+    from transformers.core_model_loading import WeightRenaming
+
+    keys = [*(config.get("architectures") or [])[:1], config.get("model_type")]
+    for key in dict.fromkeys(k for k in keys if isinstance(k, str)):
+        for transform in _conversion_table(key):
+            if isinstance(transform, WeightRenaming):
+                name, _ = transform.rename_source_key(name)
+    return name
+
+
 def _refuse_if_it_applies(transform, current: dict) -> None:
     """A kind of conversion merge-search does not reproduce: refused when it matches a tensor."""
     for pattern in getattr(transform, "source_patterns", []):

@@ -142,11 +142,17 @@ class Merger:
         into `.data` in place, are not seen).
         Returns how many output tensors were merged."""
         if self._live is None or self._live[0] is not model:  # name -> parameter map, once per live model
-            self._live = (model, self.targets(model), _model_tensors(model))
+            params = _model_tensors(model)
+            watched = {out: params[name] for out, name in live_names(self.plan, model).items()}
+            self._live = (model, self.targets(model), watched)
             self._written.clear()
         _, targets, watched = self._live
         merged = 0
         for out, inputs, state, vals, rng in self._passes(candidate):
+            if out.name not in targets:  # a tensor the live model does not have (see live_names)
+                if rng is not None:  # the masks of the tensors after it must be drawn as in `search merge`
+                    _merge_one(self.plan, out, inputs, state, vals, rng, self._scratch(out))
+                continue
             # the parameter's own version counter: `targets` are its `.data`, whose writes it does not count
             tensor = watched[out.name]
             if self.skip_unchanged and self._written.get(out.name) == (vals, tensor._version, tensor.data_ptr()):
@@ -157,6 +163,9 @@ class Merger:
             if self.skip_unchanged:
                 self._written[out.name] = (vals, tensor._version, tensor.data_ptr())
         return merged
+
+    def _scratch(self, out: OutputTensor) -> torch.Tensor:
+        return torch.empty(self.plan.shape(out), dtype=self.plan.output_dtype(out), device=self.device)
 
     def targets(self, model: torch.nn.Module) -> dict[str, torch.Tensor]:
         """The model's tensor for each output name; checks that the two sets agree."""
@@ -174,19 +183,33 @@ def _model_tensors(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     return params
 
 
-def live_targets(plan: MergePlan, model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    """A live model's tensor for each output of the plan; checks that the two sets agree."""
+def live_names(plan: MergePlan, model: torch.nn.Module) -> dict[str, str]:
+    """Output name -> the live model's name for it, for the outputs the model has: a checkpoint name
+    that transformers renames on load (gpt-neox's `embed_out` is the model's `lm_head`) maps to its
+    new name; a tensor the model does not have (a checkpoint's stale buffers, such as old gpt-neox
+    `attention.bias` masks) is left out, as transformers leaves it out when it loads the merged folder."""
+    from merge_core.layout import renamed_on_load
+
     params = _model_tensors(model)
-    wanted = {o.name for o in plan.outputs}
-    missing = sorted(wanted - params.keys())
-    if missing:
-        raise MergeInputError(f"the {type(model).__name__} has no tensor {missing[0]} that the merge writes")
-    written = {params[n].data_ptr() for n in wanted}
+    names = {}
+    for out in plan.outputs:
+        name = out.name if out.name in params else renamed_on_load(plan.reference.config, out.name)
+        if name in params:
+            names[out.name] = name
+    return names
+
+
+def live_targets(plan: MergePlan, model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """A live model's tensor for each output of the plan it has; checks that the merge writes every
+    tensor of the model's state."""
+    params = _model_tensors(model)
+    names = live_names(plan, model)
+    written = {params[n].data_ptr() for n in names.values()}
     state = model.state_dict()
     unset = sorted(n for n, p in params.items() if n in state and p.data_ptr() not in written)
     if unset:
         raise MergeInputError(f"the merge does not write {unset[0]} of the {type(model).__name__}")
-    return {n: params[n].data for n in wanted}
+    return {out: params[name].data for out, name in names.items()}
 
 
 def new_live_model(plan: MergePlan, device: torch.device) -> torch.nn.Module:

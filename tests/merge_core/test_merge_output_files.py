@@ -290,16 +290,17 @@ def test_models_without_a_tokenizer_merge_like_mergekit(tmp_path):
         assert torch.equal(ours[name], tensor), name
 
 
-def test_gpt_neox_output_head_comes_from_the_last_slice_like_mergekit(tmp_path):
-    """gpt-neox's head is `embed_out`: an output-side tensor (mergekit's post_weights), taken from
-    the last slice of a passthrough like the final norm, not from the first like `embed_in`."""
+def _neox_models(root: Path, count: int) -> list[Path]:
+    """Tiny gpt-neox checkpoints as older transformers saved them: the head as `embed_out` (which
+    transformers 5 loads as `lm_head`), with the buffers mergekit's gpt-neox definition expects."""
     from safetensors.torch import save_file
 
     models = []
-    for seed in (1, 2):
-        folder = build_tiny_model(tmp_path / f"neox{seed}", "gpt_neox", seed=seed)
+    for seed in range(1, count + 1):
+        folder = build_tiny_model(root / f"neox{seed}", "gpt_neox", seed=seed)
         tensors = load_folder(folder)
-        for i in range(4):  # the buffers mergekit's gpt-neox definition expects (older checkpoints hold them)
+        tensors["embed_out.weight"] = tensors.pop("lm_head.weight", tensors.get("embed_out.weight"))
+        for i in range(4):
             tensors[f"gpt_neox.layers.{i}.attention.bias"] = torch.ones(1, 1, 64, 64).tril()
             tensors[f"gpt_neox.layers.{i}.attention.masked_bias"] = torch.tensor(-1e9)
             tensors[f"gpt_neox.layers.{i}.attention.rotary_emb.inv_freq"] = 1.0 / 10000 ** (torch.arange(0, 8, 2) / 8)
@@ -307,6 +308,36 @@ def test_gpt_neox_output_head_comes_from_the_last_slice_like_mergekit(tmp_path):
             f.unlink()
         save_file(tensors, folder / "model.safetensors", metadata={"format": "pt"})
         models.append(folder)
+    return models
+
+
+@pytest.mark.parametrize("method", ["task_arithmetic", "dare_ties"])
+def test_gpt_neox_live_model_is_the_merged_folder_as_transformers_loads_it(tmp_path, method):
+    """A study's live model of a checkpoint whose names transformers changes on load (embed_out ->
+    lm_head) and whose stale buffers it drops: the renamed tensors are written, the dropped ones are
+    not (a randomised method still draws their masks, so later masks stay those of search merge)."""
+    base, *children = _neox_models(tmp_path, 3)
+    density = ", density: 0.7" if method == "dare_ties" else ""
+    models = "".join(f"  - model: {c}\n    parameters: {{weight: 0.5{density}}}\n" for c in children)
+    text = f"merge_method: {method}\ndtype: float32\nbase_model: {base}\nmodels:\n  - model: {base}\n{models}"
+    (tmp_path / "config.yml").write_text(text)
+    result = run_cli("merge", str(tmp_path / "config.yml"), str(tmp_path / "us"), "--random-seed", "7")
+    assert result.returncode == 0, result.stderr
+    loaded = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "us", dtype=torch.float32)
+    merger = Merger(MergePlan(load_config(tmp_path / "config.yml")), seed=7)
+    live = merger.new_model()
+    merger.build_into(live)
+    expected = loaded.state_dict()
+    assert sorted(live.state_dict()) == sorted(expected)
+    for name, tensor in live.state_dict().items():
+        assert torch.equal(tensor, expected[name]), name
+    assert torch.equal(live.lm_head.weight, load_folder(tmp_path / "us")["embed_out.weight"])
+
+
+def test_gpt_neox_output_head_comes_from_the_last_slice_like_mergekit(tmp_path):
+    """gpt-neox's head is `embed_out`: an output-side tensor (mergekit's post_weights), taken from
+    the last slice of a passthrough like the final norm, not from the first like `embed_in`."""
+    models = _neox_models(tmp_path, 2)
     text = (f"merge_method: passthrough\ndtype: float32\nslices:\n"
             f"  - sources:\n      - model: {models[0]}\n        layer_range: [0, 3]\n"
             f"  - sources:\n      - model: {models[1]}\n        layer_range: [1, 4]\n")
