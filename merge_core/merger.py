@@ -57,6 +57,11 @@ def _merge_one(plan: MergePlan, out: OutputTensor, inputs: Inputs, state, values
             raise MergeInputError(f"non-float tensor {out.name} differs between the merged models")
         target.copy_(first)
         return
+    if not target.is_floating_point():  # a live model's integer buffer merged as floats (a config dtype)
+        merged = torch.empty(target.shape, dtype=plan.output_dtype(out), device=target.device)
+        plan.method.merge(merged, inputs, state, values, rng)
+        target.copy_(merged)
+        return
     plan.method.merge(target, inputs, state, values, rng)
 
 

@@ -100,8 +100,10 @@ class MergePlan:
             tensor = self.weights[s.model].get(s.tensor)
             if out.rows is not None:
                 tensor = tensor.narrow(0, 0, out.rows)
-            if tensor.is_floating_point():
-                # A view of the mapped file when dtype and device already match; else one copy.
+            if tensor.is_floating_point() or self.dtype is not None:
+                # A view of the mapped file when dtype and device already match; else one copy. With a
+                # config dtype, mergekit casts integer and bool tensors (old checkpoints' attention
+                # masks) to it too, and merges them like the others.
                 tensor = tensor.to(device=device, dtype=dtype)
             else:
                 tensor = tensor.to(device=device)
@@ -128,7 +130,7 @@ class MergePlan:
     def output_dtype(self, out: OutputTensor) -> torch.dtype:
         """The dtype the merged tensor is stored in."""
         stored = self.weights[out.sources[0].model].index[out.sources[0].tensor].dtype
-        if not stored.is_floating_point:
+        if not stored.is_floating_point and self.dtype is None:
             return stored
         return self.out_dtype or self.method.result_dtype(self.working_dtype(out))
 

@@ -65,6 +65,8 @@ def _cosine_fused(a: torch.Tensor, b: torch.Tensor) -> float:
         sq_b += float(torch.inner(y, y))
     norm_a, norm_b = math.sqrt(sq_a), math.sqrt(sq_b)
     cos = dot / ((norm_a if norm_a > EPS else 1.0) * (norm_b if norm_b > EPS else 1.0))
+    if math.isnan(cos):  # infinite inputs: mergekit's NaN angle, which makes the result NaN (torch's clamp keeps it)
+        return cos
     return min(1.0, max(-1.0, cos))
 
 

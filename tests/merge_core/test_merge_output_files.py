@@ -17,6 +17,7 @@ from pathlib import Path
 import pytest
 import torch
 import transformers
+import yaml
 
 from merge_core.config import load_config
 from merge_core.merger import MergePlan, Merger
@@ -27,21 +28,22 @@ from tests.merge_core.test_oracle import assert_within_one_ulp, load_folder
 LAYER_TYPES = ["full_attention", "sliding_attention", "sliding_attention", "full_attention"]
 
 
-def mergekit_yaml(config: Path, out: Path) -> subprocess.CompletedProcess:
+def mergekit_yaml(config: Path, out: Path, *args: str) -> subprocess.CompletedProcess:
     """mergekit's own CLI on a config file, offline."""
     env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1")
-    return subprocess.run([str(Path(sys.executable).parent / "mergekit-yaml"), str(config), str(out), "--quiet"],
+    return subprocess.run([str(Path(sys.executable).parent / "mergekit-yaml"), str(config), str(out), "--quiet", *args],
                           capture_output=True, text=True, env=env, timeout=600)
 
 
-def both(tmp_path: Path, text: str) -> tuple[Path, Path]:
-    """Run mergekit-yaml and search merge on one config text; both outputs are folders named `merged`."""
+def both(tmp_path: Path, text: str, *args: str) -> tuple[Path, Path]:
+    """Run mergekit-yaml and search merge on one config text (with the same extra arguments); both
+    outputs are folders named `merged`."""
     config = tmp_path / "config.yml"
     config.write_text(text)
     mk, us = tmp_path / "mk" / "merged", tmp_path / "us" / "merged"
-    done = mergekit_yaml(config, mk)
+    done = mergekit_yaml(config, mk, *args)
     assert done.returncode == 0, done.stderr[-3000:]
-    result = run_cli("merge", str(config), str(us))
+    result = run_cli("merge", str(config), str(us), *args)
     assert result.returncode == 0, result.stderr
     return mk, us
 
@@ -290,9 +292,10 @@ def test_models_without_a_tokenizer_merge_like_mergekit(tmp_path):
         assert torch.equal(ours[name], tensor), name
 
 
-def _neox_models(root: Path, count: int) -> list[Path]:
+def _neox_models(root: Path, count: int, bool_masks: bool = False) -> list[Path]:
     """Tiny gpt-neox checkpoints as older transformers saved them: the head as `embed_out` (which
-    transformers 5 loads as `lm_head`), with the buffers mergekit's gpt-neox definition expects."""
+    transformers 5 loads as `lm_head`), with the buffers mergekit's gpt-neox definition expects (the
+    attention masks as bool, as pythia's checkpoints hold them, with `bool_masks`)."""
     from safetensors.torch import save_file
 
     models = []
@@ -301,7 +304,8 @@ def _neox_models(root: Path, count: int) -> list[Path]:
         tensors = load_folder(folder)
         tensors["embed_out.weight"] = tensors.pop("lm_head.weight", tensors.get("embed_out.weight"))
         for i in range(4):
-            tensors[f"gpt_neox.layers.{i}.attention.bias"] = torch.ones(1, 1, 64, 64).tril()
+            mask = torch.ones(1, 1, 64, 64, dtype=torch.bool if bool_masks else torch.float32).tril()
+            tensors[f"gpt_neox.layers.{i}.attention.bias"] = mask
             tensors[f"gpt_neox.layers.{i}.attention.masked_bias"] = torch.tensor(-1e9)
             tensors[f"gpt_neox.layers.{i}.attention.rotary_emb.inv_freq"] = 1.0 / 10000 ** (torch.arange(0, 8, 2) / 8)
         for f in folder.glob("model*.safetensors*"):
@@ -398,3 +402,56 @@ def test_tied_and_untied_heads_merge_like_mergekit(tmp_path, tied):
     assert not torch.equal(live.lm_head.weight.detach(), live.model.embed_tokens.weight.detach())
     loaded = transformers.AutoModelForCausalLM.from_pretrained(us)
     assert torch.equal(loaded.lm_head.weight.detach(), ours["lm_head.weight"])
+
+
+@pytest.mark.parametrize("method, args", [("task_arithmetic", ()), ("dare_ties", ("--random-seed", "7")),
+                                          ("slerp", ())])
+def test_old_checkpoint_buffers_merge_like_mergekit(tmp_path, method, args):
+    """With a config dtype, mergekit casts bool and integer tensors (pythia's attention masks) to it
+    and merges them like the others, drawing DARE masks for them too; merges of infinite tensors
+    (masked_bias -1e9 in float16) are NaN, SLERP's included. search merge writes the same tensors."""
+    base, *children = _neox_models(tmp_path, 3, bool_masks=True)
+    if method == "slerp":
+        body = f"base_model: {base}\nmodels:\n  - model: {base}\n  - model: {children[0]}\nparameters: {{t: 0.3}}\n"
+    else:
+        density = ", density: 0.7" if method == "dare_ties" else ""
+        body = f"base_model: {base}\nmodels:\n  - model: {base}\n" + "".join(
+            f"  - model: {c}\n    parameters: {{weight: 0.5{density}}}\n" for c in children)
+    mk, us = both(tmp_path, f"merge_method: {method}\ndtype: float16\n{body}", *args)
+    ours, theirs = load_folder(us), load_folder(mk)
+    assert sorted(ours) == sorted(theirs)
+    assert ours["gpt_neox.layers.0.attention.bias"].dtype == torch.float16
+    finite = {n: t for n, t in theirs.items() if not t.isnan().any()}
+    assert all(ours[n].isnan().all() for n in theirs.keys() - finite.keys())
+    assert_within_one_ulp({n: ours[n] for n in finite}, finite)
+    if method != "slerp":  # SLERP is within one ulp of mergekit's; the others bit for bit
+        for name, tensor in finite.items():
+            assert torch.equal(ours[name], tensor), name
+
+
+def test_an_integer_live_buffer_takes_the_merged_floats_as_a_load_would(families):
+    """A live model's integer buffer (where a checkpoint's integer tensor is merged as floats under a
+    config dtype) gets the merged values cast to its dtype, as copying the merged folder's tensor in
+    at load time would."""
+    from merge_core.merger import _merge_one
+
+    f = families["llama"]
+    config = load_config_text(f"merge_method: linear\ndtype: float32\nmodels:\n  - model: {f['child_1']}\n"
+                              f"    parameters: {{weight: 70.0}}\n  - model: {f['child_2']}\n"
+                              f"    parameters: {{weight: 30.0}}\nparameters: {{normalize: false}}\n")
+    plan = MergePlan(config)
+    out = next(o for o in plan.outputs if o.name.endswith("input_layernorm.weight"))
+    values = plan.values()[plan.outputs.index(out)]
+    inputs = plan.inputs(out)
+    floats = torch.empty(plan.shape(out), dtype=plan.output_dtype(out))
+    _merge_one(plan, out, inputs, None, values, None, floats)
+    integers = torch.empty(plan.shape(out), dtype=torch.int64)
+    _merge_one(plan, out, inputs, None, values, None, integers)
+    assert torch.equal(integers, floats.to(torch.int64))
+    assert integers.abs().sum() > 0
+
+
+def load_config_text(text: str):
+    from merge_core.config import parse_config
+
+    return parse_config(yaml.safe_load(text))
