@@ -411,6 +411,8 @@ def _unknown_key(key: str) -> str:
     close = difflib.get_close_matches(key, sorted(known), n=1, cutoff=0.6)
     if close:
         return f"unknown key; did you mean {close[0]}?"
+    if any(key == p.name for method in methods.REGISTRY.values() for p in method.params):
+        return f"unknown key here; a merge parameter goes under `parameters:` (parameters: {{{key}: ...}})"
     return "unknown key; remove it (mergekit would ignore it, merge-search refuses it in case it is a typo)"
 
 

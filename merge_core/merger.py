@@ -146,7 +146,8 @@ class Merger:
         since (torch's version counter, or its storage replaced; writes that bypass the counter, e.g.
         into `.data` in place, are not seen).
         Returns how many output tensors were merged."""
-        if self._live is None or self._live[0] is not model:  # name -> parameter map, once per live model
+        if self._live is None or self._live[0] is not model or self._storage_replaced():
+            # name -> parameter map, once per live model (and again when a parameter got new storage)
             params = _model_tensors(model)
             watched = {out: params[name] for out, name in live_names(self.plan, model).items()}
             self._live = (model, self.targets(model), watched)
@@ -168,6 +169,12 @@ class Merger:
             if self.skip_unchanged:
                 self._written[out.name] = (vals, tensor._version, tensor.data_ptr())
         return merged
+
+    def _storage_replaced(self) -> bool:
+        """Whether a live parameter's storage was swapped (`p.data = ...`, a dtype or device move)
+        since its target was taken."""
+        _, targets, watched = self._live
+        return any(tensor.data_ptr() != targets[name].data_ptr() for name, tensor in watched.items())
 
     def _scratch(self, out: OutputTensor) -> torch.Tensor:
         return torch.empty(self.plan.shape(out), dtype=self.plan.output_dtype(out), device=self.device)

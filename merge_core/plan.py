@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import difflib
 import re
+from collections import Counter
 from dataclasses import dataclass
 
 import torch
@@ -258,8 +259,9 @@ class MergePlan:
 
     def _plan_outputs(self) -> tuple[list[OutputTensor], int]:
         pre, post, by_layer = _split_names(self.reference.names())
-        if TIED_HEAD not in self.reference.index and _tied_source(TIED_HEAD, self.reference) is not None and any(
-                TIED_HEAD in w.index for w in self.weights):
+        self.head_untied = TIED_HEAD not in self.reference.index and _tied_source(
+            TIED_HEAD, self.reference) is not None and any(TIED_HEAD in w.index for w in self.weights)
+        if self.head_untied:
             post.append(TIED_HEAD)  # mergekit: a model's own head where it has one, its embeddings elsewhere
         if not by_layer:
             raise MergeInputError(f"{self.models[0]}: no layer tensors found (names like model.layers.N.)")
@@ -287,8 +289,8 @@ class MergePlan:
         repeat a layer range, sources whose layer ranges cross): mergekit runs those in its task
         graph's internal order, which randomised methods' draws do not follow."""
         keys = [_order_key(o) for o in self.outputs]
-        shared = {k for k in keys if keys.count(k) > 1} if len(set(keys)) < len(keys) else set()
-        return [o.name for o, k in zip(self.outputs, keys, strict=True) if k in shared]
+        counts = Counter(keys)
+        return [o.name for o, k in zip(self.outputs, keys, strict=True) if counts[k] > 1]
 
     def _output(self, name: str, inputs: list[tuple[str, str]], sl: Slice, p: float, slice_index: int) -> OutputTensor:
         base_model = sl.base_model or self.config.base_model
@@ -334,8 +336,8 @@ class MergePlan:
         cfg.update(self.per_layer_lists())
         if self.vocabulary is not None:  # mergekit sets it to the output tokenizer's length
             cfg["vocab_size"] = self.vocabulary.size
-        if cfg.get("tie_word_embeddings") and any(o.name == TIED_HEAD for o in self.outputs):
-            cfg["tie_word_embeddings"] = False  # a tied reference merged with models that have their own head
+        if self.head_untied:  # a tied reference (the key may be left out: True by default) merged with models
+            cfg["tie_word_embeddings"] = False  # that have their own head: the merged head is used
         return cfg
 
     def per_layer_lists(self) -> dict[str, list]:

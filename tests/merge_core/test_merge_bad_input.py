@@ -99,6 +99,11 @@ def test_unknown_key_and_wrong_type(tmp_path, pair):
     config = config_for(pair[0], pair[1], "one_slice", 0.5, "float16") | {"x-common": {"t": 0.5}}
     assert_refused(run_cli("merge", str(write_config(tmp_path, config)), str(out)), "x-common", "unknown key",
                    "remove it", out=out)
+    # a merge parameter at a model's level instead of under its `parameters:`
+    misplaced = config_for(pair[0], pair[1], "one_slice", 0.5, "float16")
+    misplaced["slices"][0]["sources"][1]["t"] = 0.3
+    assert_refused(run_cli("merge", str(write_config(tmp_path, misplaced)), str(out)), "t: unknown key here",
+                   "under `parameters:`", out=out)
     source = config_for(pair[0], pair[1], "one_slice", 0.5, "float16")
     source["slices"][0]["sources"][0]["layer_rnage"] = source["slices"][0]["sources"][0].pop("layer_range")
     assert_refused(run_cli("merge", str(write_config(tmp_path, source)), str(out)), "layer_rnage",

@@ -375,13 +375,19 @@ def _qwen2_family(root: Path, tied: list[bool]) -> list[Path]:
     return models
 
 
-@pytest.mark.parametrize("tied", [[False, True, False], [True, False, False]], ids=["untied_base", "tied_base"])
-def test_tied_and_untied_heads_merge_like_mergekit(tmp_path, tied):
+@pytest.mark.parametrize("tied, key_written", [([False, True, False], True), ([True, False, False], True),
+                                               ([True, False, False], False)],
+                         ids=["untied_base", "tied_base", "tied_base_without_the_key"])
+def test_tied_and_untied_heads_merge_like_mergekit(tmp_path, tied, key_written):
     """A model with tied embeddings stores no lm_head.weight: where another model has its own head,
     mergekit merges the heads with the tied models' embeddings in their place (its `tied_names`), and
     so do we. A tied reference keeps `tie_word_embeddings: true` in mergekit's config.json, so
     transformers would discard the merged head it wrote; ours says false, so the head is used."""
     base, *children = _qwen2_family(tmp_path, tied)
+    if not key_written:  # transformers leaves out keys equal to the config class's default
+        config = json.loads((base / "config.json").read_text())
+        del config["tie_word_embeddings"]
+        (base / "config.json").write_text(json.dumps(config, indent=2))
     text = (f"merge_method: task_arithmetic\ndtype: float32\nbase_model: {base}\nmodels:\n  - model: {base}\n"
             f"  - model: {children[0]}\n    parameters: {{weight: 0.6}}\n"
             f"  - model: {children[1]}\n    parameters: {{weight: [0.2, 0.8]}}\n")
@@ -393,7 +399,7 @@ def test_tied_and_untied_heads_merge_like_mergekit(tmp_path, tied):
         assert torch.equal(ours[name], tensor), name
     ours_config, their_config = (json.loads((d / "config.json").read_text()) for d in (us, mk))
     assert ours_config["tie_word_embeddings"] is False
-    assert their_config["tie_word_embeddings"] is tied[0]
+    assert their_config.get("tie_word_embeddings", False) is (tied[0] and key_written)
     # the study's live model is untied too, and holds the same head
     merger = Merger(MergePlan(load_config(tmp_path / "config.yml")))
     live = merger.new_model()
@@ -455,3 +461,22 @@ def load_config_text(text: str):
     from merge_core.config import parse_config
 
     return parse_config(yaml.safe_load(text))
+
+
+def test_a_tied_config_that_stores_its_head_stays_tied(tmp_path):
+    """tie_word_embeddings: true with an lm_head.weight stored anyway (transformers ignores it): the
+    merged config stays tied, as the models are, and as mergekit writes it."""
+    from safetensors.torch import save_file
+
+    models = _qwen2_family(tmp_path, [True, True])
+    for folder in models:
+        tensors = load_folder(folder)
+        tensors["lm_head.weight"] = torch.randn(tensors["model.embed_tokens.weight"].shape)
+        for f in folder.glob("model*.safetensors*"):
+            f.unlink()
+        save_file(tensors, folder / "model.safetensors", metadata={"format": "pt"})
+    text = (f"merge_method: linear\ndtype: float32\nmodels:\n  - model: {models[0]}\n    parameters: {{weight: 0.5}}\n"
+            f"  - model: {models[1]}\n    parameters: {{weight: 0.5}}\n")
+    mk, us = both(tmp_path, text)
+    assert json.loads((us / "config.json").read_text())["tie_word_embeddings"] is True
+    assert json.loads((mk / "config.json").read_text())["tie_word_embeddings"] is True

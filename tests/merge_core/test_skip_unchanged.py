@@ -67,6 +67,18 @@ def test_a_tensor_changed_in_place_is_merged_again(tiny_models):
     _assert_built(model, merger, first)
 
 
+def test_a_parameter_given_new_storage_is_written_there(tiny_models):
+    first = _slerp(tiny_models, PHIGMENT_T)
+    merger = Merger(MergePlan(first))
+    model = merger.new_model()
+    merger.build_into(model, first)
+    param = model.get_parameter("model.final_layernorm.weight")
+    param.data = torch.zeros_like(param)  # what a dtype or device move does to every parameter
+    assert merger.build_into(model, first) == len(merger.plan.outputs)
+    _assert_built(model, merger, first)
+    assert merger.build_into(model, first) == 0
+
+
 def test_a_new_live_model_is_built_in_full(tiny_models):
     first = _slerp(tiny_models, PHIGMENT_T)
     merger = Merger(MergePlan(first))
