@@ -49,6 +49,11 @@ def release_free_heap() -> None:
     trim(0)
 
 
+def new_output(plan: MergePlan, out: OutputTensor, device: torch.device) -> torch.Tensor:
+    """An empty tensor of an output's merged shape and dtype."""
+    return torch.empty(plan.shape(out), dtype=plan.output_dtype(out), device=device)
+
+
 def _merge_one(plan: MergePlan, out: OutputTensor, inputs: Inputs, state, values: Values,
                rng: torch.Generator | None, target: torch.Tensor) -> None:
     first = inputs.tensors[0]
@@ -58,7 +63,7 @@ def _merge_one(plan: MergePlan, out: OutputTensor, inputs: Inputs, state, values
         target.copy_(first)
         return
     if not target.is_floating_point():  # a live model's integer buffer merged as floats (a config dtype)
-        merged = torch.empty(target.shape, dtype=plan.output_dtype(out), device=target.device)
+        merged = new_output(plan, out, target.device)
         plan.method.merge(merged, inputs, state, values, rng)
         target.copy_(merged)
         return
@@ -80,7 +85,7 @@ def merge_output(plan: MergePlan, out: OutputTensor, values: Values, rng: torch.
         if states is not None:
             states[out.name] = state
     if target is None:
-        target = torch.empty(plan.shape(out), dtype=plan.output_dtype(out), device=device)
+        target = new_output(plan, out, device)
     _merge_one(plan, out, inputs, state, values, rng, target)
     return target
 
@@ -133,7 +138,7 @@ class Merger:
     def tensors(self, candidate=None) -> Iterator[tuple[str, torch.Tensor]]:
         """(name, merged tensor) for every output tensor, each freshly allocated."""
         for out, inputs, state, vals, rng in self._passes(candidate):
-            target = torch.empty(self.plan.shape(out), dtype=self.plan.output_dtype(out), device=self.device)
+            target = new_output(self.plan, out, self.device)
             _merge_one(self.plan, out, inputs, state, vals, rng, target)
             yield out.name, target
 
@@ -148,16 +153,15 @@ class Merger:
         Returns how many output tensors were merged."""
         if self._live is None or self._live[0] is not model or self._storage_replaced():
             # name -> parameter map, once per live model (and again when a parameter got new storage)
-            params = _model_tensors(model)
-            watched = {out: params[name] for out, name in live_names(self.plan, model).items()}
-            self._live = (model, self.targets(model), watched)
+            watched = live_params(self.plan, model)
+            self._live = (model, {out: p.data for out, p in watched.items()}, watched)
             self._written.clear()
         _, targets, watched = self._live
         merged = 0
         for out, inputs, state, vals, rng in self._passes(candidate):
-            if out.name not in targets:  # a tensor the live model does not have (see live_names)
+            if out.name not in targets:  # a tensor the live model does not have (see live_params)
                 if rng is not None:  # the masks of the tensors after it must be drawn as in `search merge`
-                    _merge_one(self.plan, out, inputs, state, vals, rng, self._scratch(out))
+                    _merge_one(self.plan, out, inputs, state, vals, rng, new_output(self.plan, out, self.device))
                 continue
             # the parameter's own version counter: `targets` are its `.data`, whose writes it does not count
             tensor = watched[out.name]
@@ -176,9 +180,6 @@ class Merger:
         _, targets, watched = self._live
         return any(tensor.data_ptr() != targets[name].data_ptr() for name, tensor in watched.items())
 
-    def _scratch(self, out: OutputTensor) -> torch.Tensor:
-        return torch.empty(self.plan.shape(out), dtype=self.plan.output_dtype(out), device=self.device)
-
     def targets(self, model: torch.nn.Module) -> dict[str, torch.Tensor]:
         """The model's tensor for each output name; checks that the two sets agree."""
         return live_targets(self.plan, model)
@@ -195,33 +196,33 @@ def _model_tensors(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     return params
 
 
-def live_names(plan: MergePlan, model: torch.nn.Module) -> dict[str, str]:
-    """Output name -> the live model's name for it, for the outputs the model has: a checkpoint name
-    that transformers renames on load (gpt-neox's `embed_out` is the model's `lm_head`) maps to its
-    new name; a tensor the model does not have (a checkpoint's stale buffers, such as old gpt-neox
-    `attention.bias` masks) is left out, as transformers leaves it out when it loads the merged folder."""
+def live_params(plan: MergePlan, model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """A live model's parameter or buffer for each output of the plan it has; checks that the merge
+    writes every tensor of the model's state.
+
+    A checkpoint name that transformers renames on load (gpt-neox's `embed_out` is the model's
+    `lm_head`) maps to its new name; a tensor the model does not have (a checkpoint's stale buffers,
+    such as old gpt-neox `attention.bias` masks) is left out, as transformers leaves it out when it
+    loads the merged folder."""
     from merge_core.layout import renamed_on_load
 
     params = _model_tensors(model)
-    names = {}
+    found = {}
     for out in plan.outputs:
         name = out.name if out.name in params else renamed_on_load(plan.reference.config, out.name)
         if name in params:
-            names[out.name] = name
-    return names
-
-
-def live_targets(plan: MergePlan, model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    """A live model's tensor for each output of the plan it has; checks that the merge writes every
-    tensor of the model's state."""
-    params = _model_tensors(model)
-    names = live_names(plan, model)
-    written = {params[n].data_ptr() for n in names.values()}
+            found[out.name] = params[name]
+    written = {p.data_ptr() for p in found.values()}
     state = model.state_dict()
     unset = sorted(n for n, p in params.items() if n in state and p.data_ptr() not in written)
     if unset:
         raise MergeInputError(f"the merge does not write {unset[0]} of the {type(model).__name__}")
-    return {out: params[name].data for out, name in names.items()}
+    return found
+
+
+def live_targets(plan: MergePlan, model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """`live_params`' tensors to write into (their `.data`: no autograd bookkeeping)."""
+    return {out: p.data for out, p in live_params(plan, model).items()}
 
 
 def new_live_model(plan: MergePlan, device: torch.device) -> torch.nn.Module:

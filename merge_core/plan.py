@@ -259,9 +259,8 @@ class MergePlan:
 
     def _plan_outputs(self) -> tuple[list[OutputTensor], int]:
         pre, post, by_layer = _split_names(self.reference.names())
-        self.head_untied = TIED_HEAD not in self.reference.index and _tied_source(
-            TIED_HEAD, self.reference) is not None and any(TIED_HEAD in w.index for w in self.weights)
-        if self.head_untied:
+        if TIED_HEAD not in self.reference.index and _tied_source(TIED_HEAD, self.reference) is not None and any(
+                TIED_HEAD in w.index for w in self.weights):
             post.append(TIED_HEAD)  # mergekit: a model's own head where it has one, its embeddings elsewhere
         if not by_layer:
             raise MergeInputError(f"{self.models[0]}: no layer tensors found (names like model.layers.N.)")
@@ -283,6 +282,11 @@ class MergePlan:
         # mergekit runs each tensor's merge in the order of its largest source name.
         outputs.sort(key=_order_key)
         return outputs, out_layer
+
+    @property
+    def head_untied(self) -> bool:
+        """A head merged although the reference model ties it to its embeddings (others have their own)."""
+        return TIED_HEAD not in self.reference.index and any(o.name == TIED_HEAD for o in self.outputs)
 
     def order_ties(self) -> list[str]:
         """Outputs that share their largest source tensor name with another output (slices that

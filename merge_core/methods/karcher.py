@@ -36,7 +36,10 @@ class Karcher(MergeMethod):
 
     @torch.no_grad()
     def prepare(self, inputs):
-        return None if len(inputs.tensors) == 1 else _norms(inputs.tensors)
+        if len(inputs.tensors) == 1:
+            return None
+        norms = _norms(inputs.tensors)
+        return KarcherState(norms, _native_variant(inputs.tensors, norms))
 
     @torch.no_grad()
     def merge(self, out, inputs, state, values, rng) -> None:
@@ -44,8 +47,16 @@ class Karcher(MergeMethod):
         if len(tensors) == 1:
             out.copy_(tensors[0])
             return
-        variant = _native_variant(tensors, state)
-        out.copy_(_karcher_mean(tensors, state, values.shared["max_iter"], values.shared["tol"], variant))
+        out.copy_(_karcher_mean(tensors, state.norms, values.shared["max_iter"], values.shared["tol"], state.variant))
+
+
+@dataclass(frozen=True)
+class KarcherState:
+    """What a study keeps per tensor: the inputs' norms, and the native variant they can take (None:
+    the eager steps)."""
+
+    norms: list[torch.Tensor]
+    variant: tuple | None
 
 
 def _norms(tensors) -> list[torch.Tensor]:
