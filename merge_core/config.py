@@ -7,8 +7,8 @@ the config is planned (`merge_core.plan`), where the tensors are known.
 mergekit's other spellings are read into one form, so the rest of the code and `to_yaml` see only
 that one: a model given as `{model: {path: p, revision: r}}` becomes `p@r`; `dtype: torch.float16`
 becomes `float16`; a quoted number (`weight: '0.5'`) becomes the number, converted as mergekit's
-pydantic parameter types convert it; `tokenizer: {source: s}` becomes `tokenizer_source: s`.
-What merge-search cannot do exactly (LoRA adapters, `tokenizer.tokens`, `chat_template`, ...) is
+pydantic parameter types convert it; `tokenizer: {source: s}` with no tokens and no padding becomes
+`tokenizer_source: s`. What merge-search cannot do exactly (LoRA adapters, `chat_template`, ...) is
 refused with one line that says what to write instead.
 """
 
@@ -161,6 +161,43 @@ class ModelEntry(_Strict):
     parameters: Parameters | None = None
 
 
+class ZeroEmbedding(_Strict):
+    """`{kind: zero}`: a token's default row is zeros."""
+
+    kind: Literal["zero"]
+
+
+class ModelTokenEmbedding(_Strict):
+    """`{kind: model_token, model: M, token: T}` (or `token_id: N`): M's row of another token."""
+
+    kind: Literal["model_token"]
+    model: ModelName
+    token_id: int | None = None
+    token: str | None = None
+
+    @model_validator(mode="after")
+    def _one_token(self):
+        if (self.token_id is None) == (self.token is None):
+            raise ValueError("model_token takes one of token or token_id")
+        return self
+
+
+class TokenEmbedding(_Strict):
+    """One `tokenizer.tokens` entry: where the token's row comes from where a model lacks it (or always,
+    with `force`)."""
+
+    source: Annotated[ZeroEmbedding | ModelTokenEmbedding, Field(discriminator="kind")] | ModelName | None = None
+    force: bool = False
+
+
+class TokenizerSection(_Strict):
+    """mergekit's `tokenizer:` section (kept only when it has tokens or padding)."""
+
+    source: ModelName = "union"
+    tokens: dict[str, TokenEmbedding] | None = None
+    pad_to_multiple_of: int | None = Field(default=None, ge=1)
+
+
 class MergeConfig(_Strict):
     """A mergekit config: one merge method over `models:` or `slices:`."""
 
@@ -172,6 +209,7 @@ class MergeConfig(_Strict):
     dtype: DType = None
     out_dtype: DType = None
     tokenizer_source: ModelName | None = None
+    tokenizer: TokenizerSection | None = None
 
     @model_validator(mode="before")
     @classmethod
@@ -181,10 +219,7 @@ class MergeConfig(_Strict):
         for key, hint in UNSUPPORTED.items():
             if key in data:
                 raise ValueError(f"{key}: not supported by merge-search; {hint}")
-        data = _typed_parameters(_tokenizer_section(dict(data)))
-        if data.get("tokenizer_source") == "union":
-            raise ValueError(f"tokenizer_source: union is not supported by merge-search; {UNION_HINT}")
-        return data
+        return _typed_parameters(_tokenizer_section(dict(data)))
 
     @model_validator(mode="after")
     def _shape(self):
@@ -195,6 +230,12 @@ class MergeConfig(_Strict):
         if self.slices is not None and not self.slices:
             raise ValueError("slices: needs at least one slice")
         return self
+
+    def tokenizer_settings(self) -> tuple[str | None, dict, int | None]:
+        """(tokenizer source or None, `tokens` entries, pad_to_multiple_of) from either spelling."""
+        if self.tokenizer is not None:
+            return self.tokenizer.source, dict(self.tokenizer.tokens or {}), self.tokenizer.pad_to_multiple_of
+        return self.tokenizer_source, {}, None
 
     def model_names(self) -> list[str]:
         """Every model the config reads, in first-mention order (base first when given)."""
@@ -227,7 +268,6 @@ class MergeConfig(_Strict):
 
 SlerpConfig = MergeConfig  # the study code's name from when slerp was the only method
 
-UNION_HINT = "write `tokenizer_source: base` or name one of the models (a merged vocabulary needs mergekit)"
 UNSUPPORTED = {
     "modules": "write the merge with top-level `models:` or `slices:`",
     "chat_template": "remove it (it changes only the saved tokenizer) and set chat_template in the merged "
@@ -247,21 +287,14 @@ def _tokenizer_section(data: dict) -> dict:
     if not isinstance(section, dict):
         raise ValueError(f"tokenizer: expected a mapping like {{source: base}}, got {section!r}; "
                          "or write `tokenizer_source: base`")
-    for key, value in section.items():
-        if key == "source":
-            continue
-        if key in ("tokens", "pad_to_multiple_of"):
-            if value in (None, {}):
-                continue
-            raise ValueError(f"tokenizer.{key}: not supported by merge-search; remove it and write "
-                             "`tokenizer_source: base` (or a model) instead of the tokenizer section")
-        raise ValueError(f"tokenizer.{key}: unknown key; the tokenizer section takes source, tokens, "
-                         "pad_to_multiple_of")
-    source = section.get("source", "union")  # mergekit's default source
-    if source == "union":
-        raise ValueError(f"tokenizer.source: union{'' if 'source' in section else ' (the default)'} is not "
-                         f"supported by merge-search; {UNION_HINT}")
-    data["tokenizer_source"] = source
+    for key in section:
+        if key not in ("source", "tokens", "pad_to_multiple_of"):
+            raise ValueError(f"tokenizer.{key}: unknown key; the tokenizer section takes source, tokens, "
+                             "pad_to_multiple_of")
+    if section.get("tokens") in (None, {}) and section.get("pad_to_multiple_of") is None:
+        data["tokenizer_source"] = section.get("source", "union")  # mergekit's default source
+    else:
+        data["tokenizer"] = section
     return data
 
 

@@ -60,6 +60,7 @@ class OutputTensor:
     p: float  # position on the gradients (0 outside the layers)
     slice_index: int  # the slice whose parameters apply
     rows: int | None = None  # inputs cut to their first `rows` rows (the tokenizer_source vocabulary)
+    aligned: bool = False  # inputs rebuilt with one row per token of the output tokenizer (`vocabulary.align`)
 
 
 class MergePlan:
@@ -79,8 +80,9 @@ class MergePlan:
         self.reference = self.weights[self._index[config.base_model or self.slices[0].sources[0].model]]
         self.base = self.reference  # the study code reads plan.base.folder for the tokenizer
         self._check_contract()
-        self.vocabulary = (OutputVocabulary(config.tokenizer_source, self.models, self.weights, self.reference,
-                                            allow_pickle) if config.tokenizer_source else None)
+        source, tokens, pad_to_multiple_of = config.tokenizer_settings()
+        self.vocabulary = (OutputVocabulary(source, self.models, self.weights, self.reference, allow_pickle,
+                                            tokens, pad_to_multiple_of) if source else None)
         self._check_compatible()
         self.outputs, self.num_layers = self._plan_outputs()
         self.dtype = DTYPES[config.dtype] if config.dtype else None
@@ -111,6 +113,10 @@ class MergePlan:
             if cache is not None:
                 cache[key] = tensor
             tensors.append(tensor)
+        if out.aligned:
+            base = self.slices[out.slice_index].base_model or self.config.base_model
+            tensors = self.vocabulary.align(tensors, [s.model for s in out.sources],
+                                            self._index[base] if base else None)
         return Inputs(tuple(tensors), out.base, out.name)
 
     @property
@@ -138,6 +144,8 @@ class MergePlan:
     def shape(self, out: OutputTensor) -> tuple[int, ...]:
         """The merged tensor's shape."""
         shape = tuple(self.weights[out.sources[0].model].index[out.sources[0].tensor].shape)
+        if out.aligned:
+            return (self.vocabulary.padded, *shape[1:])
         return shape if out.rows is None else (out.rows, *shape[1:])
 
     def model_dtype(self) -> torch.dtype:
@@ -248,11 +256,11 @@ class MergePlan:
 
     def _check_compatible(self) -> None:
         first = self.weights[0]
-        cut = self.vocabulary is not None and self.vocabulary.rows is not None
         for model, weights in zip(self.models[1:], self.weights[1:], strict=True):
             for key in SHAPE_FIELDS:
                 a, b = first.config.get(key), weights.config.get(key)
-                if a != b and not (key == "vocab_size" and cut):  # each model's rows are cut to the tokenizer
+                # with a tokenizer source, each model's rows are lined up with the output tokenizer
+                if a != b and not (key == "vocab_size" and self.vocabulary is not None):
                     raise MergeInputError(
                         f"{key} differs: {a} in {self.models[0]} but {b} in {model}; "
                         "merged models must share one architecture")
@@ -302,7 +310,7 @@ class MergePlan:
             base_model = None
         sources = []
         shapes = set()
-        rows = None
+        rows, aligned = None, False
         for model, tensor in inputs:
             weights = self.weights[self._index[model]]
             if tensor not in weights.index:
@@ -311,9 +319,13 @@ class MergePlan:
                     raise MergeInputError(f"{model} has no tensor {tensor}, which {name} of the merge needs")
                 tensor = tied
             shape = tuple(weights.index[tensor].shape)
-            if self.vocabulary and self.vocabulary.cuts(tensor, shape, weights.config.get("vocab_size")):
-                rows = self.vocabulary.rows
-                shape = (rows, *shape[1:])
+            if self.vocabulary and self.vocabulary.indexes(tensor, shape, weights.config.get("vocab_size")):
+                if self.vocabulary.rows is not None:
+                    rows = self.vocabulary.rows
+                    shape = (rows, *shape[1:])
+                elif self.vocabulary.aligned:
+                    aligned = True
+                    shape = (self.vocabulary.padded, *shape[1:])
             shapes.add(shape)
             sources.append(Source(self._index[model], tensor))
         if len(shapes) > 1:
@@ -321,7 +333,7 @@ class MergePlan:
             raise MergeInputError(f"tensor {name} has different shapes: {found}; merged models must share one "
                                   "architecture")
         base = next((i for i, (m, _) in enumerate(inputs) if m == base_model), None)
-        return OutputTensor(name, tuple(sources), base, p, slice_index, rows)
+        return OutputTensor(name, tuple(sources), base, p, slice_index, rows, aligned)
 
     def slice_lengths(self) -> list[int]:
         """Output layers per slice, in order (each slice restarts the gradients)."""
@@ -339,7 +351,7 @@ class MergePlan:
             cfg["torch_dtype"] = dtype
         cfg.update(self.per_layer_lists())
         if self.vocabulary is not None:  # mergekit sets it to the output tokenizer's length
-            cfg["vocab_size"] = self.vocabulary.size
+            cfg["vocab_size"] = self.vocabulary.padded
         if self.head_untied:  # a tied reference (the key may be left out: True by default) merged with models
             cfg["tie_word_embeddings"] = False  # that have their own head: the merged head is used
         return cfg

@@ -1,19 +1,30 @@
-"""`tokenizer_source`: the tokenizer a merge writes, and how many embedding rows it keeps.
+"""`tokenizer_source` / `tokenizer:`: the tokenizer a merge writes, and each model's rows lined up with it.
 
-mergekit-yaml loads the output tokenizer (the base's without tokens past its embedding for
-`base`, a named model's as it is), then rebuilds every vocabulary-indexed tensor (embeddings,
-lm_head weight and bias) with one row per token of it, taken from each model's row of that token,
-and merges those. When every token sits at the same id in every model and the ids are 0..n-1,
-that rebuild is the first n rows of each input, bit for bit: a padded vocabulary such as phi-2's
-(50,295 tokens, 51,200 rows) is cut to the tokenizer. merge-search does exactly that cut; a
-tokenizer that would move, add or average rows is refused in one line.
+mergekit-yaml builds the output tokenizer (the base's, stripped of tokens past its embedding, for
+`base`; a named model's as it is; for `union`, the base's with every other model's tokens added),
+then rebuilds every vocabulary-indexed tensor (embeddings, lm_head weight and bias) of every model
+with one row per output token: the model's own row of that token, or, where the model lacks it, a
+default (the token's row in the only model that has it, the base's row, the average of the models
+that have it, zeros, or what `tokenizer.tokens` names), and pads to `pad_to_multiple_of` with the
+mean row. merge-search does the same (`OutputVocabulary.align`). When every token sits at the same
+id in every model and the ids are 0..n-1, that rebuild is the first n rows of each input, bit for
+bit (phi-2's 51,200 rows for 50,295 tokens are cut to the tokenizer): those are views, no copy.
+
+One difference, on purpose: mergekit adds a `union`'s new tokens in the order of Python's hash of
+the models and of the tokenizers' vocabulary maps, which changes from run to run; merge-search adds
+them in a fixed order (the base first, then the models in the config's order, each model's tokens
+by id), so two runs give one tokenizer. Each token's row is mergekit's either way.
 """
 
 from __future__ import annotations
 
 import json
 import re
+import tempfile
+from dataclasses import dataclass
 from pathlib import Path
+
+import torch
 
 from merge_core.errors import MergeInputError
 from merge_core.refs import resolve
@@ -23,52 +34,258 @@ VOCABULARY_PATTERN = re.compile(r"(embed_tokens|word_embeddings|(^|\.)wte\.|(^|\
                                 r"embed_out|(^|\.)output\.)")
 
 
+@dataclass(frozen=True)
+class TokenSource:
+    """Where a token's default row comes from: `zero`, `model` (its row of the token), `model_token`
+    (its row of another token, by id or by text) or `average` (the models that have it); `force`
+    uses it even for models that have the token."""
+
+    kind: str
+    model: int | None = None
+    token_id: int | None = None
+    token: str | None = None
+    force: bool = False
+
+
 class OutputVocabulary:
-    """The tokenizer `tokenizer_source` names, checked against every model; `rows` to keep (None: all)."""
+    """The output tokenizer, where each model holds every output token, and the rows a merge reads.
 
-    def __init__(self, source: str, models: list[str], weights: list, reference, allow_pickle: bool = False):
-        self.label = f"tokenizer_source: {source}"
-        folder = reference.folder if source == "base" else resolve(source, allow_pickle)
-        strip_past = reference.config.get("vocab_size") if source == "base" else None
-        self.tokenizer = load_tokenizer(folder, strip_past, self.label)
-        vocab = self.tokenizer.get_vocab()
+    `rows` (not None): every model holds token i at row i; its inputs are cut to the first `rows`
+    rows (views). `aligned`: the rows move or some are missing; `align` rebuilds a tensor's inputs.
+    `size` is the tokenizer's length, `padded` the rows the merged tensors get (`pad_to_multiple_of`).
+    """
+
+    def __init__(self, source: str, models: list[str], weights: list, reference, allow_pickle: bool = False,
+                 tokens: dict | None = None, pad_to_multiple_of: int | None = None):
+        self.label = "tokenizer" if tokens or pad_to_multiple_of else f"tokenizer_source: {source}"
+        base = next(i for i, w in enumerate(weights) if w is reference)
+        base_tokenizer = _model_tokenizer(reference, reference.config.get("vocab_size"), self.label, required=True)
+        own = [base_tokenizer if i == base else _model_tokenizer(w) for i, w in enumerate(weights)]
+        if source == "base":
+            out = base_tokenizer  # tokens added below are added to the base's own vocabulary too, as in mergekit
+        elif source == "union":
+            others = [(t, _rows(w, t)) for i, (t, w) in enumerate(zip(own, weights, strict=True))
+                      if i != base and t is not None]
+            out = union_tokenizer(base_tokenizer, others)
+        else:
+            out = load_tokenizer(resolve(source, allow_pickle), None, self.label)
+        for token in tokens or {}:
+            if token not in out.get_vocab():
+                out.add_tokens(token)
+        self.tokenizer = out
+        vocab = out.get_vocab()
         self.size = len(vocab)
-        if sorted(vocab.values()) != list(range(self.size)):
-            raise MergeInputError(f"{self.label}: its token ids are not 0..{self.size - 1}; mergekit would "
-                                  "rebuild the embeddings for it, which merge-search does not do; remove "
-                                  "tokenizer_source to keep the models' vocabulary")
-        for model, w in zip(models, weights, strict=True):
-            # the source's own model has every token at its id (stripping only drops ids past its rows)
-            own = vocab if Path(getattr(w, "folder", "")) == Path(folder) else _own_vocab(w, vocab)
-            self._check_same_ids(model, w, vocab, own)
+        if max(vocab.values(), default=-1) >= self.size:
+            raise MergeInputError(f"{self.label}: the tokenizer's {self.size} token ids are not 0..{self.size - 1} "
+                                  "(mergekit fails on such a tokenizer too); name a tokenizer whose ids have no gaps")
+        multiple = pad_to_multiple_of or 1
+        self.padded = -(-self.size // multiple) * multiple
+        self.token_of = {i: t for t, i in vocab.items()}
+        base_vocab = base_tokenizer.get_vocab()  # a model whose tokenizer does not load shares the base's
+        self.model_vocabs = [t.get_vocab() if t is not None else base_vocab for t in own]
+        self.positions = [self._positions(m, w, v, vocab)
+                          for m, w, v in zip(models, weights, self.model_vocabs, strict=True)]
+        self.sources = {tok: _token_source(tok, cfg, models) for tok, cfg in (tokens or {}).items()}
+        self.forced = [vocab[t] for t, s in self.sources.items() if s.force]
+        for token, source in self.sources.items():
+            self._check_source(token, vocab[token], source)
+        identity = torch.arange(self.size)
+        self.aligned = bool(self.sources) or self.padded != self.size or not all(
+            torch.equal(p, identity) for p in self.positions)
         rows = {w.config.get("vocab_size") for w in weights}
-        self.rows = self.size if rows - {None, self.size} else None
+        self.rows = self.size if not self.aligned and rows - {None, self.size} else None
 
-    def _check_same_ids(self, model: str, weights, vocab: dict, own: dict) -> None:
-        rows = weights.config.get("vocab_size")
-        moved = [t for t, i in vocab.items() if own.get(t) != i]
-        if moved or (rows is not None and rows < self.size):
-            what = (f"{len(moved)} of its tokens ({moved[0]!r}...) sit at other ids in {model}" if moved
-                    else f"it has {self.size} tokens but {model} has only {rows} embedding rows")
-            raise MergeInputError(f"{self.label}: {what}; mergekit would rebuild the embeddings for it, which "
-                                  "merge-search does not do; remove tokenizer_source to keep the models' vocabulary")
+    def _positions(self, model: str, weights, model_vocab: dict, vocab: dict) -> torch.Tensor:
+        """For each output token id, the model's row of that token (-1: the model lacks it)."""
+        rows = weights.config.get("vocab_size") or len(model_vocab)
+        positions = torch.full((len(vocab),), -1, dtype=torch.long)
+        for token, new_id in vocab.items():
+            old_id = model_vocab.get(token)
+            if old_id is None:
+                continue
+            if old_id >= rows:
+                raise MergeInputError(
+                    f"{self.label}: token {token!r} sits at id {old_id} in {model}'s tokenizer, past its {rows} "
+                    "embedding rows (mergekit fails on this too); give the model a tokenizer that matches its "
+                    "embeddings, or name another tokenizer source")
+            positions[new_id] = old_id
+        return positions
 
-    def cuts(self, name: str, shape: tuple[int, ...], model_rows: int | None) -> bool:
+    def _check_source(self, token: str, token_id: int, source: TokenSource) -> None:
+        """A `tokenizer.tokens` source that cannot give the token's row fails now, not half way through a merge."""
+        needed = source.force or any(p[token_id] < 0 for p in self.positions)
+        where = f"tokenizer.tokens.{token}"
+        if source.kind == "none" and needed:
+            raise MergeInputError(f"{where}: no source, and some models lack the token (or force is set); give it "
+                                  "a source: a model, {kind: zero} or {kind: model_token, model: M, token: T}")
+        if source.kind == "model" and needed and self.positions[source.model][token_id] < 0:
+            raise MergeInputError(f"{where}: the model it names lacks the token (mergekit fails on this too); name "
+                                  "a model that has it, or use {kind: model_token, ...} or {kind: zero}")
+        if source.kind == "model_token" and source.token is not None and source.token not in self.model_vocabs[
+                source.model]:
+            raise MergeInputError(f"{where}: model_token {source.token!r} is not in that model's tokenizer")
+
+    def indexes(self, name: str, shape: tuple[int, ...], model_rows: int | None) -> bool:
         """Whether the non-layer tensor `name` of `shape`, in a model of `model_rows` embedding rows, is
-        cut to the tokenizer's rows."""
-        return (self.rows is not None and len(shape) >= 1 and shape[0] == model_rows
-                and VOCABULARY_PATTERN.search(name) is not None)
+        indexed by token id (cut to `rows` or rebuilt by `align`)."""
+        return (len(shape) >= 1 and shape[0] == model_rows and VOCABULARY_PATTERN.search(name) is not None)
+
+    # --- rebuilding one tensor's inputs (mergekit's PermutedVocabulary) ---------------------------
+    @torch.no_grad()
+    def align(self, tensors: list[torch.Tensor], model_ids: list[int], base: int | None) -> list[torch.Tensor]:
+        """Each model's tensor with one row per output token (then the padding rows), in one dtype.
+
+        `model_ids` are the tensors' models (indexes into the plan's models), `base` the slice's base
+        model (None without one): the base's row is the default of a token some models lack.
+        """
+        positions = [self.positions[m].to(tensors[0].device) for m in model_ids]
+        present = torch.stack([p >= 0 for p in positions])
+        keep = present.clone()
+        keep[:, self.forced] = False
+        defaults = self._defaults(tensors, model_ids, positions, present, base)
+        aligned = []
+        for tensor, position, kept in zip(tensors, positions, keep, strict=True):
+            new = tensor.new_zeros((self.padded, *tensor.shape[1:]))
+            ids = kept.nonzero().view(-1)
+            new[ids] = tensor[position[ids]]
+            for token_id, row in defaults.items():
+                if not kept[token_id]:
+                    new[token_id] = row
+            if self.padded > self.size:  # mergekit pads with the mean row of the vocabulary
+                new[self.size:] = torch.mean(new[: self.size], dim=0)
+            aligned.append(new)
+        return aligned
+
+    def _defaults(self, tensors, model_ids, positions, present, base) -> dict[int, torch.Tensor]:
+        """The default row of every token some of the models lack, or that a `force` source replaces."""
+        needed = present.sum(dim=0) < len(model_ids)
+        needed[self.forced] = True
+        defaults = {}
+        for token_id in needed.nonzero().view(-1).tolist():
+            token = self.token_of[token_id]
+            source = self.sources.get(token) or _assigned_source(present[:, token_id], model_ids, base)
+            defaults[token_id] = self._default(source, token, token_id, tensors, model_ids, positions, present)
+        return defaults
+
+    def _default(self, source: TokenSource, token, token_id, tensors, model_ids, positions, present):
+        if source.kind == "zero":
+            return tensors[0].new_zeros(tensors[0].shape[1:])
+        if source.kind == "average":  # mergekit's order: from zero, model by model, then one division
+            row = torch.zeros(tensors[0].shape[1:], dtype=tensors[0].dtype, device=tensors[0].device)
+            count = 0
+            for tensor, position, has in zip(tensors, positions, present[:, token_id], strict=True):
+                if has:
+                    row = row + tensor[position[token_id]]
+                    count += 1
+            row /= count
+            return row
+        where = f"{self.label}: token {token!r}"
+        if source.kind == "none":
+            raise MergeInputError(f"{where} has no source, and some models lack it (or force is set); give it "
+                                  "a source: a model, {kind: zero} or {kind: model_token, model: M, token: T}")
+        if source.model not in model_ids:
+            raise MergeInputError(f"{where} takes its row from a model that this tensor's merge does not read; "
+                                  "name one of the slice's models")
+        k = model_ids.index(source.model)
+        if source.kind == "model":
+            if positions[k][token_id] < 0:
+                raise MergeInputError(f"{where} takes its row from a model that lacks it; name a model that has "
+                                      "it, or use {kind: model_token, ...} or {kind: zero}")
+            return tensors[k][positions[k][token_id]]
+        row_id = source.token_id
+        if row_id is None:
+            row_id = self.model_vocabs[source.model].get(source.token)
+            if row_id is None:
+                raise MergeInputError(f"{where}: model_token {source.token!r} is not in that model's tokenizer")
+        if not 0 <= row_id < tensors[k].shape[0]:
+            raise MergeInputError(f"{where}: model_token id {row_id} is outside that model's "
+                                  f"{tensors[k].shape[0]} rows")
+        return tensors[k][row_id]
 
 
-def _own_vocab(weights, vocab: dict) -> dict:
-    """A model's own token ids; the output's when its tokenizer does not load or it has no folder
-    (mergekit too takes such a model to share the base's)."""
-    if not hasattr(weights, "folder"):
-        return vocab
+def _assigned_source(has: torch.Tensor, model_ids: list[int], base: int | None) -> TokenSource:
+    """mergekit's default for a token some models lack: the one model that has it, zeros if none does,
+    the base's row if the base has it, else the average of the models that have it."""
+    count = int(has.sum())
+    if count == 1:
+        return TokenSource("model", model_ids[int(has.nonzero()[0])])
+    if count == 0:
+        return TokenSource("zero")
+    if base is not None and base in model_ids and has[model_ids.index(base)]:
+        return TokenSource("model", base)
+    return TokenSource("average")
+
+
+def _token_source(token: str, cfg, models: list[str]) -> TokenSource:
+    """A `tokenizer.tokens` entry as a TokenSource (model names as indexes into `models`)."""
+
+    def index(model: str) -> int:
+        if model not in models:
+            raise MergeInputError(f"tokenizer.tokens.{token}: {model} is not one of the merge's models; "
+                                  f"name one of {', '.join(models)}")
+        return models.index(model)
+
+    source = cfg.source
+    if source is None:
+        return TokenSource("none", force=cfg.force)
+    if isinstance(source, str):
+        return TokenSource("model", index(source), force=cfg.force)
+    if source.kind == "zero":
+        return TokenSource("zero", force=cfg.force)
+    return TokenSource("model_token", index(source.model), source.token_id, source.token, cfg.force)
+
+
+def _rows(weights, tokenizer) -> int:
+    return weights.config.get("vocab_size") or tokenizer.vocab_size
+
+
+def _model_tokenizer(weights, vocab_size: int | None = None, label: str = "tokenizer", required: bool = False):
+    """A model's tokenizer (an earlier chain stage's output tokenizer where it has one); None where it
+    does not load, unless `required` (mergekit takes such a model to share the base's tokenizer)."""
+    own = getattr(weights, "tokenizer", None)
+    if own is not None:
+        return own
     try:
-        return load_tokenizer(weights.folder).get_vocab()
+        if not hasattr(weights, "folder"):
+            raise MergeInputError(f"{label}: the model has no tokenizer")
+        return load_tokenizer(weights.folder, vocab_size, label)
     except MergeInputError:
-        return vocab
+        if required:
+            raise
+        return None
+
+
+def union_tokenizer(base, others: list[tuple]):
+    """mergekit's `union`: the base's tokenizer, then every other model's tokens it lacks, the added
+    (special) ones last with the settings the first model that has them gives them.
+
+    `others` are (tokenizer, embedding rows) pairs; tokens past a model's rows are left out.
+    """
+    import transformers
+
+    plain: dict[str, None] = {}
+    added: dict = {}
+    for tokenizer, rows in [(base, _rows_of(base)), *others]:
+        for token, token_id in sorted(tokenizer.get_vocab().items(), key=lambda item: item[1]):
+            if token_id < rows:
+                plain.setdefault(token)
+        for token_id, info in sorted(tokenizer.added_tokens_decoder.items()):
+            if token_id < rows:
+                added.setdefault(info.content, info)
+    with tempfile.TemporaryDirectory() as folder:  # a copy: the base's own tokenizer stays as it is
+        base.save_pretrained(folder)
+        out = transformers.AutoTokenizer.from_pretrained(folder, use_fast=True)
+    base_vocab = base.get_vocab()
+    for token in plain:
+        if token not in added and token not in base_vocab:
+            out.add_tokens(token)
+    for info in added.values():
+        out.add_tokens(info)
+    return out
+
+
+def _rows_of(tokenizer) -> int:
+    return len(tokenizer.get_vocab())  # the base's tokenizer is stripped to its rows already
 
 
 def load_tokenizer(folder: Path, vocab_size: int | None = None, label: str = "tokenizer"):

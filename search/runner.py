@@ -201,7 +201,7 @@ class Candidates:
         self.baseline: Recipe = checked.baseline
         self.chain, self.plan = checked.chain, checked.plan
         # the tokenizer the merged model is written with: tokenizer_source's (loaded and checked by the plan)
-        tokenizer = self.plan.tokenizer
+        tokenizer = self.plan.tokenizer or getattr(self.plan.base, "tokenizer", None)  # or an earlier stage's
         if tokenizer is None:
             tokenizer = transformers.AutoTokenizer.from_pretrained(str(self.plan.base.folder))
         specs = [TaskSpec(**t.model_dump()) for t in study.objectives.tasks]

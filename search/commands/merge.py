@@ -90,6 +90,8 @@ def _tokenizer(plan):
 
     if plan.tokenizer is not None:
         return None, plan.tokenizer
+    if getattr(plan.reference, "tokenizer", None) is not None:  # an earlier chain stage's own tokenizer
+        return None, plan.reference.tokenizer
     folder = plan.reference.folder
     if copies_tokenizer(folder):
         return folder, None

@@ -71,6 +71,15 @@ ACCEPTED = {
         "    residual_weight: 0.5\n"),
     "tokenizer_section_source_only": lambda f: (
         f"merge_method: linear\nbase_model: {f['child_1']}\ntokenizer: {{source: base}}\n" + two(f)),
+    "tokenizer_source_union": lambda f: (
+        f"merge_method: linear\nbase_model: {f['child_1']}\ntokenizer_source: union\n" + two(f)),
+    "tokenizer_default_union": lambda f: (
+        f"merge_method: linear\nbase_model: {f['child_1']}\ntokenizer: {{}}\n" + two(f)),
+    "tokenizer_tokens_and_padding": lambda f: (
+        f"merge_method: linear\nbase_model: {f['child_1']}\n" + two(f) + "tokenizer:\n  pad_to_multiple_of: 8\n"
+        "  tokens:\n    <x>: {source: {kind: zero}}\n    cat:\n      force: true\n"
+        f"      source: {{kind: model_token, model: {f['child_2']}, token: dog}}\n"
+        f"    dog: {{source: {f['child_1']}}}\n"),
 }
 
 
@@ -126,12 +135,11 @@ def test_parsed_forms(families):
 REFUSED = {
     # form -> (config change, words the one line must hold: the field, then what to write instead)
     "chat_template": ({"chat_template": "chatml"}, ["chat_template:", "tokenizer_config.json"]),
-    "tokenizer_tokens": ({"tokenizer": {"source": "base", "tokens": {"<x>": {"source": "base"}}}},
-                         ["tokenizer.tokens:", "tokenizer_source: base"]),
-    "tokenizer_padding": ({"tokenizer": {"source": "base", "pad_to_multiple_of": 64}},
-                          ["tokenizer.pad_to_multiple_of:", "tokenizer_source: base"]),
-    "tokenizer_default_union": ({"tokenizer": {}}, ["tokenizer.source: union (the default)", "tokenizer_source: base"]),
-    "tokenizer_source_union": ({"tokenizer_source": "union"}, ["tokenizer_source: union", "tokenizer_source: base"]),
+    "tokenizer_model_token_twice": ({"tokenizer": {"tokens": {"<x>": {"source": {
+        "kind": "model_token", "model": "CHILD", "token": "cat", "token_id": 3}}}}},
+        ["tokenizer.tokens.<x>.source", "one of token or token_id"]),
+    "tokenizer_padding_zero": ({"tokenizer": {"pad_to_multiple_of": 0}},
+                               ["tokenizer.pad_to_multiple_of:", "greater than or equal to 1"]),
     "tokenizer_twice": ({"tokenizer_source": "base", "tokenizer": {"source": "base"}}, ["tokenizer:", "not both"]),
     "modules": ({"modules": {"text": {"models": []}}}, ["modules:", "top-level `models:` or `slices:`"]),
     "lora_field": ({"models": [{"model": {"model": "CHILD", "lora": "org/adapter"}, "parameters": {"weight": 1}}]},
@@ -167,6 +175,30 @@ def test_refused_form(families, tmp_path, form):
     out = tmp_path / "out"
     result = run_cli("merge", str(path), str(out))
     assert_refused(result, str(path), *needles, out=out)
+
+
+PLAN_REFUSED = {
+    # refused when the config meets its models (no file path in the line)
+    "tokenizer_token_of_another_model": ({"tokenizer": {"tokens": {"<x>": {"source": "org/other"}}}},
+                                         ["tokenizer.tokens.<x>:", "org/other", "not one of the merge's models"]),
+    "tokenizer_token_without_source": ({"tokenizer": {"tokens": {"<x>": {"force": True}}}},
+                                       ["tokenizer.tokens.<x>:", "no source", "kind: zero"]),
+    "tokenizer_token_from_a_model_without_it": ({"tokenizer": {"tokens": {"<x>": {"source": "CHILD"}}}},
+                                                ["tokenizer.tokens.<x>:", "lacks the token"]),
+    "tokenizer_model_token_unknown": ({"tokenizer": {"tokens": {"<x>": {"source": {
+        "kind": "model_token", "model": "CHILD", "token": "zebra"}}}}}, ["tokenizer.tokens.<x>:", "'zebra'"]),
+}
+
+
+@pytest.mark.parametrize("form", list(PLAN_REFUSED))
+def test_refused_when_planned(families, tmp_path, form):
+    child = str(families["llama"]["child_1"])
+    config = {"merge_method": "linear", "base_model": "CHILD",
+              "models": [{"model": "CHILD", "parameters": {"weight": 0.5}}]} | PLAN_REFUSED[form][0]
+    path = tmp_path / "config.yml"
+    path.write_text(yaml.safe_dump(config).replace("CHILD", child))
+    out = tmp_path / "out"
+    assert_refused(run_cli("merge", str(path), str(out)), *PLAN_REFUSED[form][1], out=out)
 
 
 @pytest.mark.parametrize("form,mergekit_says", [("weight_not_a_number", "valid number"),

@@ -1,0 +1,168 @@
+"""Models whose tokenizers differ (added chat tokens, new words that move later ids): `tokenizer_source:
+union`, `base`, a model, and `tokenizer:` with tokens and padding, against mergekit-yaml and
+mergekit-multi; the in-memory candidate against `search merge`."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from merge_core.chain import ChainMerger, ChainPlan, parse_chain
+from merge_core.config import parse_config
+from merge_core.merger import MergePlan, Merger
+from tests.conftest import WORDS, build_tiny_model, run_cli
+from tests.merge_core.test_chain import SEED, mergekit_multi, write_docs
+from tests.merge_core.test_methods_oracle import mergekit_merge, ulp_report
+from tests.merge_core.test_oracle import load_folder
+
+CHAT = ["<|im_start|>", "<|im_end|>"]
+FISH = WORDS[:5] + ["fish"] + WORDS[5:]  # one new word: every later word moves one id up
+
+
+def save_tokenizer(folder: Path, words: list[str], special: list[str] = ()) -> int:
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"<unk>": 0, "<eos>": 1} | {w: i + 2 for i, w in enumerate(words)}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", eos_token="<eos>", pad_token="<eos>")
+    if special:
+        fast.add_special_tokens({"additional_special_tokens": list(special)})
+    fast.save_pretrained(folder)
+    return len(fast)
+
+
+@pytest.fixture(scope="module", params=["llama", "qwen2"])
+def vocab_family(request, tmp_path_factory) -> dict[str, Path]:
+    """base (17 tokens); chat (+2 special tokens, 19 rows); fish (a new word at id 7, 18 rows); tied
+    embeddings for qwen2. Each child is the base's weights plus a delta, rows moved with its tokenizer."""
+    from safetensors.torch import load_file, save_file
+
+    arch = request.param
+    root = tmp_path_factory.mktemp(f"vocab_{arch}")
+    base = build_tiny_model(root / "base", arch, seed=1)
+    weights = load_file(base / "model.safetensors")
+    out = {"base": base}
+    for i, (name, words, special) in enumerate([("chat", WORDS, CHAT), ("fish", FISH, [])], start=2):
+        rows = len(WORDS) + 2 + len(special) + len(words) - len(WORDS)
+        folder = build_tiny_model(root / name, arch, seed=i, vocab_rows=rows)
+        save_tokenizer(folder, words, special)
+        generator = torch.Generator().manual_seed(i)
+        child = {}
+        for tensor_name, t in weights.items():
+            if t.shape[0] == len(WORDS) + 2 and ("embed" in tensor_name or "lm_head" in tensor_name):
+                old_ids = [0, 1] + [2 + WORDS.index(w) if w in WORDS else -1 for w in words]
+                t = torch.stack([t[j] if j >= 0 else torch.randn(t.shape[1:], generator=generator)
+                                 for j in old_ids + [-1] * len(special)])
+            child[tensor_name] = (t + torch.randn(t.shape, generator=generator) * 0.02).contiguous()
+        save_file(child, folder / "model.safetensors", metadata={"format": "pt"})
+        out[name] = folder
+    return out
+
+
+def models_of(f, weights: dict[str, float | None]) -> list[dict]:
+    return [{"model": str(f[n])} | ({"parameters": {"weight": w}} if w is not None else {}) for n, w in weights.items()]
+
+
+CASES = {
+    "union_linear": lambda f: {"merge_method": "linear", "dtype": "float32", "base_model": str(f["base"]),
+                               "models": models_of(f, {"base": 0.5, "chat": 0.3, "fish": 0.2}),
+                               "tokenizer_source": "union"},
+    "union_ties_float16": lambda f: {
+        "merge_method": "ties", "dtype": "float16", "base_model": str(f["base"]),
+        "models": models_of(f, {"base": None, "chat": 0.6, "fish": 0.4}),
+        "parameters": {"density": 0.6}, "tokenizer_source": "union"},
+    "union_dare_ties_seeded": lambda f: {
+        "merge_method": "dare_ties", "dtype": "float32", "base_model": str(f["base"]),
+        "models": models_of(f, {"base": None, "chat": 0.6, "fish": 0.4}),
+        "parameters": {"density": 0.7}, "tokenizer_source": "union"},
+    "base_task_arithmetic": lambda f: {
+        "merge_method": "task_arithmetic", "base_model": str(f["base"]),
+        "models": models_of(f, {"chat": 0.6, "fish": 0.5}), "tokenizer_source": "base"},
+    "chat_slerp": lambda f: {
+        "merge_method": "slerp", "base_model": str(f["fish"]), "dtype": "bfloat16",
+        "models": models_of(f, {"chat": None, "fish": None}), "parameters": {"t": [0, 0.3, 1]},
+        "tokenizer_source": str(f["chat"])},
+    "tokens_and_padding": lambda f: {
+        "merge_method": "linear", "base_model": str(f["chat"]),
+        "slices": [{"sources": [{"model": str(f[n]), "layer_range": [0, 4], "parameters": {"weight": w}}
+                                for n, w in (("chat", 0.5), ("fish", 0.3), ("base", 0.2))]}],
+        "tokenizer": {"source": "union", "pad_to_multiple_of": 8, "tokens": {
+            "<|im_start|>": {"source": {"kind": "zero"}},
+            "<|im_end|>": {"source": str(f["chat"]), "force": True},
+            "cat": {"source": {"kind": "model_token", "model": str(f["fish"]), "token": "dog"}, "force": True},
+            "<think>": {"source": {"kind": "model_token", "model": str(f["base"]), "token_id": 3}}}}},
+}
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_vocabularies_merge_like_mergekit(vocab_family, tmp_path, case):
+    config = CASES[case](vocab_family)
+    mk = mergekit_merge(config, tmp_path / "mk", seed=SEED)
+    (tmp_path / "config.yml").write_text(yaml.safe_dump(config))
+    result = run_cli("merge", str(tmp_path / "config.yml"), str(tmp_path / "ours"), "--random-seed", str(SEED))
+    assert result.returncode == 0, result.stderr
+    us = tmp_path / "ours"
+    for f in ("tokenizer.json", "tokenizer_config.json", "config.json"):
+        assert (us / f).read_text() == (mk / f).read_text(), f
+    written = load_folder(us)
+    off = {n: r for n, r in ulp_report(written, load_folder(mk)).items() if r[0]}
+    if case == "union_ties_float16":  # half precision ties magnitudes at the threshold (README)
+        assert all(bad <= max(4, 0.02 * n) for bad, n in off.values()), off
+    else:
+        assert not off, off
+    rows = {"union": 20, "base": 17, "chat": 19}
+    if case != "tokens_and_padding":
+        assert written["model.embed_tokens.weight"].shape[0] == rows[case.split("_")[0]]
+    else:
+        assert written["model.embed_tokens.weight"].shape[0] == 24  # 21 tokens padded to 8
+
+    merger = Merger(MergePlan(parse_config(config)), seed=SEED)
+    live = merger.new_model()
+    merger.build_into(live)
+    state = {n: p.detach() for n, p in live.state_dict().items() if n in written}
+    assert sorted(state) == sorted(written)
+    for name, tensor in written.items():
+        assert torch.equal(state[name], tensor), f"{name}: in-memory candidate differs from search merge"
+
+
+def test_union_rows_are_each_models_own(vocab_family, tmp_path):
+    """What the merge reads for each token: a model's own row of it where it has one, the base's where the
+    base has it, the only model's that has it otherwise (chat tokens, fish)."""
+    f = vocab_family
+    plan = MergePlan(parse_config(CASES["union_linear"](f)))
+    vocab = plan.tokenizer.get_vocab()
+    assert list(vocab) and sorted(vocab.values()) == list(range(20))
+    assert vocab["fish"] == 17 and [vocab[t] for t in CHAT] == [18, 19]  # new words first, special ones last
+    embed = next(o for o in plan.outputs if o.name == "model.embed_tokens.weight")
+    base, chat, fish = plan.inputs(embed).tensors
+    own = {name: load_folder(f[name])["model.embed_tokens.weight"] for name in ("base", "chat", "fish")}
+    assert torch.equal(fish[vocab["mat"]], own["fish"][FISH.index("mat") + 2])
+    assert torch.equal(base[vocab["fish"]], own["fish"][7]) and torch.equal(chat[vocab["fish"]], own["fish"][7])
+    assert torch.equal(base[18], own["chat"][17]) and torch.equal(fish[19], own["chat"][18])
+    assert torch.equal(chat[:17], own["chat"][:17])
+
+
+def test_chain_stage_with_a_union_like_mergekit_multi(vocab_family, tmp_path):
+    """A stage that builds a union tokenizer: a later stage reads its rows, and the chain writes its tokenizer."""
+    f = vocab_family
+    docs = [{"name": "chatty", "merge_method": "linear", "base_model": str(f["base"]), "dtype": "float32",
+             "models": models_of(f, {"base": 0.5, "chat": 0.5}), "tokenizer_source": "union"},
+            {"merge_method": "slerp", "base_model": "chatty", "dtype": "float32", "parameters": {"t": 0.3},
+             "models": [{"model": "chatty"}, {"model": str(f["chat"])}]}]
+    path = write_docs(tmp_path / "chain.yml", docs)
+    mk = mergekit_multi(path, tmp_path / "mk", tmp_path / "inter")
+    result = run_cli("merge", str(path), str(tmp_path / "ours"))
+    assert result.returncode == 0, result.stderr
+    us = tmp_path / "ours"
+    assert (us / "tokenizer.json").read_text() == (mk / "tokenizer.json").read_text()
+    written = load_folder(us)
+    assert not {n: r for n, r in ulp_report(written, load_folder(mk)).items() if r[0]}
+    merger = ChainMerger(ChainPlan(parse_chain(docs)))
+    live = merger.new_model()
+    merger.build_into(live)
+    assert all(torch.equal(p.detach(), written[n]) for n, p in live.state_dict().items() if n in written)
