@@ -38,12 +38,14 @@ def save_tokenizer(folder: Path, words: list[str], special: list[str] = ()) -> i
 
 @pytest.fixture(scope="module", params=["llama", "qwen2"])
 def vocab_family(request, tmp_path_factory) -> dict[str, Path]:
+    return build_vocab_family(tmp_path_factory.mktemp(f"vocab_{request.param}"), request.param)
+
+
+def build_vocab_family(root: Path, arch: str) -> dict[str, Path]:
     """base (17 tokens); chat (+2 special tokens, 19 rows); fish (a new word at id 7, 18 rows); tied
     embeddings for qwen2. Each child is the base's weights plus a delta, rows moved with its tokenizer."""
     from safetensors.torch import load_file, save_file
 
-    arch = request.param
-    root = tmp_path_factory.mktemp(f"vocab_{arch}")
     base = build_tiny_model(root / "base", arch, seed=1)
     weights = load_file(base / "model.safetensors")
     out = {"base": base}
@@ -166,3 +168,27 @@ def test_chain_stage_with_a_union_like_mergekit_multi(vocab_family, tmp_path):
     live = merger.new_model()
     merger.build_into(live)
     assert all(torch.equal(p.detach(), written[n]) for n, p in live.state_dict().items() if n in written)
+
+
+def test_study_over_a_union_vocabulary(families, tmp_path):
+    """A study over models with different vocabularies: candidates are built on the union's rows and scored
+    with the union tokenizer, and the exported best merges like mergekit. (llama: transformers loads the
+    test's word-level tokenizer in a qwen2 folder as Qwen2Tokenizer, which cannot tokenise the tasks.)"""
+    from tests.search.test_config_study import study
+
+    vocab_family = build_vocab_family(tmp_path / "models", "llama")
+
+    doc = study(families, tmp_path, "random", space=[
+        {"parameter": "weight", "models": "all", "anchors": 1, "low": 0.1, "high": 1.0}])
+    doc["merge"] = {"config": CASES["tokens_and_padding"](vocab_family)}
+    path = tmp_path / "study.yaml"
+    path.write_text(yaml.safe_dump(doc))
+    done = run_cli("start", str(path))
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert run_cli("export", str(path)).returncode == 0
+    best = sorted((tmp_path / "export").glob("*.yml"))[0]
+    assert run_cli("merge", str(best), str(tmp_path / "ours")).returncode == 0
+    merged = load_folder(tmp_path / "ours")
+    assert merged["model.embed_tokens.weight"].shape[0] == 24
+    theirs = load_folder(mergekit_merge(yaml.safe_load(best.read_text()), tmp_path / "mk", seed=0))
+    assert not {n: r for n, r in ulp_report(merged, theirs).items() if r[0]}
