@@ -43,7 +43,8 @@ class StageOutput:
         self.seed = seed
         self.config = plan.merged_config()
         self.folder = plan.reference.folder  # the tokenizer a later stage copies
-        self.tokenizer = plan.tokenizer  # the stage's own tokenizer, where it builds one (tokenizer_source)
+        # the stage's own tokenizer where it writes one (tokenizer_source, chat_template), not its donor's files
+        self.tokenizer = plan.output_tokenizer()[1]
         self.index = {o.name: _Info(plan.output_dtype(o), tuple(plan.shape(o))) for o in plan.outputs}
         self._by_name = {o.name: i for i, o in enumerate(plan.outputs)}
         self._config = plan.config

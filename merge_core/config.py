@@ -8,7 +8,7 @@ mergekit's other spellings are read into one form, so the rest of the code and `
 that one: a model given as `{model: {path: p, revision: r}}` becomes `p@r`; `dtype: torch.float16`
 becomes `float16`; a quoted number (`weight: '0.5'`) becomes the number, converted as mergekit's
 pydantic parameter types convert it; `tokenizer: {source: s}` with no tokens and no padding becomes
-`tokenizer_source: s`. What merge-search cannot do exactly (LoRA adapters, `chat_template`, ...) is
+`tokenizer_source: s`. What merge-search cannot do exactly (LoRA adapters, `modules`, ...) is
 refused with one line that says what to write instead.
 """
 
@@ -30,6 +30,7 @@ from pydantic import (
 )
 
 from merge_core import methods
+from merge_core.chat_templates import check_chat_template
 from merge_core.errors import MergeInputError
 from merge_core.gradient import FilterValue
 
@@ -210,6 +211,12 @@ class MergeConfig(_Strict):
     out_dtype: DType = None
     tokenizer_source: ModelName | None = None
     tokenizer: TokenizerSection | None = None
+    chat_template: str | None = None
+
+    @field_validator("chat_template")
+    @classmethod
+    def _known_template(cls, value):
+        return None if value is None else check_chat_template(value)
 
     @model_validator(mode="before")
     @classmethod
@@ -270,8 +277,6 @@ SlerpConfig = MergeConfig  # the study code's name from when slerp was the only 
 
 UNSUPPORTED = {
     "modules": "write the merge with top-level `models:` or `slices:`",
-    "chat_template": "remove it (it changes only the saved tokenizer) and set chat_template in the merged "
-                     "model's tokenizer_config.json afterwards",
 }
 
 

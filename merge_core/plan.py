@@ -18,12 +18,13 @@ from dataclasses import dataclass
 import torch
 
 from merge_core import gradient, methods
+from merge_core.chat_templates import chat_template_text
 from merge_core.config import MergeConfig, Slice, SliceSource, TSetting, setting_of
 from merge_core.errors import MergeInputError
 from merge_core.layers import layer_count, layer_index, with_layer
 from merge_core.methods.base import Inputs, Values
 from merge_core.refs import resolve
-from merge_core.vocabulary import OutputVocabulary
+from merge_core.vocabulary import OutputVocabulary, load_tokenizer, model_tokenizer
 from merge_core.weights import ModelWeights, read_config
 
 DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32, "float64": torch.float64}
@@ -123,6 +124,39 @@ class MergePlan:
     def tokenizer(self):
         """The tokenizer `tokenizer_source` names, loaded and checked (None without one)."""
         return self.vocabulary.tokenizer if self.vocabulary else None
+
+    def output_tokenizer(self) -> tuple:
+        """(folder to copy tokenizer files from, or a loaded tokenizer to save), the way mergekit-yaml chooses.
+
+        With `tokenizer_source` mergekit saves that tokenizer (loaded and checked by the plan, which
+        set vocab_size to its length); without, it copies the donor's files, or loads and saves the
+        donor's tokenizer when there are no files to copy or a `chat_template` is to be set. (None, None):
+        the donor has no tokenizer that loads (mergekit logs it and writes the model).
+        """
+        from merge_core.writer import copies_tokenizer
+
+        tokenizer = self.tokenizer or getattr(self.reference, "tokenizer", None)  # or an earlier chain stage's
+        folder = self.reference.folder
+        if tokenizer is None and copies_tokenizer(folder) and not self.config.chat_template:
+            return folder, None
+        if tokenizer is None:
+            try:
+                tokenizer = load_tokenizer(folder)
+            except MergeInputError:
+                return None, None
+        template = self.chat_template()
+        if template is not None:
+            tokenizer.chat_template = template
+        return None, tokenizer
+
+    def chat_template(self) -> str | None:
+        """The chat template `chat_template:` sets (None: none set, or `auto` found none among the models)."""
+        if not self.config.chat_template:
+            return None
+        tokenizers = []
+        if self.config.chat_template == "auto":
+            tokenizers = [model_tokenizer(w) for w in self.weights]
+        return chat_template_text(self.config.chat_template, tokenizers)
 
     def working_dtype(self, out: OutputTensor) -> torch.dtype:
         """The config dtype, or the promoted dtype of the stored inputs when it has none."""

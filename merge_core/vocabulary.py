@@ -59,8 +59,8 @@ class OutputVocabulary:
                  tokens: dict | None = None, pad_to_multiple_of: int | None = None):
         self.label = "tokenizer" if tokens or pad_to_multiple_of else f"tokenizer_source: {source}"
         base = next(i for i, w in enumerate(weights) if w is reference)
-        base_tokenizer = _model_tokenizer(reference, reference.config.get("vocab_size"), self.label, required=True)
-        own = [base_tokenizer if i == base else _model_tokenizer(w) for i, w in enumerate(weights)]
+        base_tokenizer = model_tokenizer(reference, reference.config.get("vocab_size"), self.label, required=True)
+        own = [base_tokenizer if i == base else model_tokenizer(w) for i, w in enumerate(weights)]
         if source == "base":
             out = base_tokenizer  # tokens added below are added to the base's own vocabulary too, as in mergekit
         elif source == "union":
@@ -239,7 +239,7 @@ def _rows(weights, tokenizer) -> int:
     return weights.config.get("vocab_size") or tokenizer.vocab_size
 
 
-def _model_tokenizer(weights, vocab_size: int | None = None, label: str = "tokenizer", required: bool = False):
+def model_tokenizer(weights, vocab_size: int | None = None, label: str = "tokenizer", required: bool = False):
     """A model's tokenizer (an earlier chain stage's output tokenizer where it has one); None where it
     does not load, unless `required` (mergekit takes such a model to share the base's tokenizer)."""
     own = getattr(weights, "tokenizer", None)

@@ -47,7 +47,7 @@ def run(args: argparse.Namespace) -> int:
         plans = [plan]
     _warn_draw_order(plans, args.random_seed)
     merged_config = output_config(plan)
-    tokenizer_folder, tokenizer = _tokenizer(plan)
+    tokenizer_folder, tokenizer = plan.output_tokenizer()
     if tokenizer is None and not tokenizer_folder:
         console.print(f"[yellow]no tokenizer written: {plan.reference.folder} has none that loads[/yellow]")
     layout = [(o.name, tuple(plan.shape(o)), plan.output_dtype(o)) for o in plan.outputs]
@@ -75,27 +75,3 @@ def _warn_draw_order(plans, seed: int | None) -> None:
         console.print(f"[yellow]{len(tied)} tensors ({tied[0]}, ...) share their largest source tensor with another "
                       "output: mergekit merges those in its task graph's internal order, so their masks may differ "
                       "from mergekit-yaml --random-seed's (README: DARE/DELLA masks)[/yellow]")
-
-
-def _tokenizer(plan):
-    """(folder to copy tokenizer files from, or a loaded tokenizer to save), the way mergekit-yaml chooses.
-
-    With `tokenizer_source` mergekit saves that tokenizer (the plan has loaded and checked it, and
-    set vocab_size to its length); without, it copies the donor's files, or loads and saves the
-    donor's tokenizer when there are no files to copy.
-    """
-    from merge_core.errors import MergeInputError
-    from merge_core.vocabulary import load_tokenizer
-    from merge_core.writer import copies_tokenizer
-
-    if plan.tokenizer is not None:
-        return None, plan.tokenizer
-    if getattr(plan.reference, "tokenizer", None) is not None:  # an earlier chain stage's own tokenizer
-        return None, plan.reference.tokenizer
-    folder = plan.reference.folder
-    if copies_tokenizer(folder):
-        return folder, None
-    try:  # mergekit logs a tokenizer that fails here and still writes the model
-        return folder, load_tokenizer(folder)
-    except MergeInputError:
-        return None, None

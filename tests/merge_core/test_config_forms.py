@@ -134,7 +134,8 @@ def test_parsed_forms(families):
 
 REFUSED = {
     # form -> (config change, words the one line must hold: the field, then what to write instead)
-    "chat_template": ({"chat_template": "chatml"}, ["chat_template:", "tokenizer_config.json"]),
+    "chat_template_mergekit_only": ({"chat_template": "alpaca"}, ["chat_template:", "Jinja text", "chatml"]),
+    "chat_template_not_a_template": ({"chat_template": "chat-ml"}, ["chat_template:", "neither a template name"]),
     "tokenizer_model_token_twice": ({"tokenizer": {"tokens": {"<x>": {"source": {
         "kind": "model_token", "model": "CHILD", "token": "cat", "token_id": 3}}}}},
         ["tokenizer.tokens.<x>.source", "one of token or token_id"]),
