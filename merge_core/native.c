@@ -1,5 +1,5 @@
 /* Fused per-candidate passes for the elementwise merges (linear, slerp, task arithmetic, nuslerp,
- * nearswap, multislerp, karcher's iteration), compiled on first
+ * nearswap, multislerp, karcher's iteration, sce), compiled on first
  * use by native.py (x86-64 with AVX2, FMA and F16C) and checked there, bit for bit, against the
  * eager torch passes they replace before they are used.
  *
@@ -415,6 +415,61 @@ static inline __attribute__((always_inline)) void karcher_impl(int dtype, int wh
     }
 }
 
+/* sce without selection (methods/sce.py's _merge_chunked): d_i = x_i - base; the majority sign of
+ * their sum; e_i = w_i where d_i has that sign, else +0; base + sum(d_i * e_i) / max(sum(e_i), floor),
+ * every operation rounded to the dtype and every sum taken as torch sums rows. */
+typedef struct {
+    const char *const *xs;  /* the children */
+    const char *base;
+    int n;
+    const float *weights;   /* the shares, >= 0 */
+    float floor;            /* 1e-6 in the dtype */
+    int nan_bits;
+    int tail_nan_bits;
+    int64_t tail_start;
+} SceOptions;
+
+static inline __attribute__((always_inline)) __m256 sce_step(int dtype, const SceOptions *o, const char *const *xs,
+        const char *base, int64_t off, int nb) {
+    const __m256 zero = _mm256_setzero_ps();
+    __m256 x = load_as(dtype, base + off), d[16], total = zero, denom = zero, merged = zero;
+    for (int i = 0; i < o->n; i++) {
+        d[i] = round_to(dtype, _mm256_sub_ps(load_as(dtype, xs[i] + off), x), nb);
+        total = row_sum_step(dtype, total, d[i], i, o->n, nb);
+    }
+    total = row_sum_end(dtype, total, o->n, nb);
+    __m256 positive = _mm256_cmp_ps(total, zero, _CMP_GE_OQ);  /* NaN: false, a majority of -1 */
+    for (int i = 0; i < o->n; i++) {
+        __m256 agree = _mm256_blendv_ps(_mm256_cmp_ps(d[i], zero, _CMP_LT_OQ), _mm256_cmp_ps(d[i], zero, _CMP_GT_OQ),
+                                        positive);
+        __m256 e = _mm256_and_ps(agree, _mm256_set1_ps(o->weights[i]));
+        denom = row_sum_step(dtype, denom, e, i, o->n, nb);
+        merged = row_sum_step(dtype, merged, round_to(dtype, _mm256_mul_ps(d[i], e), nb), i, o->n, nb);
+    }
+    denom = _mm256_max_ps(_mm256_set1_ps(o->floor), row_sum_end(dtype, denom, o->n, nb));  /* keeps a NaN */
+    merged = round_to(dtype, _mm256_div_ps(row_sum_end(dtype, merged, o->n, nb), denom), nb);
+    return _mm256_add_ps(x, merged);
+}
+
+static inline __attribute__((always_inline)) void sce_impl(int dtype, const SceOptions *o, char *out, int64_t numel) {
+    const int size = element_size(dtype);
+    int64_t j = 0;
+    for (; j + LANES <= numel; j += LANES) {
+        int nb = nan_at(j, o->nan_bits, o->tail_nan_bits, o->tail_start);
+        store_as(dtype, out + j * size, sce_step(dtype, o, o->xs, o->base, j * size, nb), nb);
+    }
+    if (j == numel) return;
+    Lane pad[17], result;
+    const char *rows[17] = {0}, *padded[17] = {0};
+    int64_t rest = (numel - j) * size;
+    for (int i = 0; i < o->n; i++) rows[i] = o->xs[i];
+    rows[o->n] = o->base;
+    pad_rows(rows, o->n + 1, j * size, rest, pad, padded);
+    int nb = nan_at(j, o->nan_bits, o->tail_nan_bits, o->tail_start);
+    store_as(dtype, result, sce_step(dtype, o, padded, padded[o->n], 0, nb), nb);
+    memcpy(out + j * size, result, rest);
+}
+
 /* the entry points: one specialised copy of each pass per dtype */
 void linear_pass(int dtype, const char *const *xs, int n, const float *c, int use_fma, int normalize,
                  float denominator, int nan_bits, int tail_nan_bits, int64_t tail_start, char *out, int64_t numel) {
@@ -450,4 +505,10 @@ void karcher_pass(int dtype, int which, const KarcherOptions *o, char *mean, cha
     if (dtype == 0) karcher_impl(0, which, o, mean, tangent, widened, numel);
     else if (dtype == 1) karcher_impl(1, which, o, mean, tangent, widened, numel);
     else karcher_impl(2, which, o, mean, tangent, widened, numel);
+}
+
+void sce_pass(int dtype, const SceOptions *o, char *out, int64_t numel) {
+    if (dtype == 0) sce_impl(0, o, out, numel);
+    else if (dtype == 1) sce_impl(1, o, out, numel);
+    else sce_impl(2, o, out, numel);
 }

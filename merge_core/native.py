@@ -136,6 +136,8 @@ def _load() -> ctypes.CDLL | None:
         library.karcher_pass.restype = None
         library.karcher_pass.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.POINTER(KarcherOptions), ctypes.c_void_p,
                                          ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64]
+        library.sce_pass.restype = None
+        library.sce_pass.argtypes = [ctypes.c_int, ctypes.POINTER(SceOptions), ctypes.c_void_p, ctypes.c_int64]
         _library = library
         return library
 
@@ -336,6 +338,34 @@ def nearswap(variant, out: torch.Tensor, base: torch.Tensor, other: torch.Tensor
         library.nearswap_pass(code, flat_base[start:stop].data_ptr(), flat_other[start:stop].data_ptr(), t, floor,
                               *bfloat16_nans(flat_out.numel(), start), flat_out.data_ptr() + start * size,
                               stop - start)
+
+    run_split(flat_out.numel(), call)
+
+
+class SceOptions(ctypes.Structure):
+    """native.c's SceOptions."""
+
+    _fields_ = [("xs", ctypes.c_void_p), ("base", ctypes.c_void_p), ("n", ctypes.c_int),
+                ("weights", ctypes.c_void_p), ("floor", ctypes.c_float), ("nan_bits", ctypes.c_int),
+                ("tail_nan_bits", ctypes.c_int), ("tail_start", ctypes.c_int64)]
+
+
+def sce(variant, out: torch.Tensor, children: list[torch.Tensor], base: torch.Tensor, shares: list[float]) -> None:
+    """out = base + sum(d_i * e_i) / max(sum(e_i), 1e-6), d_i = x_i - base, e_i = share_i where d_i has the
+    majority sign, each operation rounded to the dtype as torch's are (see native.c): sce without selection."""
+    library = _load()
+    code = DTYPE_CODES[out.dtype]
+    size = out.element_size()
+    flat_out, flat_base = out.view(-1), base.reshape(-1)
+    flats = [t.reshape(-1) for t in children]
+    weights = _floats(shares)
+    floor = torch.tensor(1e-6, dtype=out.dtype).item()  # torch's clamp compares in the tensor's dtype
+
+    def call(start: int, stop: int) -> None:
+        xs = _pointers([x[start:stop] for x in flats])
+        options = SceOptions(ctypes.cast(xs, ctypes.c_void_p), flat_base[start:stop].data_ptr(), len(flats),
+                             ctypes.cast(weights, ctypes.c_void_p), floor, *bfloat16_nans(flat_out.numel(), start))
+        library.sce_pass(code, ctypes.byref(options), flat_out.data_ptr() + start * size, stop - start)
 
     run_split(flat_out.numel(), call)
 

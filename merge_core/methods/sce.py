@@ -6,7 +6,8 @@ from dataclasses import dataclass
 
 import torch
 
-from merge_core.methods.base import Contract, MergeMethod, Param
+from merge_core import native
+from merge_core.methods.base import Contract, Inputs, MergeMethod, Param
 from merge_core.methods.chunks import BIT_TYPES, CHUNK_ELEMENTS, chunk_ranges, half_row_sum
 from merge_core.methods.sparsify import HALF
 from merge_core.methods.task_arithmetic import _sign_consensus
@@ -25,9 +26,10 @@ class SceState:
 
 class Sce(MergeMethod):
     """mergekit's sce. Without selection (select_topk >= 1, the default) nothing depends on a
-    searched parameter, so the per-model weights are prepared once and a candidate is one chunked
-    pass (`_merge_chunked`); with selection, the variance top-k changes every weight, and the
-    candidate runs as mergekit runs it (whole tensors) from the variance kept after its first use."""
+    searched parameter, so the per-model weights are prepared once and a candidate is one pass (the
+    native one where it gives `_merge_chunked`'s bits, else `_merge_chunked`); with selection, the
+    variance top-k changes every weight, and the candidate runs as mergekit runs it (whole tensors)
+    from the variance kept after its first use."""
 
     name = "sce"
     params = (Param("int8_mask", bool, "global", False), Param("select_topk", float, "global", 1.0))
@@ -50,7 +52,12 @@ class Sce(MergeMethod):
         weights = state.weights
         chunked = base.dtype in BIT_TYPES and _same_dtypes(inputs)
         if topk >= 1 and chunked and bool(torch.isfinite(weights).all()):
-            _merge_chunked(out, inputs, weights)
+            children = [inputs.tensors[i] for i in inputs.non_base]
+            variant = _native_variant(out, base, children)
+            if variant is not None:
+                native.sce(variant, out, children, base, weights.tolist())
+            else:
+                _merge_chunked(out, inputs, weights)
             return
         vectors = _task_vectors(inputs)
         if topk < 1:
@@ -66,6 +73,23 @@ class Sce(MergeMethod):
         del erase
         merged = (vectors * erased).sum(dim=0)
         out.copy_(base + merged / torch.sum(erased, dim=0).clamp(min=1e-6))
+
+
+def _native_variant(out: torch.Tensor, base: torch.Tensor, children: list[torch.Tensor]):
+    """The verified native pass of the unselected candidate (native.py), or None."""
+    if out.dtype != base.dtype or not native.usable(out, [base, *children]):
+        return None
+    rows = min(len(children), 3)  # one, two and more rows are summed differently
+
+    def probe_call(variant, probe, into):
+        weights = torch.tensor([0.375, 0.5, 0.125][:rows], dtype=into.dtype)
+        if variant is None:
+            _merge_chunked(into, Inputs(tuple(probe[: rows + 1]), base=0), weights)
+        else:
+            native.sce(variant, into, list(probe[1: rows + 1]), probe[0], weights.tolist())
+
+    return native.verified(("sce", out.dtype, rows), native.ONE_VARIANT, probe_call,
+                           lambda probe, into: probe_call(None, probe, into))
 
 
 def _same_dtypes(inputs) -> bool:

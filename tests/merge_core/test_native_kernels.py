@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from merge_core import native, slerp
-from merge_core.methods import karcher, linear, multislerp, nearswap, nuslerp
+from merge_core.methods import karcher, linear, multislerp, nearswap, nuslerp, sce
 from merge_core.methods.base import Inputs, Values
 from merge_core.methods.task_arithmetic import TaskArithmetic
 
@@ -302,3 +302,17 @@ def test_a_cache_others_can_write_is_not_used(tmp_path):
     result = subprocess.run([sys.executable, "-c", script], env=environment, capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
     assert not list(shared.iterdir())
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("numel", SIZES)
+@pytest.mark.parametrize("children", [1, 2, 3, 4])
+def test_sce_without_selection(dtype, numel, children, threads):
+    tensors = _family(numel, dtype, children + 1, seed=children)
+    inputs = Inputs(tuple(tensors), base=0)
+    state = sce.Sce().prepare(inputs)
+    got, expected = torch.empty_like(tensors[0]), torch.empty_like(tensors[0])
+    assert sce._native_variant(got, tensors[0], tensors[1:]) is not None
+    sce.Sce().merge(got, inputs, state, Values({"int8_mask": False, "select_topk": 1.0}, ({},) * len(tensors)), None)
+    sce._merge_chunked(expected, inputs, state.weights)
+    _assert_same(got, expected)
