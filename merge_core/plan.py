@@ -295,9 +295,9 @@ class MergePlan:
                 a, b = first.config.get(key), weights.config.get(key)
                 # with a tokenizer source, each model's rows are lined up with the output tokenizer
                 if a != b and not (key == "vocab_size" and self.vocabulary is not None):
-                    raise MergeInputError(
-                        f"{key} differs: {a} in {self.models[0]} but {b} in {model}; "
-                        "merged models must share one architecture")
+                    fix = ("add `tokenizer_source: union` (or base, or a model) to line their vocabularies up"
+                           if key == "vocab_size" else "merged models must share one architecture")
+                    raise MergeInputError(f"{key} differs: {a} in {self.models[0]} but {b} in {model}; {fix}")
 
     def _plan_outputs(self) -> tuple[list[OutputTensor], int]:
         pre, post, by_layer = _split_names(self.reference.names())
