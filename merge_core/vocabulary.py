@@ -30,8 +30,10 @@ from merge_core.errors import MergeInputError
 from merge_core.refs import resolve
 
 # Tensors indexed by token id (mergekit's `vocabulary_axis: 0`), when their first dim is the vocabulary.
-VOCABULARY_PATTERN = re.compile(r"(embed_tokens|word_embeddings|(^|\.)wte\.|(^|\.)embed\.|(^|\.)lm_head\.|"
-                                r"embed_out|(^|\.)output\.)")
+# The names of mergekit's architecture files that carry `vocabulary_axis: 0`.
+VOCABULARY_PATTERN = re.compile(r"(embed_tokens|tok_embeddings|word_embeddings|(^|\.)wte\.|(^|\.)embed\.|"
+                                r"(^|\.)lm_head\.|embed_out|embed_in|(^|\.)output\.|output_layer\.|"
+                                r"(^|\.)shared\.weight|backbone\.embeddings\.|vocab_projector\.|cls\.predictions\.)")
 
 
 @dataclass(frozen=True)

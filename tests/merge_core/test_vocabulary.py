@@ -36,14 +36,15 @@ def save_tokenizer(folder: Path, words: list[str], special: list[str] = ()) -> i
     return len(fast)
 
 
-@pytest.fixture(scope="module", params=["llama", "qwen2"])
+@pytest.fixture(scope="module", params=["llama", "qwen2", "phi"])
 def vocab_family(request, tmp_path_factory) -> dict[str, Path]:
     return build_vocab_family(tmp_path_factory.mktemp(f"vocab_{request.param}"), request.param)
 
 
 def build_vocab_family(root: Path, arch: str) -> dict[str, Path]:
     """base (17 tokens); chat (+2 special tokens, 19 rows); fish (a new word at id 7, 18 rows); tied
-    embeddings for qwen2. Each child is the base's weights plus a delta, rows moved with its tokenizer."""
+    embeddings for qwen2, an lm_head bias for phi. Each child is the base's weights plus a delta, rows
+    moved with its tokenizer."""
     from safetensors.torch import load_file, save_file
 
     base = build_tiny_model(root / "base", arch, seed=1)
@@ -147,6 +148,37 @@ def test_union_rows_are_each_models_own(vocab_family, tmp_path):
     assert torch.equal(base[vocab["fish"]], own["fish"][7]) and torch.equal(chat[vocab["fish"]], own["fish"][7])
     assert torch.equal(base[18], own["chat"][17]) and torch.equal(fish[19], own["chat"][18])
     assert torch.equal(chat[:17], own["chat"][:17])
+
+
+def test_gpt_neox_vocabulary_tensors_are_lined_up(tmp_path):
+    """gpt-neox names its vocabulary tensors embed_in and embed_out (mergekit 0.1.5 cannot read this
+    transformers' gpt-neox checkpoints, so no oracle here): both take each token's own row."""
+    f = build_vocab_family(tmp_path / "models", "gpt_neox")
+    plan = MergePlan(parse_config(CASES["union_linear"](f)))
+    vocab = plan.tokenizer.get_vocab()
+    for name in ("gpt_neox.embed_in.weight", "embed_out.weight"):
+        out = next(o for o in plan.outputs if o.name == name)
+        assert out.aligned and plan.shape(out)[0] == 20
+        base, chat, fish = plan.inputs(out).tensors
+        own = {n: load_folder(f[n])[name] for n in ("base", "chat", "fish")}
+        assert torch.equal(fish[vocab["mat"]], own["fish"][FISH.index("mat") + 2])
+        assert torch.equal(base[vocab["fish"]], own["fish"][7]) and torch.equal(chat[18], own["chat"][17])
+    result = run_cli("merge", str(_written(tmp_path, CASES["union_linear"](f))), str(tmp_path / "ours"))
+    assert result.returncode == 0, result.stderr
+    merger = Merger(plan)
+    live = merger.new_model()
+    merger.build_into(live)
+    written = load_folder(tmp_path / "ours")
+    state = live.state_dict()
+    for name, tensor in written.items():  # transformers 5 loads embed_out as lm_head
+        live_name = "lm_head.weight" if name == "embed_out.weight" and name not in state else name
+        assert torch.equal(state[live_name], tensor), name
+
+
+def _written(tmp_path: Path, config: dict) -> Path:
+    path = tmp_path / "config.yml"
+    path.write_text(yaml.safe_dump(config))
+    return path
 
 
 def test_chain_stage_with_a_union_like_mergekit_multi(vocab_family, tmp_path):
