@@ -226,7 +226,7 @@ static inline __attribute__((always_inline)) __m256 row_sum_step(int dtype, __m2
 }
 
 static inline __attribute__((always_inline)) __m256 row_sum_end(int dtype, __m256 total, int n, int nan_bits) {
-    if (dtype == 2) return total;  /* float32: torch.sum, no + 0 */
+    if (dtype == 2) return total;  /* float32: torch.sum, no + 0 (up to four rows: more, torch adds in another order) */
     total = _mm256_add_ps(total, _mm256_setzero_ps());
     return n > 2 ? round_to(dtype, total, nan_bits) : total;
 }

@@ -169,7 +169,8 @@ def _chunked_pass(out, inputs, norms, weights, eps) -> _ChunkedPass:
     tensors = [inputs.tensors[i] for i in inputs.non_base]
     base = inputs.base_tensor if inputs.base is not None else None
     everything = tensors + ([base] if base is not None else [])
-    if not native.usable(out, everything):
+    if not native.usable(out, everything) or (out.dtype == torch.float32 and len(tensors) > 4):
+        # torch sums more than four float32 rows in another order than the pass's (see native.c)
         return _ChunkedPass(out, inputs, norms, weights, eps)
     rows = min(len(tensors), 3)  # two rows and more are summed differently
 

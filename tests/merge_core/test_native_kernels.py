@@ -316,3 +316,12 @@ def test_sce_without_selection(dtype, numel, children, threads):
     sce.Sce().merge(got, inputs, state, Values({"int8_mask": False, "select_topk": 1.0}, ({},) * len(tensors)), None)
     sce._merge_chunked(expected, inputs, state.weights)
     _assert_same(got, expected)
+
+
+@pytest.mark.parametrize("children", [5, 8])
+def test_sce_float32_with_many_children_runs_the_eager_pass(children):
+    """torch sums more than four float32 rows in another order than the native pass: those run eager."""
+    tensors = _family(1001, torch.float32, children + 1, seed=children)
+    assert sce._native_variant(torch.empty_like(tensors[0]), tensors[0], tensors[1:]) is None
+    assert sce._native_variant(torch.empty_like(tensors[0]).half(), tensors[0].half(),
+                               [t.half() for t in tensors[1:]]) is not None
