@@ -63,8 +63,13 @@ class OutputVocabulary:
         base = next(i for i, w in enumerate(weights) if w is reference)
         base_tokenizer = model_tokenizer(reference, reference.config.get("vocab_size"), self.label, required=True)
         own = [base_tokenizer if i == base else model_tokenizer(w) for i, w in enumerate(weights)]
+        base_vocab = base_tokenizer.get_vocab()  # before `tokens` are added to it (source: base)
+        # a model whose tokenizer does not load shares the base's (mergekit's assumption)
+        self.model_vocabs = [t.get_vocab() if t is not None and i != base else base_vocab
+                             for i, t in enumerate(own)]
+        self.unloaded = {i for i, t in enumerate(own) if t is None}
         if source == "base":
-            out = base_tokenizer  # tokens added below are added to the base's own vocabulary too, as in mergekit
+            out = base_tokenizer  # `tokens` are added to it; the base's own vocabulary was taken above
         elif source == "union":
             others = [(t, _rows(w, t)) for i, (t, w) in enumerate(zip(own, weights, strict=True))
                       if i != base and t is not None]
@@ -83,8 +88,6 @@ class OutputVocabulary:
         multiple = pad_to_multiple_of or 1
         self.padded = -(-self.size // multiple) * multiple
         self.token_of = {i: t for t, i in vocab.items()}
-        base_vocab = base_tokenizer.get_vocab()  # a model whose tokenizer does not load shares the base's
-        self.model_vocabs = [t.get_vocab() if t is not None else base_vocab for t in own]
         self.positions = [self._positions(m, w, v, vocab)
                           for m, w, v in zip(models, weights, self.model_vocabs, strict=True)]
         self.sources = {tok: _token_source(tok, cfg, models) for tok, cfg in (tokens or {}).items()}
@@ -123,6 +126,9 @@ class OutputVocabulary:
         if source.kind == "model" and needed and self.positions[source.model][token_id] < 0:
             raise MergeInputError(f"{where}: the model it names lacks the token (mergekit fails on this too); name "
                                   "a model that has it, or use {kind: model_token, ...} or {kind: zero}")
+        if source.kind == "model_token" and source.token is not None and source.model in self.unloaded:
+            raise MergeInputError(f"{where}: model_token {source.token!r} is given by text, but that model's "
+                                  "tokenizer does not load; give its row as token_id instead")
         if source.kind == "model_token" and source.token is not None and source.token not in self.model_vocabs[
                 source.model]:
             raise MergeInputError(f"{where}: model_token {source.token!r} is not in that model's tokenizer")

@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from transformers import AutoTokenizer
 
 from merge_core.chain import ChainMerger, ChainPlan, parse_chain
 from merge_core.config import parse_config
@@ -224,3 +225,59 @@ def test_study_over_a_union_vocabulary(families, tmp_path):
     assert merged["model.embed_tokens.weight"].shape[0] == 24
     theirs = load_folder(mergekit_merge(yaml.safe_load(best.read_text()), tmp_path / "mk", seed=0))
     assert not {n: r for n, r in ulp_report(merged, theirs).items() if r[0]}
+
+
+def test_tokens_added_to_the_base_tokenizer_take_their_source(vocab_family, tmp_path):
+    """`tokenizer: {source: base, tokens: {new: ...}}`: the base's tokenizer plus the new tokens, each row
+    from its source. (mergekit 0.1.5 fails here with a KeyError: it adds the tokens to the base's own
+    tokenizer object, so the base seems to hold them past its rows.) The base's tokens merge as with
+    `tokenizer_source: base`, which mergekit does run."""
+    f = vocab_family
+    config = {"merge_method": "linear", "base_model": str(f["base"]), "dtype": "float32",
+              "models": models_of(f, {"base": 0.5, "chat": 0.5}),
+              "tokenizer": {"source": "base", "tokens": {"<|im_start|>": {"source": str(f["chat"])},
+                                                          "<think>": {"source": {"kind": "zero"}}}}}
+    result = run_cli("merge", str(_written(tmp_path, config)), str(tmp_path / "ours"))
+    assert result.returncode == 0, result.stderr
+    plain = {k: v for k, v in config.items() if k != "tokenizer"} | {"tokenizer_source": "base"}
+    theirs = load_folder(mergekit_merge(plain, tmp_path / "mk", seed=None))
+    ours = load_folder(tmp_path / "ours")
+    vocab = AutoTokenizer.from_pretrained(tmp_path / "ours").get_vocab()
+    start, think = vocab["<|im_start|>"], vocab["<think>"]
+    assert {start, think} == {17, 18}  # in the config's order (yaml.safe_dump sorted it)
+    chat_row = load_folder(f["chat"])["model.embed_tokens.weight"][17]
+    for name in ("model.embed_tokens.weight", "lm_head.weight"):
+        if name not in ours:
+            continue
+        assert ours[name].shape[0] == 19 and torch.equal(ours[name][:17], theirs[name])
+        assert not ours[name][think].any()
+    assert torch.equal(ours["model.embed_tokens.weight"][start], chat_row)
+    assert all(torch.equal(t, theirs[n]) for n, t in ours.items() if t.shape == theirs[n].shape)
+
+
+def test_model_token_by_text_needs_a_tokenizer_that_loads(tmp_path):
+    """A model whose tokenizer does not load shares the base's for its rows (as in mergekit), but a
+    `model_token` given by text cannot be looked up in it: one line, exit 2, nothing written. (llama:
+    transformers 5 builds an empty qwen2 tokenizer for a qwen2 folder without tokenizer files.)"""
+    import shutil
+
+    f = build_vocab_family(tmp_path / "models", "llama")
+    bare = tmp_path / "bare"
+    shutil.copytree(f["fish"], bare)
+    for file in bare.glob("tokenizer*"):
+        file.unlink()
+    f["bare"] = bare
+    config = {"merge_method": "linear", "base_model": str(f["base"]),
+              "models": models_of(f, {"base": 0.5, "bare": 0.5}),
+              "tokenizer": {"source": "base", "tokens": {"cat": {
+                  "source": {"kind": "model_token", "model": str(bare), "token": "dog"}, "force": True}}}}
+    result = run_cli("merge", str(_written(tmp_path, config)), str(tmp_path / "ours"))
+    assert result.returncode == 2 and "give its row as token_id" in result.stderr, result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1 and not (tmp_path / "ours").exists()
+    by_id = {"source": {"kind": "model_token", "model": str(bare), "token_id": 3}, "force": True}
+    config["tokenizer"]["tokens"]["cat"] = by_id
+    result = run_cli("merge", str(_written(tmp_path, config)), str(tmp_path / "ours"))
+    assert result.returncode == 0, result.stderr
+    cat = AutoTokenizer.from_pretrained(tmp_path / "ours").get_vocab()["cat"]
+    merged = load_folder(tmp_path / "ours")["model.embed_tokens.weight"]
+    assert torch.equal(merged[cat], load_folder(bare)["model.embed_tokens.weight"][3])  # 0.5 r + 0.5 r
