@@ -306,7 +306,8 @@ class MergePlan:
             post.append(TIED_HEAD)  # mergekit: a model's own head where it has one, its embeddings elsewhere
         if not by_layer:
             raise MergeInputError(f"{self.models[0]}: no layer tensors found (names like model.layers.N.)")
-        ref_layer = min(by_layer)
+        reference = next(m for m, w in zip(self.models, self.weights, strict=True) if w is self.reference)
+        layers = _LayerStructures(reference, by_layer)
         outputs: list[OutputTensor] = []
         first, last = self.slices[0], self.slices[-1]
         outputs += [self._output(n, [(s.model, n) for s in first.sources], first, 0.0, 0) for n in pre]
@@ -315,7 +316,7 @@ class MergePlan:
             count = sl.sources[0].layer_range[1] - sl.sources[0].layer_range[0]
             for i in range(count):
                 p = gradient.position(i, count)
-                for name in by_layer[ref_layer]:
+                for name in layers.names(out_layer, sl, i, self.weights, self._index):
                     inputs = [(s.model, with_layer(name, s.layer_range[0] + i)) for s in sl.sources]
                     outputs.append(self._output(with_layer(name, out_layer), inputs, sl, p, slice_index))
                 out_layer += 1
@@ -471,6 +472,56 @@ def _config_of(model: str, allow_pickle, in_memory: dict | None = None) -> dict:
     if in_memory and model in in_memory:
         return in_memory[model].config
     return read_config(resolve(model, bool(allow_pickle)))
+
+
+class _LayerStructures:
+    """Which tensors each output layer holds.
+
+    Where every layer of the reference model holds the same tensors (the usual case), every output
+    layer holds those of its lowest layer, as mergekit's architecture templates say. Some models'
+    layers differ (DeepSeek-V3's first dense layers before its mixture-of-experts ones, Qwen2-MoE's
+    `mlp_only_layers`): each output layer then holds the tensors of the layers it is made from, which
+    must be those of the reference's layer at the same index, or config.json could not describe it.
+    """
+
+    def __init__(self, reference: str, by_layer: dict[int, list[str]]):
+        self.reference, self.by_layer = reference, by_layer
+        self.uniform = len({_structure(names) for names in by_layer.values()}) == 1
+        self._models: dict[int, dict[int, list[str]]] = {}
+
+    def names(self, out_layer: int, sl, i: int, weights: list, index: dict) -> list[str]:
+        if self.uniform:
+            return self.by_layer[min(self.by_layer)]
+        read = [(s.model, s.layer_range[0] + i) for s in sl.sources]
+        structures = {}
+        for model, layer in read:
+            layer_names = self._layers_of(index[model], weights).get(layer)
+            if not layer_names:
+                raise MergeInputError(f"{model} has no layer {layer}, which layer {out_layer} of the merge reads")
+            structures[(model, layer)] = layer_names
+        (model, layer), names = read[0], structures[read[0]]
+        for (other, other_layer), other_names in structures.items():
+            if _structure(other_names) != _structure(names):
+                raise MergeInputError(
+                    f"layer {layer} of {model} and layer {other_layer} of {other} hold different tensors (the "
+                    "models' layers differ, e.g. dense and mixture-of-experts ones); merge layers of one kind")
+        own = self.by_layer.get(out_layer)
+        if own is None or _structure(own) != _structure(names):
+            raise MergeInputError(
+                f"layer {out_layer} of the merge would hold the tensors of layer {layer} of {model}, but the layers "
+                f"of {self.reference} differ in kind (e.g. dense and mixture-of-experts ones) and its "
+                "config.json says which index holds which: keep each layer at its own index")
+        return names
+
+    def _layers_of(self, model: int, weights: list) -> dict[int, list[str]]:
+        if model not in self._models:
+            self._models[model] = _split_names(weights[model].names())[2]
+        return self._models[model]
+
+
+def _structure(names: list[str]) -> frozenset[str]:
+    """A layer's tensor names, without its index."""
+    return frozenset(with_layer(name, 0) for name in names)
 
 
 def _split_names(names: list[str]) -> tuple[list[str], list[str], dict[int, list[str]]]:

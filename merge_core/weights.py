@@ -80,6 +80,11 @@ class ModelWeights:
             index[name] = info
         return index
 
+    @property
+    def stacks_experts(self) -> bool:
+        """Whether some tensors are built from the checkpoint's per-expert ones (transformers' model layout)."""
+        return bool(self._converted)
+
     def names(self) -> list[str]:
         """All tensor names, in file order."""
         return list(self.index)

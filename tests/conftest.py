@@ -45,16 +45,16 @@ ARCHS = {
 
 def build_tiny_model(folder: Path, arch: str = "phi", seed: int = 0, layers: int = 4, hidden: int = 32,
                      intermediate: int = 64, dtype: str = "float32", max_shard_size: str | None = None,
-                     safe: bool = True, vocab_rows: int | None = None) -> Path:
+                     safe: bool = True, vocab_rows: int | None = None, extra: dict | None = None) -> Path:
     """Save a random tiny causal LM of `arch` (with tokenizer) to `folder`; `vocab_rows` embedding rows
-    (default: one per token of the tokenizer)."""
+    (default: one per token of the tokenizer); `extra` config fields override the architecture's."""
     import torch
     import transformers
 
-    config_cls, model_cls, extra = ARCHS[arch]
+    config_cls, model_cls, fields = ARCHS[arch]
     config = getattr(transformers, config_cls)(
         vocab_size=vocab_rows or len(WORDS) + 2, hidden_size=hidden, intermediate_size=intermediate,
-        num_hidden_layers=layers, num_attention_heads=4, max_position_embeddings=64, **extra,
+        num_hidden_layers=layers, num_attention_heads=4, max_position_embeddings=64, **(fields | (extra or {})),
     )
     torch.manual_seed(seed)
     model = getattr(transformers, model_cls)(config).to(getattr(torch, dtype))

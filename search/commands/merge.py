@@ -75,3 +75,7 @@ def _warn_draw_order(plans, seed: int | None) -> None:
         console.print(f"[yellow]{len(tied)} tensors ({tied[0]}, ...) share their largest source tensor with another "
                       "output: mergekit merges those in its task graph's internal order, so their masks may differ "
                       "from mergekit-yaml --random-seed's (README: DARE/DELLA masks)[/yellow]")
+    if any(plan.method.randomised and any(getattr(w, "stacks_experts", False) for w in plan.weights) for plan in plans):
+        console.print("[yellow]the models' expert tensors are stacked from per-expert ones, which mergekit merges "
+                      "first, in its task graph's internal order: the masks are drawn in another order than "
+                      "mergekit-yaml --random-seed's (README: DARE/DELLA masks)[/yellow]")

@@ -133,6 +133,7 @@ def test_moe_randomised_merges_build_and_load(tmp_path, moe, method):
                       f"models:\n  - model: {a}\n  - model: {b}\n  - model: {c}\n")
     result = run_cli("merge", str(config), str(tmp_path / "out"), "--random-seed", "7")
     assert result.returncode == 0, result.stderr
+    assert "expert tensors are stacked" in " ".join(result.stderr.split())  # says the masks are not mergekit's
     written = load_folder(tmp_path / "out")
     merger = Merger(MergePlan(load_config(config)), seed=7)
     live = merger.new_model()
@@ -159,3 +160,66 @@ def test_della_prunes_stacked_tensors_as_mergekit(shape, dtype):
         expected = theirs(delta, 0.5, 0.1, RescaleNorm.l1 if rescale else None)
         got = ours(delta, 0.5, 0.1, rescale, torch.Generator().manual_seed(3))
         assert torch.equal(got, expected)
+
+
+@pytest.fixture(scope="module")
+def mixed_layers(tmp_path_factory) -> list:
+    """Qwen2-MoE models whose layer 0 is dense (`mlp_only_layers`), the others mixture-of-experts."""
+    root = tmp_path_factory.mktemp("mixed")
+    return [build_tiny_model(root / f"m{seed}", "qwen2_moe", seed=seed, layers=3, extra={"mlp_only_layers": [0]})
+            for seed in (1, 2, 3)]
+
+
+def test_layers_of_different_kinds_merge_each_as_they_are(tmp_path, mixed_layers):
+    """Each output layer holds the tensors of the layers it is made from (a dense MLP at layer 0, stacked
+    experts after): every tensor is mergekit's linear arithmetic on the three models' tensors, the written
+    model loads, and the in-memory candidate equals it. (mergekit 0.1.5 has no oracle here: its
+    architecture templates give every layer the same tensors.)"""
+    a, b, c = mixed_layers
+    config = tmp_path / "config.yml"
+    models = "".join(f"  - model: {m}\n    parameters: {{weight: {w}}}\n" for m, w in ((a, 0.5), (b, 0.3), (c, 0.2)))
+    config.write_text(f"merge_method: linear\ndtype: float32\nmodels:\n{models}")
+    result = run_cli("merge", str(config), str(tmp_path / "out"))
+    assert result.returncode == 0, result.stderr
+    states = [transformers.AutoModelForCausalLM.from_pretrained(m).state_dict() for m in mixed_layers]
+    written = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "out").state_dict()
+    assert sorted(written) == sorted(states[0])
+    assert "model.layers.0.mlp.gate_proj.weight" in written and "model.layers.1.mlp.experts.gate_up_proj" in written
+    weights = torch.tensor([0.5, 0.3, 0.2])
+    for name, tensor in written.items():
+        expected = torch.zeros_like(tensor)  # mergekit 0.1.5's linear: adds in model order, one division
+        for state, weight in zip(states, weights, strict=True):
+            expected.addcmul_(state[name], weight)
+        expected.div_(weights.sum())
+        assert torch.equal(tensor, expected), name
+    merger = Merger(MergePlan(load_config(config)))
+    live = merger.new_model()
+    merger.build_into(live)
+    assert all(torch.equal(t, written[n]) for n, t in live.state_dict().items())
+
+
+def test_layers_of_different_kinds_stay_at_their_index(tmp_path, mixed_layers):
+    """A passthrough that keeps each layer at its index works; one that moves the dense layer to an
+    expert layer's index (which config.json could not describe) is refused in one line, nothing written;
+    a slerp that pairs a dense layer with an expert layer too."""
+    a, b, _ = mixed_layers
+    config = tmp_path / "config.yml"
+    kept = (f"merge_method: passthrough\nslices:\n  - sources:\n    - model: {a}\n      layer_range: [0, 2]\n"
+            f"  - sources:\n    - model: {b}\n      layer_range: [2, 3]\n")
+    config.write_text(kept)
+    result = run_cli("merge", str(config), str(tmp_path / "kept"))
+    assert result.returncode == 0, result.stderr
+    model = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "kept")
+    source = transformers.AutoModelForCausalLM.from_pretrained(b).state_dict()
+    assert torch.equal(model.state_dict()["model.layers.2.mlp.experts.gate_up_proj"],
+                       source["model.layers.2.mlp.experts.gate_up_proj"])
+    for name, text in {
+        "moved": kept.replace("[2, 3]", "[0, 1]"),
+        "paired": f"merge_method: slerp\nbase_model: {a}\nparameters: {{t: 0.5}}\nslices:\n  - sources:\n"
+                  f"    - model: {a}\n      layer_range: [0, 2]\n    - model: {b}\n      layer_range: [1, 3]\n",
+    }.items():
+        config.write_text(text)
+        result = run_cli("merge", str(config), str(tmp_path / name))
+        assert result.returncode == 2, result.stderr
+        assert len(result.stderr.strip().splitlines()) == 1 and "differ" in result.stderr, result.stderr
+        assert not (tmp_path / name).exists()
