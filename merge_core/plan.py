@@ -256,14 +256,23 @@ class MergePlan:
         return self.config.with_t(candidate)
 
     def _check_parameter_names(self, config: MergeConfig) -> None:
+        """A name no method takes is refused (with did-you-mean); one another mergekit method takes (a
+        `weight` kept when a config moves from ties to sce) is ignored, as mergekit ignores it, and listed
+        in `ignored_parameters`."""
         known = [p.name for p in self.method.params]
+        elsewhere = {p.name for name in methods.names() for p in methods.get(name).params}
+        ignored = []
         for where, parameters in _all_parameters(config):
             for name in parameters or {}:
-                if name not in known:
+                if name not in known and name in elsewhere:
+                    ignored.append(f"{where}.{name}")
+                elif name not in known:
                     close = difflib.get_close_matches(name, known, n=1)
                     takes = ", ".join(known) or "no parameters"
                     hint = f"did you mean {close[0]!r}?" if close else f"{self.method.name} takes {takes}"
                     raise MergeInputError(f"{where}.{name}: unknown parameter for {self.method.name}; {hint}")
+        if config is self.config:
+            self.ignored_parameters = ignored
 
     def _check_same_structure(self, config: MergeConfig) -> None:
         ours, theirs = self.config.model_dump(exclude={"parameters"}), config.model_dump(exclude={"parameters"})

@@ -46,6 +46,7 @@ def run(args: argparse.Namespace) -> int:
         plan = MergePlan(config, allow_pickle=args.allow_pickle)
         plans = [plan]
     _warn_draw_order(plans, args.random_seed)
+    _warn_ignored_parameters(plans)
     merged_config = output_config(plan)
     tokenizer_folder, tokenizer = plan.output_tokenizer()
     if tokenizer is None and not tokenizer_folder:
@@ -62,6 +63,18 @@ def run(args: argparse.Namespace) -> int:
     seed = "" if not plan.method.randomised or args.random_seed is None else f", random seed {args.random_seed}"
     console.print(f"wrote {len(plan.outputs)} tensors ({plan.num_layers} layers, {config.merge_method}{seed}) to {out}")
     return 0
+
+
+def _warn_ignored_parameters(plans) -> None:
+    """One line per stage that sets parameters its method does not take (mergekit ignores them too)."""
+    from search.progress import console
+
+    for plan in plans:
+        if plan.ignored_parameters:
+            names = ", ".join(plan.ignored_parameters[:3]) + (", ..." if len(plan.ignored_parameters) > 3 else "")
+            console.print(f"[yellow]{plan.method.name} does not take {names}: ignored, as mergekit ignores them "
+                          f"({plan.method.name} takes {', '.join(p.name for p in plan.method.params) or 'none'})"
+                          "[/yellow]")
 
 
 def _warn_draw_order(plans, seed: int | None) -> None:

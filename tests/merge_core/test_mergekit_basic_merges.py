@@ -11,10 +11,12 @@ checked refused as written and compared without the parameters the method does n
 from __future__ import annotations
 
 import pytest
+import torch
 import yaml
 
 from tests.conftest import run_cli
 from tests.merge_core.test_methods_more_oracle import assert_matches
+from tests.merge_core.test_oracle import load_folder
 
 MODELS = {"a": "child_1", "b": "child_2", "c": "base"}
 
@@ -85,11 +87,14 @@ def test_mergekit_configuration(families, tmp_path, arch, name, spec):
     f = families[arch]
     raw = config_for(f, spec, keep_unknown=True)
     config = config_for(f, spec, keep_unknown=False)
-    if raw != config:  # mergekit ignores `weight` where the method takes none; we refuse it
-        (tmp_path / "raw.yml").write_text(yaml.safe_dump(raw))
-        result = run_cli("merge", str(tmp_path / "raw.yml"), str(tmp_path / "refused"))
-        assert result.returncode == 2, result.stderr
-        assert len(result.stderr.strip().splitlines()) == 1 and "unknown parameter" in result.stderr
+    if raw != config:  # `weight` where the method takes none: ignored, as mergekit ignores it, and said so
+        for name, doc in (("raw", raw), ("clean", config)):
+            (tmp_path / f"{name}.yml").write_text(yaml.safe_dump(doc))
+            result = run_cli("merge", str(tmp_path / f"{name}.yml"), str(tmp_path / name))
+            assert result.returncode == 0, result.stderr
+            assert ("ignored, as mergekit" in " ".join(result.stderr.split())) == (name == "raw"), result.stderr
+        ignored, clean = load_folder(tmp_path / "raw"), load_folder(tmp_path / "clean")
+        assert sorted(ignored) == sorted(clean) and all(torch.equal(ignored[n], clean[n]) for n in clean)
     body = {k: v for k, v in config.items() if k not in ("merge_method", "dtype", "base_model", "out_dtype")}
     extra = {k: config[k] for k in ("out_dtype",) if k in config}
     assert_matches(families, tmp_path, spec["method"], arch, "bfloat16", lambda _: body, config.get("parameters"),

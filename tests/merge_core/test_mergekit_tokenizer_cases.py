@@ -53,10 +53,8 @@ CASES = {
     "source_base": lambda f: config(f, ["base", "padded", "chatml"], tokenizer_source="base"),
     "source_union": lambda f: config(f, ["base", "padded", "chatml"], tokenizer_source="union"),
     "source_model": lambda f: config(f, ["base", "padded", "chatml"], tokenizer_source=str(f["chatml"])),
-    # mergekit's case also gives each model `weight: 1.0`, which slerp ignores there and we refuse
-    "slerp_union": lambda f: dict(config(f, ["base", "chatml"], "slerp", tokenizer_source="union",
-                                         parameters={"t": 0.5}),
-                                  models=[{"model": str(f[n])} for n in ("base", "chatml")]),
+    # as in mergekit's case, each model keeps `weight: 1.0`, which slerp ignores (both tools)
+    "slerp_union": lambda f: config(f, ["base", "chatml"], "slerp", tokenizer_source="union", parameters={"t": 0.5}),
     "force_token": lambda f: config(f, ["base", "chatml"], tokenizer={"source": "union", "tokens": {
         "_tok_10": {"source": str(f["chatml"]), "force": True}, "_tok_11": {"source": str(f["base"]), "force": True}}}),
     "model_token_id": lambda f: config(f, ["base", "chatml"], tokenizer={"source": "base", "tokens": {
