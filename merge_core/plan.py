@@ -291,7 +291,9 @@ class MergePlan:
         for i, sl in enumerate(self.slices):
             models = [s.model for s in sl.sources]
             if len(set(models)) != len(models):
-                raise MergeInputError(f"slices.{i}: a model appears twice among the sources {models}")
+                twice = next(m for m in models if models.count(m) > 1)
+                where = f"slices.{i}" if self.config.slices else "models"
+                raise MergeInputError(f"{where}: {twice} appears twice; list each model once")
             base = sl.base_model or self.config.base_model
             problem = self.method.contract.check(models, base)
             if problem:

@@ -21,7 +21,18 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    """Plan, then merge and write tensor by tensor behind a progress bar."""
+    """Plan, then merge and write tensor by tensor behind a progress bar; a user's error names the config."""
+    from merge_core.errors import MergeInputError
+
+    try:
+        return _run(args)
+    except MergeInputError as exc:
+        if str(exc).startswith(str(args.config)):
+            raise
+        raise MergeInputError(f"{args.config}: {exc}") from None
+
+
+def _run(args: argparse.Namespace) -> int:
     import os
 
     from merge_core.card import model_card

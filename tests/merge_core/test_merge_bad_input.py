@@ -155,3 +155,20 @@ def test_non_empty_out_dir_kept(tmp_path, pair):
 
 def test_missing_config_file(tmp_path):
     assert_refused(run_cli("merge", str(tmp_path / "nope.yml"), str(tmp_path / "out")), "no such file")
+
+
+def test_plan_errors_name_the_config_file(tmp_path, pair):
+    """Errors found while planning (here: shapes) start with the config's path, as parse errors do."""
+    wide = build_tiny_model(tmp_path / "wide", "phi", seed=3, hidden=64)
+    path = write_config(tmp_path, config_for(pair[0], wide, "one_slice", 0.5, "float16"))
+    result = run_cli("merge", str(path), str(tmp_path / "out"))
+    assert_refused(result, "hidden_size differs", out=tmp_path / "out")
+    assert result.stderr.startswith(f"search merge: error: {path}: "), result.stderr
+
+
+def test_a_model_listed_twice_names_models(tmp_path, pair):
+    config = {"merge_method": "linear", "models": [{"model": str(m), "parameters": {"weight": 1.0}}
+                                                   for m in (pair[0], pair[1], pair[0])]}
+    out = tmp_path / "out"
+    assert_refused(run_cli("merge", str(write_config(tmp_path, config)), str(out)),
+                   f"models: {pair[0]} appears twice", out=out)
