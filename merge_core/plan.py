@@ -88,7 +88,7 @@ class MergePlan:
         self.outputs, self.num_layers = self._plan_outputs()
         self.dtype = DTYPES[config.dtype] if config.dtype else None
         self.out_dtype = DTYPES[config.out_dtype] if config.out_dtype else None
-        self._check_parameter_names(config)
+        self.ignored_parameters = self._check_parameter_names(config)
         self.values(config)  # a missing parameter or a filter list that misses a tensor fails now
 
     # --- inputs -------------------------------------------------------------------------------
@@ -255,24 +255,22 @@ class MergePlan:
             return candidate
         return self.config.with_t(candidate)
 
-    def _check_parameter_names(self, config: MergeConfig) -> None:
+    def _check_parameter_names(self, config: MergeConfig) -> list[str]:
         """A name no method takes is refused (with did-you-mean); one another mergekit method takes (a
-        `weight` kept when a config moves from ties to sce) is ignored, as mergekit ignores it, and listed
-        in `ignored_parameters`."""
+        `weight` kept when a config moves from ties to sce) is ignored, as mergekit ignores it, and
+        returned."""
         known = [p.name for p in self.method.params]
-        elsewhere = {p.name for name in methods.names() for p in methods.get(name).params}
         ignored = []
         for where, parameters in _all_parameters(config):
             for name in parameters or {}:
-                if name not in known and name in elsewhere:
+                if name not in known and name in methods.PARAMETER_NAMES:
                     ignored.append(f"{where}.{name}")
                 elif name not in known:
                     close = difflib.get_close_matches(name, known, n=1)
                     takes = ", ".join(known) or "no parameters"
                     hint = f"did you mean {close[0]!r}?" if close else f"{self.method.name} takes {takes}"
                     raise MergeInputError(f"{where}.{name}: unknown parameter for {self.method.name}; {hint}")
-        if config is self.config:
-            self.ignored_parameters = ignored
+        return ignored
 
     def _check_same_structure(self, config: MergeConfig) -> None:
         ours, theirs = self.config.model_dump(exclude={"parameters"}), config.model_dump(exclude={"parameters"})
@@ -318,7 +316,7 @@ class MergePlan:
         if not by_layer:
             raise MergeInputError(f"{self.models[0]}: no layer tensors found (names like model.layers.N.)")
         reference = next(m for m, w in zip(self.models, self.weights, strict=True) if w is self.reference)
-        layers = _LayerStructures(reference, by_layer)
+        layers = _LayerStructures(reference, by_layer, self.weights, self._index)
         outputs: list[OutputTensor] = []
         first, last = self.slices[0], self.slices[-1]
         outputs += [self._output(n, [(s.model, n) for s in first.sources], first, 0.0, 0) for n in pre]
@@ -327,7 +325,7 @@ class MergePlan:
             count = sl.sources[0].layer_range[1] - sl.sources[0].layer_range[0]
             for i in range(count):
                 p = gradient.position(i, count)
-                for name in layers.names(out_layer, sl, i, self.weights, self._index):
+                for name in layers.names(out_layer, sl, i):
                     inputs = [(s.model, with_layer(name, s.layer_range[0] + i)) for s in sl.sources]
                     outputs.append(self._output(with_layer(name, out_layer), inputs, sl, p, slice_index))
                 out_layer += 1
@@ -495,18 +493,19 @@ class _LayerStructures:
     must be those of the reference's layer at the same index, or config.json could not describe it.
     """
 
-    def __init__(self, reference: str, by_layer: dict[int, list[str]]):
-        self.reference, self.by_layer = reference, by_layer
+    def __init__(self, reference: str, by_layer: dict[int, list[str]], weights: list, index: dict[str, int]):
+        self.reference, self.by_layer, self.weights, self.index = reference, by_layer, weights, index
         self.uniform = len({_structure(names) for names in by_layer.values()}) == 1
-        self._models: dict[int, dict[int, list[str]]] = {}
+        self._models: dict[str, dict[int, list[str]]] = {}
 
-    def names(self, out_layer: int, sl, i: int, weights: list, index: dict) -> list[str]:
+    def names(self, out_layer: int, sl, i: int) -> list[str]:
+        """The tensor names (at the first source's layer) of output layer `out_layer`, the slice's i-th."""
         if self.uniform:
             return self.by_layer[min(self.by_layer)]
         read = [(s.model, s.layer_range[0] + i) for s in sl.sources]
         structures = {}
         for model, layer in read:
-            layer_names = self._layers_of(index[model], weights).get(layer)
+            layer_names = self._layers_of(model).get(layer)
             if not layer_names:
                 raise MergeInputError(f"{model} has no layer {layer}, which layer {out_layer} of the merge reads")
             structures[(model, layer)] = layer_names
@@ -524,9 +523,9 @@ class _LayerStructures:
                 "config.json says which index holds which: keep each layer at its own index")
         return names
 
-    def _layers_of(self, model: int, weights: list) -> dict[int, list[str]]:
+    def _layers_of(self, model: str) -> dict[int, list[str]]:
         if model not in self._models:
-            self._models[model] = _split_names(weights[model].names())[2]
+            self._models[model] = _split_names(self.weights[self.index[model]].names())[2]
         return self._models[model]
 
 

@@ -36,6 +36,9 @@ REGISTRY: dict[str, MergeMethod] = {
     )
 }
 
+# every parameter some method takes: a config may carry one its method ignores, as mergekit's do
+PARAMETER_NAMES = frozenset(p.name for m in REGISTRY.values() for p in m.params)
+
 
 def get(name: str) -> MergeMethod:
     """The method mergekit calls `name`; a one-line error with the closest name otherwise."""

@@ -3,9 +3,9 @@ a6e4028) run on our fine-tune-like families instead of its random pico models, t
 `mergekit-yaml` and through us: every tensor within 1 ulp, the in-memory candidate bit-identical.
 
 Their models map to ours as model_a -> child_1, model_b -> child_2, model_c -> base. Their helper
-gives every model `weight` (0.6, 0.4) and merges in bfloat16 whatever the method; mergekit ignores
-parameters a method does not take, we refuse them (exit 2, did-you-mean), so such configs are
-checked refused as written and compared without the parameters the method does not take.
+gives every model `weight` (0.6, 0.4) and merges in bfloat16 whatever the method; both tools ignore
+parameters a method does not take (we say so in one warning line), so such configs are checked to
+merge as written exactly as without those parameters, and compared with mergekit without them.
 """
 
 from __future__ import annotations
