@@ -74,10 +74,10 @@ def is_hub_id(path: str, local: frozenset[str] = frozenset()) -> bool:
 def model_card(config: MergeConfig, yaml_text: str, name: str | None = None,
                local: frozenset[str] = frozenset()) -> str:
     """README.md for a merge of `config` whose source text is `yaml_text`; `local` names are never Hub links."""
-    paths = [m.split("@")[0] for m in _referenced(config)]
+    paths = [part.split("@")[0] for m in _referenced(config) for part in m.split("+")]
     base = None if config.merge_method == "slerp" else config.base_model  # mergekit: slerp names no base
-    base_text = f" using {_link(base.split('@')[0], local)} as a base" if base else ""
-    bullets = [f"* {_link(m.split('@')[0], local)}" for m in _referenced(config) if m != base]
+    base_text = f" using {_reference(base, local)} as a base" if base else ""
+    bullets = [f"* {_reference(m, local)}" for m in _referenced(config) if m != base]
     metadata = yaml.dump({"base_model": [p for p in paths if is_hub_id(p, local)], "tags": ["mergekit", "merge"],
                           "library_name": "transformers"})
     return TEMPLATE.format(metadata=metadata, name=name or "Untitled Model (1)", model_list="\n".join(bullets),
@@ -91,6 +91,11 @@ def _referenced(config: MergeConfig) -> list[str]:
     names += [m.model for m in config.models or []]
     names += [s.model for sl in config.slices or [] for s in sl.sources]
     return list(dict.fromkeys(names))
+
+
+def _reference(name: str, local: frozenset[str]) -> str:
+    """A model as mergekit's modelref_md writes it: `model + adapter`, each a Hub link where it is one."""
+    return " + ".join(_link(part.split("@")[0], local) for part in name.split("+"))
 
 
 def _link(path: str, local: frozenset[str]) -> str:

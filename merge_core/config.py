@@ -8,7 +8,7 @@ mergekit's other spellings are read into one form, so the rest of the code and `
 that one: a model given as `{model: {path: p, revision: r}}` becomes `p@r`; `dtype: torch.float16`
 becomes `float16`; a quoted number (`weight: '0.5'`) becomes the number, converted as mergekit's
 pydantic parameter types convert it; `tokenizer: {source: s}` with no tokens and no padding becomes
-`tokenizer_source: s`. What merge-search cannot do exactly (LoRA adapters, `modules`, ...) is
+`tokenizer_source: s`; `{model: m, lora: a}` becomes `m+a`. What merge-search cannot do exactly (`modules`, ...) is
 refused with one line that says what to write instead.
 """
 
@@ -37,8 +37,6 @@ from merge_core.gradient import FilterValue
 Scalar = bool | int | float | str
 ScalarOrGradient = Scalar | list[Scalar]
 DTYPE_NAMES = ("float16", "bfloat16", "float32", "float64")
-LORA_HINT = ("LoRA adapters are not supported by merge-search; merge the adapter into its model first "
-             "(peft's merge_and_unload) and name that folder")
 
 
 def _dtype_name(value):
@@ -59,38 +57,56 @@ DType = Annotated[Literal["float16", "bfloat16", "float32", "float64"] | None, B
 
 
 def _model_reference(value):
-    """mergekit's ModelReference forms as one string: `path`, `path@revision`; LoRA refused."""
+    """mergekit's ModelReference forms as one string: `path`, `path@revision`, `model+adapter`."""
     if isinstance(value, dict):
         unknown = sorted(set(value) - {"model", "lora", "override_architecture"}, key=str)
         if unknown:
             raise ValueError(f"unknown key {unknown[0]!r} in a model reference; write `model: org/name` "
-                             "or `model: {model: {path: org/name, revision: main}}`")
-        if value.get("lora") is not None:
-            raise ValueError(LORA_HINT)
+                             "or `model: {model: {path: org/name, revision: main}, lora: org/adapter}`")
         if value.get("override_architecture") is not None:
             raise ValueError("override_architecture is not supported by merge-search; remove it (the "
                              "architecture is read from the model's config.json)")
         if "model" not in value:
             raise ValueError("a model reference needs `model:`; write `model: org/name` "
                              "or `model: {model: {path: org/name, revision: main}}`")
-        value = value["model"]
-        if isinstance(value, dict):
-            unknown = sorted(set(value) - {"path", "revision"}, key=str)
-            if unknown:
-                raise ValueError(f"unknown key {unknown[0]!r} in a model path; it takes path and revision")
-            path, revision = value.get("path"), value.get("revision")
-            if not isinstance(path, str) or not path:
-                raise ValueError("a model path needs `path:` with the folder or Hub id, e.g. {path: org/name}")
-            if revision is not None and not isinstance(revision, str):
-                raise ValueError(f"revision must be a string (quote it), got {revision!r}")
-            value = f"{path}@{revision}" if revision else path
+        model = _model_path(value["model"], "model")
+        lora = value.get("lora")
+        value = f"{model}+{_model_path(lora, 'lora')}" if lora is not None else model
     if isinstance(value, str) and "+" in value:
-        # mergekit reads `model+adapter` as a model with a LoRA adapter.
-        raise ValueError(f"{value!r}: `+` names a LoRA adapter in mergekit; {LORA_HINT}")
+        parts = value.split("+")
+        if len(parts) != 2 or not all(p.strip() for p in parts):
+            raise ValueError(f"{value!r}: write a model with a LoRA adapter as model+adapter, with one `+`")
+    return value
+
+
+def _model_path(value, key: str) -> str:
+    """mergekit's ModelPath: `org/name`, `org/name@rev` or `{path: org/name, revision: rev}`."""
+    if isinstance(value, dict):
+        unknown = sorted(set(value) - {"path", "revision"}, key=str)
+        if unknown:
+            raise ValueError(f"unknown key {unknown[0]!r} in a {key} path; it takes path and revision")
+        path, revision = value.get("path"), value.get("revision")
+        if not isinstance(path, str) or not path:
+            raise ValueError(f"a {key} path needs `path:` with the folder or Hub id, e.g. {{path: org/name}}")
+        if revision is not None and not isinstance(revision, str):
+            raise ValueError(f"revision must be a string (quote it), got {revision!r}")
+        value = f"{path}@{revision}" if revision else path
+    if not isinstance(value, str) or not value.strip():
+        raise ValueError(f"`{key}:` must be a folder or Hub id, got {value!r}")
+    if "+" in value:
+        raise ValueError(f"{value!r}: `{key}:` names one folder or Hub id, without `+`")
     return value
 
 
 ModelName = Annotated[str, BeforeValidator(_model_reference)]
+
+
+def reference_text(value) -> str:
+    """A model reference in any of mergekit's forms as the one string the rest of the code reads."""
+    try:
+        return _model_reference(value)
+    except ValueError as exc:
+        raise MergeInputError(f"model {value!r}: {exc}") from None
 
 
 class _Strict(BaseModel):
@@ -114,6 +130,10 @@ class ConditionalValue(_Strict):
 def _conditional_lists(value):
     # mergekit accepts a single `{filter, value}` mapping where a list of them is meant.
     if isinstance(value, dict):
+        for name, setting in value.items():
+            if isinstance(setting, list) and not setting:
+                raise ValueError(f"{name} is an empty list; give a number, a gradient like [0.2, 0.8], "
+                                 "or a list of {filter, value} entries")
         return {k: [v] if isinstance(v, dict) else v for k, v in value.items()}
     return value
 

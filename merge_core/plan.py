@@ -23,7 +23,7 @@ from merge_core.config import MergeConfig, Slice, SliceSource, TSetting, setting
 from merge_core.errors import MergeInputError
 from merge_core.layers import layer_count, layer_index, with_layer
 from merge_core.methods.base import Inputs, Values
-from merge_core.refs import resolve
+from merge_core.refs import config_folder, resolve
 from merge_core.vocabulary import OutputVocabulary, load_tokenizer, model_tokenizer
 from merge_core.weights import ModelWeights, read_config
 
@@ -217,7 +217,10 @@ class MergePlan:
             try:
                 self.method.check(values, out.name)
             except ValueError as exc:
-                raise MergeInputError(f"parameters ({out.name}): {exc}") from None
+                position = getattr(exc, "position", None)
+                source = out.sources[position] if position is not None else None
+                where = f"{self.models[source.model]}: {source.tensor}" if source else out.name
+                raise MergeInputError(f"parameters ({where}): {exc}") from None
             result.append(values)
         return result
 
@@ -480,7 +483,7 @@ def _normalised_slices(config: MergeConfig, allow_pickle: bool | None, known: li
 def _config_of(model: str, allow_pickle, in_memory: dict | None = None) -> dict:
     if in_memory and model in in_memory:
         return in_memory[model].config
-    return read_config(resolve(model, bool(allow_pickle)))
+    return read_config(config_folder(model, bool(allow_pickle)))
 
 
 class _LayerStructures:

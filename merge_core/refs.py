@@ -1,4 +1,5 @@
-"""Model references: a local folder, or a Hub id with an optional `@revision`."""
+"""Model references: a local folder, or a Hub id with an optional `@revision`; `model+adapter` names a
+model with a LoRA adapter merged into it (mergekit's form, `merge_core.lora`)."""
 
 from __future__ import annotations
 
@@ -35,18 +36,42 @@ class ModelRef:
         return f"{self.name}@{self.revision}" if self.revision else self.name
 
 
-def resolve(ref: ModelRef | str, allow_pickle: bool = False) -> Path:
-    """A local folder holding the model: the folder itself or its Hub snapshot."""
+def split_adapter(text: str) -> tuple[str, str | None]:
+    """mergekit's `model+adapter` as (model, adapter); (text, None) without an adapter."""
+    text = str(text).strip()
+    if "+" not in text or Path(text).expanduser().exists():
+        return text, None
+    parts = [part.strip() for part in text.split("+")]
+    if len(parts) != 2 or not all(parts):
+        raise MergeInputError(f"model {text}: write a model with a LoRA adapter as model+adapter, with one `+`")
+    return parts[0], parts[1]
+
+
+def resolve(ref: ModelRef | str, allow_pickle: bool = False, what: str = "model") -> Path:
+    """A local folder holding the model: the folder itself or its Hub snapshot; for `model+adapter`,
+    the model with the adapter merged in (built once, under the LoRA cache)."""
+    model, adapter = split_adapter(str(ref))
+    if adapter is not None:
+        from merge_core.lora import merged_folder
+
+        return merged_folder(resolve(model, allow_pickle), resolve(adapter, allow_pickle, "LoRA adapter"),
+                             str(ref).strip(), allow_pickle)
     if isinstance(ref, str):
         ref = ModelRef.parse(ref)
     local = Path(ref.name).expanduser()
     if local.is_dir():
         return local.resolve()
     if local.exists():
-        raise MergeInputError(f"model {ref}: {local} is a file, expected a model folder")
+        raise MergeInputError(f"{what} {ref}: {local} is a file, expected a folder")
     if not is_hub_id(ref.name):
-        raise MergeInputError(f"model {ref}: no such folder (and not a Hub id of the form org/name)")
-    return _hub_snapshot(ref, allow_pickle)
+        raise MergeInputError(f"{what} {ref}: no such folder (and not a Hub id of the form org/name)")
+    return _hub_snapshot(ref, allow_pickle, what)
+
+
+def config_folder(ref: ModelRef | str, allow_pickle: bool = False) -> Path:
+    """The folder whose config.json describes the model: for `model+adapter`, the model's own (the
+    adapter changes weights, not the config), so reading it builds nothing."""
+    return resolve(split_adapter(str(ref))[0], allow_pickle)
 
 
 def is_hub_id(name: str) -> bool:
@@ -54,7 +79,7 @@ def is_hub_id(name: str) -> bool:
     return not name.startswith((".", "/", "~")) and name.count("/") == 1
 
 
-def _hub_snapshot(ref: ModelRef, allow_pickle: bool) -> Path:
+def _hub_snapshot(ref: ModelRef, allow_pickle: bool, what: str = "model") -> Path:
     from huggingface_hub import snapshot_download
     from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError, RepositoryNotFoundError
 
@@ -64,10 +89,10 @@ def _hub_snapshot(ref: ModelRef, allow_pickle: bool) -> Path:
         path = snapshot_download(ref.name, revision=ref.revision, allow_patterns=patterns, local_files_only=offline)
     except LocalEntryNotFoundError:
         hint = "HF_HUB_OFFLINE is set; download it first or unset it" if offline else "check the name and network"
-        raise MergeInputError(f"model {ref}: not in the local Hugging Face cache ({hint})") from None
+        raise MergeInputError(f"{what} {ref}: not in the local Hugging Face cache ({hint})") from None
     except RepositoryNotFoundError:
-        raise MergeInputError(f"model {ref}: no such repository on the Hugging Face Hub") from None
+        raise MergeInputError(f"{what} {ref}: no such repository on the Hugging Face Hub") from None
     except (HfHubHTTPError, OSError, ValueError) as exc:
         first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise MergeInputError(f"model {ref}: cannot fetch from the Hub ({first_line})") from None
+        raise MergeInputError(f"{what} {ref}: cannot fetch from the Hub ({first_line})") from None
     return Path(path)

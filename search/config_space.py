@@ -68,10 +68,12 @@ class Slot:
 
 
 def model_aliases(models: list[str]) -> dict[str, str]:
-    """A short readable name per model (its folder or repo name), unique within the config."""
+    """A short readable name per model (its folder or repo name; `model+adapter` for one with a LoRA
+    adapter), unique within the config."""
     aliases: dict[str, str] = {}
     for model in models:
-        stem = re.sub(r"[^A-Za-z0-9_\-]+", "_", Path(model.split("@")[0].rstrip("/")).name) or "model"
+        stem = "+".join(re.sub(r"[^A-Za-z0-9_\-]+", "_", Path(part.split("@")[0].rstrip("/")).name)
+                        for part in model.split("+")).strip("+") or "model"
         alias, n = stem, 2
         while alias in aliases.values():
             alias, n = f"{stem}_{n}", n + 1
@@ -339,12 +341,12 @@ class ConfigSpace:
 
     def _layer_count(self, model: str) -> int:
         from merge_core.layers import layer_count
-        from merge_core.refs import resolve
+        from merge_core.refs import config_folder
         from merge_core.weights import read_config
 
         where = next(s.where for s in self.slots if s.blocks)
         try:
-            count = layer_count(read_config(resolve(model, allow_pickle=True)))
+            count = layer_count(read_config(config_folder(model, allow_pickle=True)))
         except Exception as exc:  # a stage name of a chain, a missing folder: no config.json to read
             raise StudyError(f"{where}.blocks: cannot read how many layers {model} has ({exc}); "
                              "give merge.config as slices") from None

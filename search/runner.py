@@ -170,11 +170,12 @@ class StudyPlan:
 def parents_on_disk(names: list[str]) -> bool:
     """Whether every model named is a folder here (nothing to download or build); a path to no
     folder (not a Hub id, not a demo model built on first use) is refused in one line."""
-    from merge_core.refs import ModelRef, is_hub_id
+    from merge_core.refs import ModelRef, is_hub_id, split_adapter
     from search.study_config import DEMO3_MODELS, DEMO_MODELS
 
     on_disk = True
-    for name in names:
+    parts = [part for name in names for part in split_adapter(str(name)) if part is not None]
+    for name in parts:
         folder = Path(ModelRef.parse(str(name)).name).expanduser()
         if folder.is_dir():
             continue

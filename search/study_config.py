@@ -10,6 +10,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from merge_core.config import ConditionalValue, Slice
+from merge_core.refs import split_adapter
 from search.errors import StudyError
 from search.samplers import SAMPLERS as SAMPLER_REGISTRY
 
@@ -269,9 +270,13 @@ def model_path(text: str, folder: Path) -> str:
     that starts with ./ ../ / or ~, or that has more than one `/`, is a path, made absolute against
     the study file's folder. Anything else (`org/name`, `org/name@revision`, a bare `gpt2`) is a
     Hugging Face Hub id and stays as written. `demo:NAME` is a demo parent under ./runs/demo-models.
+    In `model+adapter` (a LoRA adapter on a model) each part follows the rule.
     """
     if text.startswith(DEMO_SCHEME):
         return str((DEMO_MODELS / text.removeprefix(DEMO_SCHEME)).resolve())
+    model, adapter = split_adapter(text)
+    if adapter is not None:  # `model+adapter`: each part by the same rule
+        return f"{model_path(model, folder)}+{model_path(adapter, folder)}"
     path = Path(text).expanduser()
     hub_like = not text.startswith((".", "/", "~")) and text.split("@")[0].count("/") <= 1
     if hub_like and not (folder / path).exists():
@@ -346,13 +351,15 @@ def _slice_paths(item: Any, folder: Path) -> Any:
 
 def model_reference(value: Any, folder: Path) -> Any:
     """`model_path` applied to a model reference in any of mergekit's forms: `path`, `{path, revision}`,
-    `{model: {path, revision}}` (anything else is left for validation to report)."""
+    `{model: {path, revision}, lora: ...}` (anything else is left for validation to report)."""
     if isinstance(value, str):
         return model_path(value, folder)
     if isinstance(value, dict) and isinstance(value.get("path"), str):
         return {**value, "path": model_path(value["path"], folder)}
     if isinstance(value, dict) and isinstance(value.get("model"), dict | str):
-        return {**value, "model": model_reference(value["model"], folder)}
+        lora = value.get("lora")
+        return {**value, "model": model_reference(value["model"], folder)} | (
+            {"lora": model_reference(lora, folder)} if isinstance(lora, dict | str) else {})
     return value
 
 

@@ -15,7 +15,7 @@ from pathlib import Path
 import yaml
 
 from merge_core import methods
-from merge_core.config import MergeConfig
+from merge_core.config import MergeConfig, reference_text
 from search.config_space import model_aliases
 
 LEADERBOARD_TASKS = [
@@ -146,8 +146,8 @@ def from_evolve(genome_file: dict, num_layers: int) -> tuple[dict, list[dict], l
     """
     genome = genome_file["genome"]
     method = genome["merge_method"]
-    models = [str(m) for m in genome["models"]]
-    base = genome.get("base_model")
+    models = [reference_text(m) for m in genome["models"]]
+    base = reference_text(genome["base_model"]) if genome.get("base_model") else None
     notes: list[str] = []
     granularity = int(genome.get("layer_granularity") or 0)
     groups = num_layers // granularity if granularity > 0 else 1

@@ -16,6 +16,14 @@ REQUIRED = object()  # the default of a parameter the config must give
 Scope = Literal["global", "per_model", "per_non_base"]
 
 
+class InputValueError(ValueError):
+    """A value out of range for one input (`position` in the output's sources)."""
+
+    def __init__(self, position: int, message: str):
+        super().__init__(message)
+        self.position = position
+
+
 @dataclass(frozen=True)
 class Param:
     """One parameter: its name, type, scope (mergekit's SHARED / INPUT / NON_BASE) and default."""
@@ -112,7 +120,8 @@ class MergeMethod:
         return torch.promote_types(working, torch.float32) if self.float32_result else working
 
     def check(self, values: Values, where: str) -> None:
-        """Raise ValueError when values are out of the method's range (beyond their types)."""
+        """Raise ValueError when values are out of the method's range (beyond their types); an
+        InputValueError where one input's values are, so that the message can name its model."""
 
     def prepare(self, inputs: Inputs) -> Any:
         """Work that depends on the inputs only (once per study); the default keeps nothing."""

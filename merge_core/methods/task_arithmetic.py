@@ -11,7 +11,7 @@ import torch
 
 from merge_core import native
 from merge_core.methods import draws, sparsify
-from merge_core.methods.base import Contract, Inputs, MergeMethod, Param, Values
+from merge_core.methods.base import Contract, Inputs, InputValueError, MergeMethod, Param, Values
 from merge_core.methods.chunks import CHUNK_ELEMENTS, chunk_ranges, half_row_sum
 from merge_core.methods.sparsify import HALF
 
@@ -49,18 +49,18 @@ class TaskArithmetic(MergeMethod):
 
     def check(self, values, where) -> None:
         if self.sparsification == "random":  # mergekit's Bernoulli draw fails on a negative probability
-            for per_input in values.per_input:
+            for position, per_input in enumerate(values.per_input):
                 if per_input.get("density") is not None and per_input["density"] < 0:
-                    raise ValueError(f"density {per_input['density']:g} is negative; DARE keeps each element "
-                                     "with probability density, so give a value from 0 to 1")
+                    raise InputValueError(position, f"density {per_input['density']:g} is negative; DARE keeps "
+                                          "each element with probability density, so give a value from 0 to 1")
         if self.sparsification != "della":
             return
-        for per_input in values.per_input:
+        for position, per_input in enumerate(values.per_input):
             density, epsilon = per_input.get("density"), per_input.get("epsilon")
             if density is None or not 0 < density < 1:
                 continue  # density >= 1 keeps everything, <= 0 drops everything: epsilon unused
             if density + epsilon >= 1 or density - epsilon <= 0:
-                raise ValueError(f"density {density:g} +/- epsilon {epsilon:g} must stay inside (0, 1)")
+                raise InputValueError(position, f"density {density:g} +/- epsilon {epsilon:g} must stay inside (0, 1)")
 
     def prepare(self, inputs):
         """Per input: magnitude counts of its task vector (half types), exact thresholds with no sort

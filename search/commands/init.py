@@ -64,9 +64,9 @@ def run(args: argparse.Namespace) -> int:
 def _from_evolve(source: Path, out: Path, tasks, args) -> tuple[str, list[str]]:
     from datetime import date
 
-    from merge_core.config import parse_config, read_yaml
+    from merge_core.config import parse_config, read_yaml, reference_text
     from merge_core.layers import layer_count
-    from merge_core.refs import resolve
+    from merge_core.refs import config_folder
     from merge_core.weights import read_config
     from search.study_init import from_evolve, render_study
 
@@ -79,8 +79,8 @@ def _from_evolve(source: Path, out: Path, tasks, args) -> tuple[str, list[str]]:
 
     if method not in EVOLVE_PARAMS:
         raise StudyError(f"{source}: genome.merge_method {method!r}: mergekit-evolve knows {', '.join(EVOLVE_PARAMS)}")
-    first = str(genome.get("base_model") or genome["models"][0])
-    layers = layer_count(read_config(resolve(first))) or 1
+    first = reference_text(genome.get("base_model") or genome["models"][0])
+    layers = layer_count(read_config(config_folder(first))) or 1
     config, items, evolve_tasks, notes = from_evolve(data, layers)
     parse_config(config, f"{source} (as a mergekit config)")  # fails here, not at start
     header = [f"# Study converted by `search init --from-evolve {source}` on {date.today()}.",

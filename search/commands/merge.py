@@ -16,14 +16,21 @@ def register(sub: argparse._SubParsersAction) -> None:
     parser.add_argument("--random-seed", type=int, default=None,
                         help="seed for DARE/DELLA masks (the masks mergekit-yaml --random-seed draws)")
     parser.add_argument("--allow-pickle", action="store_true", help="also load pickled .bin weights")
+    parser.add_argument("--lora-merge-cache", default=None, metavar="DIR",
+                        help="where models with a LoRA adapter (model+adapter) are kept once merged "
+                             "(default $MERGE_SEARCH_LORA_CACHE, else ~/.cache/merge-search/lora)")
+    parser.add_argument("--lora-merge-dtype", default=None, metavar="DTYPE",
+                        help="dtype to apply LoRA adapters in (default: the model's own), as mergekit-yaml's")
     parser.add_argument("--overwrite", action="store_true", help="replace a non-empty OUT_DIR")
     parser.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
     """Plan, then merge and write tensor by tensor behind a progress bar; a user's error names the config."""
+    from merge_core import lora
     from merge_core.errors import MergeInputError
 
+    lora.configure(args.lora_merge_cache, args.lora_merge_dtype)
     try:
         return _run(args)
     except MergeInputError as exc:
@@ -56,6 +63,7 @@ def _run(args: argparse.Namespace) -> int:
         config = parse_config(docs[0] if docs else None, args.config)
         plan = MergePlan(config, allow_pickle=args.allow_pickle)
         plans = [plan]
+    _say_adapters(plans)
     _warn_draw_order(plans, args.random_seed)
     _warn_ignored_parameters(plans)
     merged_config = output_config(plan)
@@ -74,6 +82,18 @@ def _run(args: argparse.Namespace) -> int:
     seed = "" if not plan.method.randomised or args.random_seed is None else f", random seed {args.random_seed}"
     console.print(f"wrote {len(plan.outputs)} tensors ({plan.num_layers} layers, {config.merge_method}{seed}) to {out}")
     return 0
+
+
+def _say_adapters(plans) -> None:
+    """Where the models with a LoRA adapter were merged (peft, once per model, adapter and dtype)."""
+    from merge_core.lora import cache_folder
+    from search.progress import console
+
+    adapted = sorted({m for plan in plans for m in plan.models if "+" in m and not Path(m).exists()})
+    if adapted:
+        names = ", ".join(adapted[:2]) + (", ..." if len(adapted) > 2 else "")
+        console.print(f"LoRA adapters applied with peft, as mergekit-yaml applies them ({names}); "
+                      f"the merged models are kept in {cache_folder()}")
 
 
 def _warn_ignored_parameters(plans) -> None:

@@ -143,10 +143,10 @@ REFUSED = {
                                ["tokenizer.pad_to_multiple_of:", "greater than or equal to 1"]),
     "tokenizer_twice": ({"tokenizer_source": "base", "tokenizer": {"source": "base"}}, ["tokenizer:", "not both"]),
     "modules": ({"modules": {"text": {"models": []}}}, ["modules:", "top-level `models:` or `slices:`"]),
-    "lora_field": ({"models": [{"model": {"model": "CHILD", "lora": "org/adapter"}, "parameters": {"weight": 1}}]},
-                   ["models.0.model:", "LoRA", "merge_and_unload"]),
-    "lora_plus": ({"models": [{"model": "CHILD+org/adapter", "parameters": {"weight": 1}}]},
-                  ["models.0.model:", "LoRA", "merge_and_unload"]),
+    "lora_path_typo": ({"models": [{"model": {"model": "CHILD", "lora": {"pth": "org/adapter"}},
+                                    "parameters": {"weight": 1}}]}, ["models.0.model:", "'pth'", "lora path"]),
+    "lora_plus_twice": ({"models": [{"model": "CHILD+org/a+org/b", "parameters": {"weight": 1}}]},
+                        ["models.0.model:", "model+adapter", "one `+`"]),
     "override_architecture": ({"base_model": {"model": "CHILD", "override_architecture": "LlamaForCausalLM"}},
                               ["base_model:", "override_architecture", "remove it"]),
     "model_path_typo": ({"models": [{"model": {"model": {"pth": "CHILD"}}, "parameters": {"weight": 1}}]},
@@ -188,6 +188,9 @@ PLAN_REFUSED = {
                                                 ["tokenizer.tokens.<x>:", "lacks the token"]),
     "tokenizer_model_token_unknown": ({"tokenizer": {"tokens": {"<x>": {"source": {
         "kind": "model_token", "model": "CHILD", "token": "zebra"}}}}}, ["tokenizer.tokens.<x>:", "'zebra'"]),
+    "lora_adapter_not_downloaded": ({"models": [{"model": {"model": "CHILD", "lora": "org/adapter"},
+                                                 "parameters": {"weight": 1}}]},
+                                    ["LoRA adapter org/adapter:", "not in the local Hugging Face cache"]),
 }
 
 
@@ -204,7 +207,8 @@ def test_refused_when_planned(families, tmp_path, form):
 
 @pytest.mark.parametrize("form,mergekit_says", [("weight_not_a_number", "valid number"),
                                                  ("dtype_unknown", "Unimplemented dtype"),
-                                                 ("tokenizer_twice", "both tokenizer_source and tokenizer")])
+                                                 ("tokenizer_twice", "both tokenizer_source and tokenizer"),
+                                                 ("lora_plus_twice", "Can't parse")])
 def test_mergekit_refuses_these_too(families, tmp_path, form, mergekit_says):
     """Where mergekit-yaml fails as well, the refusal is not a gap."""
     config = yaml.safe_load(refused_config(families["llama"], form))

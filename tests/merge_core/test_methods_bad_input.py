@@ -22,7 +22,7 @@ def bad_configs(f, wide) -> list[tuple[str, dict, tuple[str, ...]]]:
          ("parameters.weight", "required by linear")),
         ("della density +/- epsilon", {"merge_method": "della", "base_model": base,
                                        "models": three(f, weight=[1, 1, 1], density=[0.9, 0.5, 0.5])},
-         ("density 0.9", "epsilon 0.15", "(0, 1)")),
+         ("density 0.9", "epsilon 0.15", "(0, 1)", f"{f['child_1']}: ")),
         ("ties without base", {"merge_method": "ties", "models": three(f, weight=[1, 1, 1])},
          ("ties", "needs a base_model")),
         ("misspelt parameter", {"merge_method": "ties", "base_model": base,
@@ -47,7 +47,9 @@ def bad_configs(f, wide) -> list[tuple[str, dict, tuple[str, ...]]]:
          ("hidden_size differs", str(wide))),
         ("dare density below 0", {"merge_method": "dare_ties", "base_model": base,
                                   "models": three(f, weight=[1, 1, 1], density=[0.5, -0.1, 0.5])},
-         ("density -0.1 is negative", "from 0 to 1")),
+         ("density -0.1 is negative", "from 0 to 1", f"{f['child_2']}: ")),
+        ("empty weight list", {"merge_method": "linear", "models": three(f, weight=[[], 1, 1])},
+         ("models.0.parameters", "weight is an empty list", "gradient like [0.2, 0.8]")),
     ]
 
 
@@ -56,7 +58,7 @@ def wide(tmp_path_factory):
     return build_tiny_model(tmp_path_factory.mktemp("wide") / "wide", "phi", seed=3, hidden=64)
 
 
-@pytest.mark.parametrize("index", range(12))
+@pytest.mark.parametrize("index", range(13))
 def test_refused(families, wide, tmp_path, index):
     name, config, needles = bad_configs(families["phi"], wide)[index]
     out = tmp_path / "out"

@@ -23,6 +23,9 @@ def test_model_reference_rule(tmp_path):
     assert model_path("runs/models/a", tmp_path) == str(tmp_path / "runs" / "models" / "a")
     assert model_path("/abs/x", tmp_path) == "/abs/x"
     assert model_path("demo:parent_a", tmp_path) == str((DEMO_MODELS / "parent_a").resolve())
+    # a model with a LoRA adapter: each side of the `+` by the same rule
+    assert model_path("local+org/adapter", tmp_path) == f"{tmp_path / 'local'}+org/adapter"
+    assert model_path("org/name@v1+./adapters/a", tmp_path) == f"org/name@v1+{tmp_path / 'adapters' / 'a'}"
     assert storage_path("sqlite:///runs/x.db", tmp_path) == f"sqlite:///{tmp_path / 'runs' / 'x.db'}"
     assert storage_path("sqlite:////abs/x.db", tmp_path) == "sqlite:////abs/x.db"
     assert storage_path("runs/x.journal", tmp_path) == str(tmp_path / "runs" / "x.journal")
