@@ -51,7 +51,7 @@ def write_model(
     layout: list[tuple[str, tuple[int, ...], torch.dtype]],
     config: dict,
     tokenizer_folder: Path,
-    merge_yaml: str,
+    merge_yaml: str | None,
     card: str | None = None,
     max_shard_bytes: int = MAX_SHARD_BYTES,
     progress: Callable[[], None] | None = None,
@@ -72,7 +72,8 @@ def write_model(
         (staging / "config.json").write_text(config_json(config), encoding="utf-8")
         if card is not None:
             (staging / "README.md").write_text(card, encoding="utf-8")
-        (staging / "mergekit_config.yml").write_text(merge_yaml, encoding="utf-8")
+        if merge_yaml is not None:
+            (staging / "mergekit_config.yml").write_text(merge_yaml, encoding="utf-8")
         if tokenizer is not None:
             tokenizer.save_pretrained(staging, safe_serialization=True)
         elif tokenizer_folder is not None and copies_tokenizer(tokenizer_folder):
@@ -153,7 +154,7 @@ def _stream_shards(folder: Path, tensors: Iterable, layout: list, max_bytes: int
     size = 0
     for entry in layout:
         nbytes = _nbytes(entry[1], entry[2])
-        if shards[-1] and size + nbytes > max_bytes:
+        if shards[-1] and max_bytes > 0 and size + nbytes > max_bytes:  # mergekit: 0 means one shard
             shards.append([])
             size = 0
         shards[-1].append(entry)

@@ -22,7 +22,77 @@ def register(sub: argparse._SubParsersAction) -> None:
     parser.add_argument("--lora-merge-dtype", default=None, metavar="DTYPE",
                         help="dtype to apply LoRA adapters in (default: the model's own), as mergekit-yaml's")
     parser.add_argument("--overwrite", action="store_true", help="replace a non-empty OUT_DIR")
+    _add_mergekit_flags(parser)
     parser.set_defaults(func=run)
+
+
+# mergekit-yaml's flags that only tune how it runs: merge-search always maps the parents and streams
+# the output, so scripts written for mergekit-yaml run unchanged and these change nothing.
+NO_EFFECT_SWITCHES = ("allow-crimes", "lazy-unpickle", "low-cpu-memory", "read-to-gpu", "async-write",
+                      "clone-tensors", "multi-gpu")
+
+
+def _add_mergekit_flags(parser: argparse.ArgumentParser) -> None:
+    """mergekit-yaml's options, so that its command lines work here as they are."""
+    group = parser.add_argument_group("mergekit-yaml options")
+    on_off = argparse.BooleanOptionalAction
+    group.add_argument("--cuda", action=on_off, default=False, help="same as --device cuda")
+    group.add_argument("--out-shard-size", default="5B", metavar="SIZE",
+                       help="bytes per output shard, as mergekit-yaml counts them: 5B, 500M, 1000000 (default 5B)")
+    group.add_argument("--copy-tokenizer", action=on_off, default=True,
+                       help="write the reference model's tokenizer next to the weights (default: yes)")
+    group.add_argument("--write-model-card", action=on_off, default=True,
+                       help="write README.md and mergekit_config.yml (default: yes; mergekit-yaml's switch "
+                            "skips both)")
+    group.add_argument("--safe-serialization", action=on_off, default=True,
+                       help="safetensors output, the only kind written here")
+    group.add_argument("--quiet", action=on_off, default=False, help="no progress bar")
+    group.add_argument("--transformers-cache", default=None, metavar="DIR",
+                       help="Hugging Face cache folder for Hub models (sets HF_HUB_CACHE)")
+    group.add_argument("--trust-remote-code", action=on_off, default=False, help=argparse.SUPPRESS)
+    group.add_argument("--unsafe-truncate-embeddings", action=on_off, default=False, help=argparse.SUPPRESS)
+    for name in NO_EFFECT_SWITCHES:
+        group.add_argument(f"--{name}", action=on_off, default=False, help=argparse.SUPPRESS)
+    group.add_argument("--gpu-rich", action="store_true", help=argparse.SUPPRESS)
+    group.add_argument("--write-threads", type=int, default=None, help=argparse.SUPPRESS)
+    group.description = (f"accepted with no effect: --{', --'.join(NO_EFFECT_SWITCHES)}, --gpu-rich, "
+                         "--write-threads (the parents are always mapped and the output streamed)")
+
+
+def parse_size(text: str) -> int:
+    """mergekit's parse_kmb: `5B`, `500M`, `100K` (powers of 1000) or a plain count; 0 means one shard."""
+    from merge_core.errors import MergeInputError
+
+    value = str(text).strip()
+    scale = {"k": 1000, "m": 1000**2, "b": 1000**3}.get(value[-1:].lower(), 1)
+    digits = value[:-1] if scale > 1 else value
+    if not digits.isdigit():
+        raise MergeInputError(f"--out-shard-size {text!r}: give a size like 5B, 500M, 100K or a number of bytes")
+    return int(digits) * scale
+
+
+def _check_mergekit_flags(args: argparse.Namespace) -> None:
+    """Refuse, in one line, the mergekit-yaml options whose effect merge-search does not have."""
+    import os
+
+    from merge_core.errors import MergeInputError
+
+    if not args.safe_serialization:
+        raise MergeInputError("--no-safe-serialization: search merge writes safetensors only; drop the flag")
+    if args.trust_remote_code:
+        raise MergeInputError("--trust-remote-code: search merge runs no model code from a repository; it reads "
+                              "architectures transformers knows")
+    if args.unsafe_truncate_embeddings:
+        raise MergeInputError("--unsafe-truncate-embeddings is not supported; give tokenizer_source (base, union "
+                              "or a model) to line the vocabularies up")
+    if args.cuda or args.gpu_rich:
+        if args.device not in ("cpu", "cuda") and not args.device.startswith("cuda"):
+            raise MergeInputError(f"--cuda and --device {args.device} disagree; give one of them")
+        if args.device == "cpu":
+            args.device = "cuda"
+    if args.transformers_cache:
+        os.environ["HF_HUB_CACHE"] = str(Path(args.transformers_cache).expanduser())
+    args.max_shard_bytes = parse_size(args.out_shard_size)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -30,6 +100,7 @@ def run(args: argparse.Namespace) -> int:
     from merge_core import lora
     from merge_core.errors import MergeInputError
 
+    _check_mergekit_flags(args)
     lora.configure(args.lora_merge_cache, args.lora_merge_dtype)
     try:
         return _run(args)
@@ -68,16 +139,19 @@ def _run(args: argparse.Namespace) -> int:
     _warn_ignored_parameters(plans)
     merged_config = output_config(plan)
     tokenizer_folder, tokenizer = plan.output_tokenizer()
-    if tokenizer is None and not tokenizer_folder:
+    if tokenizer is None and not args.copy_tokenizer:
+        tokenizer_folder = None  # mergekit-yaml --no-copy-tokenizer: a built tokenizer is still written
+    elif tokenizer is None and not tokenizer_folder:
         console.print(f"[yellow]no tokenizer written: {plan.reference.folder} has none that loads[/yellow]")
     layout = [(o.name, tuple(plan.shape(o)), plan.output_dtype(o)) for o in plan.outputs]
     card = model_card(config, yaml_text, name=os.path.basename(args.out_dir), local=stages)
     with progress_bar() as bar:
-        writing = bar.add_task("merging + writing", total=len(plan.outputs))
+        writing = bar.add_task("merging + writing", total=len(plan.outputs), visible=not args.quiet)
         write_model(
             out, stream_tensors(plan, device, seed=args.random_seed), layout, merged_config,
-            tokenizer_folder, yaml_text, card=card, tokenizer=tokenizer,
-            progress=lambda: bar.advance(writing), overwrite=args.overwrite,
+            tokenizer_folder, yaml_text if args.write_model_card else None,
+            card=card if args.write_model_card else None, tokenizer=tokenizer,
+            progress=lambda: bar.advance(writing), overwrite=args.overwrite, max_shard_bytes=args.max_shard_bytes,
         )
     seed = "" if not plan.method.randomised or args.random_seed is None else f", random seed {args.random_seed}"
     console.print(f"wrote {len(plan.outputs)} tensors ({plan.num_layers} layers, {config.merge_method}{seed}) to {out}")

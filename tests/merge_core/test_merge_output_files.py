@@ -279,6 +279,47 @@ def test_card_with_base_names_it_like_mergekit(tmp_path, transformers4):
     assert (us / "README.md").read_text() == (mk / "README.md").read_text()
 
 
+@pytest.mark.parametrize("args", [
+    ("--out-shard-size", "30K", "--no-write-model-card", "--no-copy-tokenizer"),
+    ("--out-shard-size", "0", "--lazy-unpickle", "--allow-crimes", "--clone-tensors", "--low-cpu-memory",
+     "--write-threads", "2", "--async-write", "--no-cuda"),
+    ("--out-shard-size", "25000", "--copy-tokenizer", "--write-model-card", "--safe-serialization"),
+])
+def test_mergekit_yaml_flags_write_what_mergekit_writes(tmp_path, transformers4, args):
+    """mergekit-yaml's command-line flags: the same files, shards (names, tensors per shard, index)
+    and tensors; the flags that only tune how mergekit runs are accepted and change nothing."""
+    from safetensors import safe_open
+
+    text = (f"merge_method: linear\nmodels:\n  - model: {transformers4[0]}\n    parameters: {{weight: 0.3}}\n"
+            f"  - model: {transformers4[1]}\n    parameters: {{weight: 0.7}}\ndtype: float32\n")
+    mk, us = both(tmp_path, text, *args)
+    names = sorted(p.name for p in us.iterdir())
+    assert names == sorted(p.name for p in mk.iterdir())
+    shards = sorted(p.name for p in us.glob("*.safetensors"))
+    assert (len(shards) > 1) == (args[1] != "0")
+    for shard in shards:
+        with safe_open(us / shard, "pt") as ours, safe_open(mk / shard, "pt") as theirs:
+            assert sorted(ours.keys()) == sorted(theirs.keys()), shard
+    if len(shards) > 1:
+        index = json.loads((us / "model.safetensors.index.json").read_text())["weight_map"]
+        assert index == json.loads((mk / "model.safetensors.index.json").read_text())["weight_map"]
+    assert_within_one_ulp(load_folder(us), load_folder(mk))
+
+
+@pytest.mark.parametrize("args,words", [
+    (("--out-shard-size", "5GB"), ["--out-shard-size", "5B, 500M"]),
+    (("--no-safe-serialization",), ["safetensors only"]),
+    (("--trust-remote-code",), ["--trust-remote-code", "no model code"]),
+    (("--unsafe-truncate-embeddings",), ["not supported", "tokenizer_source"]),
+])
+def test_mergekit_yaml_flags_we_cannot_honour_are_refused(tmp_path, transformers4, args, words):
+    config = tmp_path / "config.yml"
+    config.write_text(f"merge_method: linear\nmodels:\n  - model: {transformers4[0]}\n    parameters: "
+                      f"{{weight: 1.0}}\n")
+    out = tmp_path / "out"
+    assert_refused(run_cli("merge", str(config), str(out), *args), *words, out=out)
+
+
 def test_models_without_a_tokenizer_merge_like_mergekit(tmp_path):
     """No tokenizer files (a checkpoint shipped as weights and config only): mergekit logs that it
     has none to copy and writes the model; so do we, with the same tensors and files."""
