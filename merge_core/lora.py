@@ -102,11 +102,10 @@ def check_adapter(adapter: Path, label: str, allow_pickle: bool) -> Path:
 
 
 def _cache_key(model: Path, adapter: Path, dtype: str | None) -> str:
-    import peft
-    import transformers
+    from importlib.metadata import version  # not the modules: importing peft takes seconds
 
     parts = {"model": [str(model), fingerprint(model)], "adapter": [str(adapter), fingerprint(adapter)],
-             "dtype": dtype, "peft": peft.__version__, "transformers": transformers.__version__}
+             "dtype": dtype, "peft": version("peft"), "transformers": version("transformers")}
     return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:16]
 
 
