@@ -25,6 +25,7 @@ from pathlib import Path
 
 from merge_core.errors import MergeInputError
 from merge_core.fingerprint import fingerprint
+from merge_core.weights import _weight_files
 
 CACHE_ENV = "MERGE_SEARCH_LORA_CACHE"
 DTYPE_ENV = "MERGE_SEARCH_LORA_DTYPE"
@@ -61,6 +62,7 @@ def cache_folder() -> Path:
 def merged_folder(model: Path, adapter: Path, label: str, allow_pickle: bool = False) -> Path:
     """The folder of `model` with `adapter` merged into its weights, built on first use."""
     weights = check_adapter(adapter, label, allow_pickle)
+    _weight_files(model, allow_pickle)  # a pickled model needs --allow-pickle here too (transformers would load it)
     dtype = os.environ.get(DTYPE_ENV) or None
     if dtype:
         dtype = check_dtype(dtype)
@@ -74,7 +76,13 @@ def merged_folder(model: Path, adapter: Path, label: str, allow_pickle: bool = F
     except OSError as exc:
         raise MergeInputError(f"LoRA cache {cache}: cannot create it ({exc.strerror or exc}); "
                               f"set --lora-merge-cache or ${CACHE_ENV} to a writable folder") from None
-    with _locked(cache / f".{final.name}.lock"):
+    try:
+        lock = _locked(cache / f".{final.name}.lock")
+        lock.__enter__()
+    except OSError as exc:
+        raise MergeInputError(f"LoRA cache {cache}: cannot write there ({exc.strerror or exc}); "
+                              f"set --lora-merge-cache or ${CACHE_ENV} to a writable folder") from None
+    try:
         if (final / "config.json").is_file():  # another worker built it while we waited
             return final
         building = Path(tempfile.mkdtemp(prefix=f".{final.name}.", dir=cache))
@@ -85,6 +93,8 @@ def merged_folder(model: Path, adapter: Path, label: str, allow_pickle: bool = F
             os.replace(building, final)
         finally:
             shutil.rmtree(building, ignore_errors=True)
+    finally:
+        lock.__exit__(None, None, None)
     return final
 
 

@@ -288,3 +288,16 @@ def test_evolve_genomes_and_study_files_read_adapters_in_every_form(tmp_path):
     data = {"merge": {"models": [{"model": {"model": "org/a", "lora": "./adapters"}}]}}
     assert resolve_paths(data, tmp_path)["merge"]["models"] == [
         {"model": {"model": "org/a", "lora": str(tmp_path / "adapters")}}]
+
+
+def test_a_pickled_model_with_an_adapter_needs_allow_pickle(lora_setup, tmp_path):
+    """transformers would load the pickle while applying the adapter: the flag guards that load too."""
+    model = build_tiny_model(tmp_path / "pickled_model", "llama", seed=11, safe=False)
+    config = tmp_path / "config.yml"
+    config.write_text(yaml.safe_dump({"merge_method": "linear", "models": [
+        {"model": f"{model}+{lora_setup['adapters']['plain']}", "parameters": {"weight": 1.0}}]}))
+    args = ["merge", str(config), str(tmp_path / "out"), "--lora-merge-cache", str(tmp_path / "cache")]
+    refused = run_cli(*args)
+    assert refused.returncode == 2 and "--allow-pickle" in refused.stderr, refused.stderr
+    assert not (tmp_path / "out").exists()
+    assert run_cli(*args, "--allow-pickle").returncode == 0
