@@ -20,6 +20,7 @@ import json
 import os
 import shutil
 import tempfile
+import warnings
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -143,13 +144,15 @@ def _merge_into(out: Path, model: Path, adapter: Path, weights: Path, dtype: str
 
 @contextmanager
 def _quiet_transformers():
-    """No per-file progress bars from transformers while the adapter is merged (the CLI has its own)."""
+    """No per-file progress bars or deprecation notices from transformers while the adapter is merged."""
     from transformers.utils import logging as hf_logging
 
     shown = hf_logging.is_progress_bar_enabled()
     hf_logging.disable_progress_bar()
     try:
-        yield
+        with warnings.catch_warnings():  # peft's calls trip transformers' deprecation notices
+            warnings.simplefilter("ignore", FutureWarning)
+            yield
     finally:
         if shown:
             hf_logging.enable_progress_bar()
