@@ -22,8 +22,7 @@ import os
 import random
 import shutil
 import tempfile
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -31,6 +30,8 @@ import torch
 from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import PhiConfig, PhiForCausalLM, PreTrainedTokenizerFast
 from transformers.utils import logging as hf_logging
+
+from merge_core.locks import exclusive_lock
 
 ProgressCallback = Callable[[str, int, int], None]
 
@@ -276,7 +277,7 @@ def build_demo_models(out_dir: Path, progress: ProgressCallback | None = None,
     if _is_built(out_dir, recipe):
         return paths
     out_dir.parent.mkdir(parents=True, exist_ok=True)
-    with _locked(out_dir.parent / f".{out_dir.name}.lock"):
+    with exclusive_lock(out_dir.parent / f".{out_dir.name}.lock"):
         if _is_built(out_dir, recipe):  # another process built it while this one waited
             return paths
         staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.building-", dir=out_dir.parent))
@@ -303,22 +304,6 @@ def _is_built(out_dir: Path, recipe: DemoRecipe) -> bool:
     marker = out_dir / "BUILD"
     return (marker.is_file() and marker.read_text().strip() == recipe.digest()
             and all((out_dir / name / "model.safetensors").is_file() for name in ("base", *recipe.children())))
-
-
-@contextmanager
-def _locked(path: Path) -> Iterator[None]:
-    """An exclusive lock on `path` (POSIX flock; no lock where fcntl is missing)."""
-    try:
-        import fcntl
-    except ImportError:  # Windows: concurrent first builds are not protected there
-        yield
-        return
-    with open(path, "w") as handle:
-        fcntl.flock(handle, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
 
 
 if __name__ == "__main__":

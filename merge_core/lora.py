@@ -14,7 +14,6 @@ build never leaves a folder that looks complete; a lock keeps two workers from b
 
 from __future__ import annotations
 
-import fcntl
 import hashlib
 import json
 import os
@@ -26,7 +25,8 @@ from pathlib import Path
 
 from merge_core.errors import MergeInputError
 from merge_core.fingerprint import fingerprint
-from merge_core.weights import _weight_files
+from merge_core.locks import exclusive_lock
+from merge_core.weights import _weight_files, read_config
 
 CACHE_ENV = "MERGE_SEARCH_LORA_CACHE"
 DTYPE_ENV = "MERGE_SEARCH_LORA_DTYPE"
@@ -74,29 +74,25 @@ def merged_folder(model: Path, adapter: Path, label: str, allow_pickle: bool = F
         return final
     try:
         cache.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise MergeInputError(f"LoRA cache {cache}: cannot create it ({exc.strerror or exc}); "
-                              f"set --lora-merge-cache or ${CACHE_ENV} to a writable folder") from None
-    try:
-        lock = _locked(cache / f".{final.name}.lock")
-        lock.__enter__()
-    except OSError as exc:
+        with exclusive_lock(cache / f".{final.name}.lock"):
+            if not (final / "config.json").is_file():  # else another worker built it while we waited
+                _build(final, model, adapter, weights, dtype, label)
+    except OSError as exc:  # the lock, the folder built aside, its rename: all writes into the cache
         raise MergeInputError(f"LoRA cache {cache}: cannot write there ({exc.strerror or exc}); "
                               f"set --lora-merge-cache or ${CACHE_ENV} to a writable folder") from None
-    try:
-        if (final / "config.json").is_file():  # another worker built it while we waited
-            return final
-        building = Path(tempfile.mkdtemp(prefix=f".{final.name}.", dir=cache))
-        try:
-            _merge_into(building, model, adapter, weights, dtype, label)
-            _copy_model_files(model, building)
-            _readable(building)
-            os.replace(building, final)
-        finally:
-            shutil.rmtree(building, ignore_errors=True)
-    finally:
-        lock.__exit__(None, None, None)
     return final
+
+
+def _build(final: Path, model: Path, adapter: Path, weights: Path, dtype: str | None, label: str) -> None:
+    """Build the merged folder next to `final` and rename it into place when complete."""
+    building = Path(tempfile.mkdtemp(prefix=f".{final.name}.", dir=final.parent))
+    try:
+        _merge_into(building, model, adapter, weights, dtype, label)
+        _copy_model_files(model, building)
+        _readable(building)
+        os.replace(building, final)
+    finally:
+        shutil.rmtree(building, ignore_errors=True)
 
 
 def check_adapter(adapter: Path, label: str, allow_pickle: bool) -> Path:
@@ -124,8 +120,6 @@ def _merge_into(out: Path, model: Path, adapter: Path, weights: Path, dtype: str
     """mergekit's ModelReference.merged: load, wrap in PeftModel, merge_and_unload, save."""
     import peft
     import torch
-
-    from merge_core.weights import read_config
 
     config = read_config(model)
     architectures = config.get("architectures") or ["ForCausalLM"]
@@ -182,16 +176,6 @@ def _readable(folder: Path) -> None:
     folder.chmod(0o777 & ~umask)
     for path in folder.iterdir():
         path.chmod(0o666 & ~umask)
-
-
-@contextmanager
-def _locked(path: Path):
-    with open(path, "w") as handle:
-        fcntl.flock(handle, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
 
 
 def _safe(name: str) -> str:

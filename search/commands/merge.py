@@ -161,9 +161,10 @@ def _run(args: argparse.Namespace) -> int:
 def _say_adapters(plans) -> None:
     """Where the models with a LoRA adapter were merged (peft, once per model, adapter and dtype)."""
     from merge_core.lora import cache_folder
+    from merge_core.refs import split_adapter
     from search.progress import console
 
-    adapted = sorted({m for plan in plans for m in plan.models if "+" in m and not Path(m).exists()})
+    adapted = sorted({m for plan in plans for m in plan.models if split_adapter(m)[1] is not None})
     if adapted:
         names = ", ".join(adapted[:2]) + (", ..." if len(adapted) > 2 else "")
         console.print(f"LoRA adapters applied with peft, as mergekit-yaml applies them ({names}); "

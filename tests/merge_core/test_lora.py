@@ -213,6 +213,21 @@ def test_bad_adapters_say_what_to_fix(lora_setup, tmp_path, case):
     assert not cache.exists() or not [p for p in cache.iterdir() if p.is_dir()]
 
 
+def refused_then_allowed(tmp_path, reference: str, out: str = "out") -> Path:
+    """A one-model linear merge of `reference`: exit 2 naming --allow-pickle without the flag, nothing
+    written; merged with it. Returns the merged folder."""
+    config = tmp_path / "config.yml"
+    config.write_text(yaml.safe_dump({"merge_method": "linear", "models": [
+        {"model": reference, "parameters": {"weight": 1.0}}]}))
+    args = ["merge", str(config), str(tmp_path / out), "--lora-merge-cache", str(tmp_path / "cache")]
+    refused = run_cli(*args)
+    assert refused.returncode == 2 and "--allow-pickle" in refused.stderr, refused.stderr
+    assert not (tmp_path / out).exists()
+    allowed = run_cli(*args, "--allow-pickle")
+    assert allowed.returncode == 0, allowed.stderr
+    return tmp_path / out
+
+
 def test_pickled_adapter_weights_need_allow_pickle(lora_setup, tmp_path):
     from safetensors.torch import load_file
 
@@ -221,18 +236,12 @@ def test_pickled_adapter_weights_need_allow_pickle(lora_setup, tmp_path):
     pickled.mkdir()
     (pickled / "adapter_config.json").write_bytes((a["plain"] / "adapter_config.json").read_bytes())
     torch.save(load_file(a["plain"] / "adapter_model.safetensors"), pickled / "adapter_model.bin")
+    out = refused_then_allowed(tmp_path, f"{f['child_1']}+{pickled}")
     config = tmp_path / "config.yml"
-    config.write_text(yaml.safe_dump({"merge_method": "linear", "models": [
-        {"model": f"{f['child_1']}+{pickled}", "parameters": {"weight": 1.0}}]}))
-    args = ["merge", str(config), str(tmp_path / "out"), "--lora-merge-cache", str(tmp_path / "cache")]
-    refused = run_cli(*args)
-    assert refused.returncode == 2 and "--allow-pickle" in refused.stderr, refused.stderr
-    allowed = run_cli(*args, "--allow-pickle")
-    assert allowed.returncode == 0, allowed.stderr
     config.write_text(config.read_text().replace(str(pickled), str(a["plain"])))
     same = run_cli("merge", str(config), str(tmp_path / "safetensors"), "--lora-merge-cache", str(tmp_path / "cache"))
     assert same.returncode == 0, same.stderr
-    ours, reference = load_folder(tmp_path / "out"), load_folder(tmp_path / "safetensors")
+    ours, reference = load_folder(out), load_folder(tmp_path / "safetensors")
     assert sorted(ours) == sorted(reference) and all(torch.equal(ours[n], reference[n]) for n in reference)
 
 
@@ -293,11 +302,4 @@ def test_evolve_genomes_and_study_files_read_adapters_in_every_form(tmp_path):
 def test_a_pickled_model_with_an_adapter_needs_allow_pickle(lora_setup, tmp_path):
     """transformers would load the pickle while applying the adapter: the flag guards that load too."""
     model = build_tiny_model(tmp_path / "pickled_model", "llama", seed=11, safe=False)
-    config = tmp_path / "config.yml"
-    config.write_text(yaml.safe_dump({"merge_method": "linear", "models": [
-        {"model": f"{model}+{lora_setup['adapters']['plain']}", "parameters": {"weight": 1.0}}]}))
-    args = ["merge", str(config), str(tmp_path / "out"), "--lora-merge-cache", str(tmp_path / "cache")]
-    refused = run_cli(*args)
-    assert refused.returncode == 2 and "--allow-pickle" in refused.stderr, refused.stderr
-    assert not (tmp_path / "out").exists()
-    assert run_cli(*args, "--allow-pickle").returncode == 0
+    refused_then_allowed(tmp_path, f"{model}+{lora_setup['adapters']['plain']}")
