@@ -15,6 +15,15 @@ def layer_index(name: str) -> int | None:
     return int(match.group(1)) if match else None
 
 
+def layer_stack(name: str) -> str | None:
+    """The name of the layer stack a tensor belongs to (`model.layers`, `visual.blocks`), or None.
+
+    Vision-language and encoder-decoder models hold several stacks, each numbered from 0.
+    """
+    match = LAYER_PATTERN.search(name)
+    return name[: match.start(1) - 1] if match else None
+
+
 def with_layer(name: str, index: int) -> str:
     """The same tensor name pointing at another layer."""
     match = LAYER_PATTERN.search(name)

@@ -21,7 +21,7 @@ from merge_core import gradient, methods
 from merge_core.chat_templates import chat_template_text
 from merge_core.config import MergeConfig, Slice, SliceSource, TSetting, setting_of
 from merge_core.errors import MergeInputError
-from merge_core.layers import layer_count, layer_index, with_layer
+from merge_core.layers import layer_count, layer_index, layer_stack, with_layer
 from merge_core.methods.base import Inputs, Values
 from merge_core.refs import config_folder, resolve
 from merge_core.vocabulary import OutputVocabulary, load_tokenizer, model_tokenizer
@@ -38,7 +38,15 @@ EMBEDDING_PATTERN = re.compile(r"(embed(?!_out)|(^|\.)wte\.|(^|\.)wpe\.)")
 TIED_HEAD = "lm_head.weight"
 TIED_EMBEDDINGS = ("model.embed_tokens.weight", "transformer.wte.weight", "transformer.word_embeddings.weight",
                    "model.decoder.embed_tokens.weight", "gpt_neox.embed_in.weight")
+# the token embeddings, which sit beside the decoder's layers (`model.embed_tokens` by `model.layers`)
+TOKEN_EMBEDDINGS = re.compile(r"(^|\.)(embed_tokens|wte|embed_in|word_embeddings)\.")
 LAYER_KEYS = ("num_hidden_layers", "n_layer", "num_layers", "n_layers")
+# mergekit's architecture files for Qwen2-VL and Qwen2.5-VL list the vision-to-text projector's MLP as
+# the layer template of a module of two layers: mergekit merges each of its tensors at the gradients'
+# start, then again at their end (t = 1), and writes the second.
+_PROJECTOR_MLP = re.compile(r"(^|\.)visual\.merger\.mlp\.")
+MERGED_TWICE_BY_MERGEKIT = {"Qwen2VLForConditionalGeneration": _PROJECTOR_MLP,
+                            "Qwen2_5_VLForConditionalGeneration": _PROJECTOR_MLP}
 # Per-layer lists of config.json that transformers checks against num_hidden_layers.
 PER_LAYER_SUFFIX = "layer_types"
 
@@ -312,17 +320,30 @@ class MergePlan:
                     raise MergeInputError(f"{key} differs: {a} in {self.models[0]} but {b} in {model}; {fix}")
 
     def _plan_outputs(self) -> tuple[list[OutputTensor], int]:
-        pre, post, by_layer = _split_names(self.reference.names())
+        pre, post, stacks = _split_names(self.reference.names())
         if TIED_HEAD not in self.reference.index and _tied_source(TIED_HEAD, self.reference) is not None and any(
                 TIED_HEAD in w.index for w in self.weights):
             post.append(TIED_HEAD)  # mergekit: a model's own head where it has one, its embeddings elsewhere
-        if not by_layer:
+        if not stacks:
             raise MergeInputError(f"{self.models[0]}: no layer tensors found (names like model.layers.N.)")
         reference = next(m for m, w in zip(self.models, self.weights, strict=True) if w is self.reference)
-        layers = _LayerStructures(reference, by_layer, self.weights, self._index)
+        decoder = _decoder_stack(stacks, pre + post, layer_count(self.reference.config))
+        others = {name: layers for name, layers in sorted(stacks.items()) if name != decoder}
+        if others and self.config.slices is not None:
+            described = ", ".join(f"{name} ({max(layers) + 1} layers)" for name, layers in stacks.items())
+            raise MergeInputError(
+                f"{reference} has several layer stacks: {described}; a slice's layer_range cannot say which stack it "
+                "means (mergekit asks for `modules:` here, which merge-search does not read yet): list the models "
+                "under `models:` to merge every stack layer by layer")
+        layers = _LayerStructures(reference, decoder, stacks[decoder], self.weights, self._index)
         outputs: list[OutputTensor] = []
         first, last = self.slices[0], self.slices[-1]
-        outputs += [self._output(n, [(s.model, n) for s in first.sources], first, 0.0, 0) for n in pre]
+        def loose_position(name: str) -> float:
+            return 1.0 if name in twice else 0.0
+
+        twice = set(self._merged_twice_by_mergekit(pre + post))
+
+        outputs += [self._output(n, [(s.model, n) for s in first.sources], first, loose_position(n), 0) for n in pre]
         out_layer = 0
         for slice_index, sl in enumerate(self.slices):
             count = sl.sources[0].layer_range[1] - sl.sources[0].layer_range[0]
@@ -332,11 +353,27 @@ class MergePlan:
                     inputs = [(s.model, with_layer(name, s.layer_range[0] + i)) for s in sl.sources]
                     outputs.append(self._output(with_layer(name, out_layer), inputs, sl, p, slice_index))
                 out_layer += 1
-        outputs += [self._output(n, [(s.model, n) for s in last.sources], last, 0.0, len(self.slices) - 1)
+        for stack in others:  # a vision tower's or an encoder's layers: a gradient of their own, as mergekit's modules
+            count = layers.stack_count(stack, first)
+            for i in range(count):
+                p = gradient.position(i, count)
+                for name in layers.stack_layer(stack, i, first):
+                    inputs = [(s.model, with_layer(name, i)) for s in first.sources]
+                    outputs.append(self._output(name, inputs, first, p, 0))
+        outputs += [self._output(n, [(s.model, n) for s in last.sources], last, loose_position(n), len(self.slices) - 1)
                     for n in post]
         # mergekit runs each tensor's merge in the order of its largest source name.
         outputs.sort(key=_order_key)
         return outputs, out_layer
+
+    def _merged_twice_by_mergekit(self, names) -> list[str]:
+        pattern = MERGED_TWICE_BY_MERGEKIT.get((self.reference.config.get("architectures") or [None])[0])
+        return [name for name in names if pattern is not None and pattern.search(name)]
+
+    def merged_twice_by_mergekit(self) -> list[str]:
+        """Outputs mergekit merges twice, writing the second (MERGED_TWICE_BY_MERGEKIT): a randomised
+        method's draws for the first shift every later mask of mergekit's."""
+        return self._merged_twice_by_mergekit([o.name for o in self.outputs])
 
     @property
     def head_untied(self) -> bool:
@@ -496,10 +533,28 @@ class _LayerStructures:
     must be those of the reference's layer at the same index, or config.json could not describe it.
     """
 
-    def __init__(self, reference: str, by_layer: dict[int, list[str]], weights: list, index: dict[str, int]):
-        self.reference, self.by_layer, self.weights, self.index = reference, by_layer, weights, index
+    def __init__(self, reference: str, decoder: str, by_layer: dict[int, list[str]], weights: list,
+                 index: dict[str, int]):
+        self.reference, self.decoder, self.by_layer = reference, decoder, by_layer
+        self.weights, self.index = weights, index
         self.uniform = len({_structure(names) for names in by_layer.values()}) == 1
-        self._models: dict[str, dict[int, list[str]]] = {}
+        self._models: dict[str, dict[str, dict[int, list[str]]]] = {}
+
+    def stack_count(self, stack: str, sl) -> int:
+        """The layers of a stack besides the decoder's (a vision tower's), which every model must share."""
+        counts = {s.model: max(self._stacks_of(s.model).get(stack, {-1: None})) + 1 for s in sl.sources}
+        if len(set(counts.values())) > 1:
+            raise MergeInputError(f"layer counts of {stack} differ: {counts}; merged models must share one "
+                                  "architecture")
+        return counts[sl.sources[0].model]
+
+    def stack_layer(self, stack: str, i: int, sl) -> list[str]:
+        """The tensor names of layer i of a stack besides the decoder's, in the first model of the slice."""
+        model = sl.sources[0].model
+        names = self._stacks_of(model)[stack].get(i)
+        if not names:
+            raise MergeInputError(f"{model} has no layer {i} in {stack}")
+        return names
 
     def names(self, out_layer: int, sl, i: int) -> list[str]:
         """The tensor names (at the first source's layer) of output layer `out_layer`, the slice's i-th."""
@@ -527,6 +582,9 @@ class _LayerStructures:
         return names
 
     def _layers_of(self, model: str) -> dict[int, list[str]]:
+        return self._stacks_of(model).get(self.decoder, {})
+
+    def _stacks_of(self, model: str) -> dict[str, dict[int, list[str]]]:
         if model not in self._models:
             self._models[model] = _split_names(self.weights[self.index[model]].names())[2]
         return self._models[model]
@@ -537,19 +595,35 @@ def _structure(names: list[str]) -> frozenset[str]:
     return frozenset(with_layer(name, 0) for name in names)
 
 
-def _split_names(names: list[str]) -> tuple[list[str], list[str], dict[int, list[str]]]:
-    """Tensors before the layers (embeddings), after them (final norm, lm_head), and per layer."""
-    by_layer: dict[int, list[str]] = {}
+def _split_names(names: list[str]) -> tuple[list[str], list[str], dict[str, dict[int, list[str]]]]:
+    """Tensors before the layers (embeddings), after them (final norm, lm_head), and per layer of each
+    layer stack (one in a language model; a vision tower or an encoder adds its own)."""
+    stacks: dict[str, dict[int, list[str]]] = {}
     pre, post = [], []
     for name in names:
-        index = layer_index(name)
-        if index is not None:
-            by_layer.setdefault(index, []).append(name)
+        stack = layer_stack(name)
+        if stack is not None:
+            stacks.setdefault(stack, {}).setdefault(layer_index(name), []).append(name)
         elif EMBEDDING_PATTERN.search(name):
             pre.append(name)
         else:
             post.append(name)
-    return pre, post, by_layer
+    return pre, post, stacks
+
+
+def _decoder_stack(stacks: dict[str, dict[int, list[str]]], others: list[str], config_count: int | None) -> str:
+    """The stack config.json's layer count describes: the one beside the token embeddings (`model.layers`
+    next to `model.embed_tokens`, not `visual.blocks`), else the one with that many layers, else the largest."""
+    if len(stacks) == 1:
+        return next(iter(stacks))
+    parents = {name: name.rpartition(".")[0] for name in stacks}
+    embeddings = [t for t in others if TOKEN_EMBEDDINGS.search(t)]
+    beside_embeddings = [name for name, parent in parents.items()
+                         if any(t.startswith(f"{parent}." if parent else "") for t in embeddings)]
+    if len(beside_embeddings) == 1:
+        return beside_embeddings[0]
+    counted = sorted(name for name, layers in stacks.items() if max(layers) + 1 == config_count)
+    return counted[0] if counted else max(sorted(stacks), key=lambda name: len(stacks[name]))
 
 
 def _tied_source(tensor: str, weights) -> str | None:

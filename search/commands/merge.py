@@ -167,8 +167,8 @@ def _say_adapters(plans) -> None:
     adapted = sorted({m for plan in plans for m in plan.models if split_adapter(m)[1] is not None})
     if adapted:
         names = ", ".join(adapted[:2]) + (", ..." if len(adapted) > 2 else "")
-        console.print(f"LoRA adapters applied with peft, as mergekit-yaml applies them ({names}); "
-                      f"the merged models are kept in {cache_folder()}")
+        console.print(f"models with a LoRA adapter ({names}) read from the LoRA cache {cache_folder()} "
+                      "(each applied once with peft, as mergekit-yaml applies them)")
 
 
 def _warn_ignored_parameters(plans) -> None:
@@ -194,6 +194,12 @@ def _warn_draw_order(plans, seed: int | None) -> None:
         console.print(f"[yellow]{len(tied)} tensors ({tied[0]}, ...) share their largest source tensor with another "
                       "output: mergekit merges those in its task graph's internal order, so their masks may differ "
                       "from mergekit-yaml --random-seed's (README: DARE/DELLA masks)[/yellow]")
+    twice = [name for plan in plans if plan.method.randomised for name in plan.merged_twice_by_mergekit()]
+    if twice:
+        console.print(f"[yellow]mergekit merges {len(twice)} tensors ({twice[0]}, ...) twice (its architecture file "
+                      "lists them as a module of two layers) and writes the second: its draws for the first shift "
+                      "the masks of those tensors and of every tensor merged after them away from mergekit-yaml "
+                      "--random-seed's (README: DARE/DELLA masks)[/yellow]")
     if any(plan.method.randomised and any(getattr(w, "stacks_experts", False) for w in plan.weights) for plan in plans):
         console.print("[yellow]the models' expert tensors are stacked from per-expert ones, which mergekit merges "
                       "first, in its task graph's internal order: the masks are drawn in another order than "

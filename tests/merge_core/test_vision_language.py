@@ -1,0 +1,177 @@
+"""Vision-language models: each layer stack (text decoder, vision tower) merged over its own layers.
+
+mergekit plans such a model module by module: under `models:` the vision tower's blocks take a
+gradient of their own, over the tower's depth, and every block is kept. Qwen2.5-VL-7B's tower has 32
+blocks for 28 text layers; the families here keep that shape (3 text layers, 5 vision blocks), where a
+planner that reads every `.N.` as text layer N drops vision blocks 3 and 4.
+"""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+import transformers
+import yaml
+from safetensors.torch import load_file, save_file
+
+from merge_core.config import parse_config
+from merge_core.merger import MergePlan, Merger
+from tests.conftest import run_cli, save_tokenizer
+from tests.merge_core.test_merge_output_files import both
+from tests.merge_core.test_oracle import assert_within_one_ulp, load_folder
+
+TEXT = dict(vocab_size=32, hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4,
+            num_key_value_heads=2, max_position_embeddings=64, pad_token_id=1, bos_token_id=1, eos_token_id=1,
+            tie_word_embeddings=False)
+VISION_BLOCKS = 5
+
+
+def _qwen2_5_vl():
+    return transformers.Qwen2_5_VLForConditionalGeneration(transformers.Qwen2_5_VLConfig(
+        text_config=dict(TEXT, rope_scaling={"type": "mrope", "mrope_section": [2, 1, 1]}),
+        vision_config=dict(depth=VISION_BLOCKS, hidden_size=32, out_hidden_size=32, intermediate_size=64,
+                           num_heads=4, patch_size=4, spatial_merge_size=2, temporal_patch_size=2, window_size=16,
+                           fullatt_block_indexes=[1], in_channels=3),
+        image_token_id=20, video_token_id=21, vision_start_token_id=22, vision_end_token_id=23,
+        tie_word_embeddings=False))
+
+
+def _mistral3():
+    return transformers.Mistral3ForConditionalGeneration(transformers.Mistral3Config(
+        text_config=dict(TEXT, model_type="mistral", head_dim=8),
+        vision_config=dict(model_type="pixtral", hidden_size=32, intermediate_size=64,
+                           num_hidden_layers=VISION_BLOCKS, num_attention_heads=4, image_size=16, patch_size=8,
+                           head_dim=8),
+        image_token_index=20, spatial_merge_size=2, vision_feature_layer=-1, tie_word_embeddings=False))
+
+
+ARCHS = {"qwen2_5_vl": _qwen2_5_vl, "mistral3": _mistral3}
+
+
+def build_vlm_family(root: Path, arch: str) -> dict[str, Path]:
+    """`base`, `child_1`, `child_2`: fine-tune-like children (shared and opposed deltas) of a random base."""
+    torch.manual_seed(0)
+    model = ARCHS[arch]().float()
+    with torch.no_grad():  # random norms, so SLERP's interpolation shows on them too
+        for name, param in model.named_parameters():
+            if "norm" in name or ".ln_" in name:
+                param.add_(torch.randn_like(param) * 0.1)
+    base = root / "base"
+    model.save_pretrained(base)
+    save_tokenizer(base)
+    tensors = {}
+    for f in sorted(base.glob("*.safetensors")):
+        tensors.update(load_file(f))
+    generator = torch.Generator().manual_seed(100)
+    shared = {n: torch.randn(t.shape, generator=generator) * 0.02 for n, t in tensors.items()}
+    family = {"base": base}
+    for i in (1, 2):
+        folder = root / f"child_{i}"
+        shutil.copytree(base, folder)
+        for f in folder.glob("model*.safetensors*"):
+            f.unlink()
+        sign = -1.0 if i == 2 else 1.0
+        save_file({n: (t + sign * shared[n] + torch.randn(t.shape, generator=generator) * 0.02 * i).contiguous()
+                   for n, t in tensors.items()}, folder / "model.safetensors", metadata={"format": "pt"})
+        family[f"child_{i}"] = folder
+    return family
+
+
+@pytest.fixture(scope="module")
+def vlms(tmp_path_factory) -> dict[str, dict[str, Path]]:
+    root = tmp_path_factory.mktemp("vlm")
+    return {arch: build_vlm_family(root / arch, arch) for arch in ARCHS}
+
+
+def slerp_config(f: dict[str, Path]) -> str:
+    return f"""merge_method: slerp
+base_model: {f['child_1']}
+dtype: float32
+models:
+  - model: {f['child_1']}
+  - model: {f['child_2']}
+parameters:
+  t:
+    - filter: self_attn
+      value: [0, 0.5, 0.3, 0.7, 1]
+    - filter: mlp
+      value: [1, 0.5, 0.7, 0.3, 0]
+    - value: [0.2, 0.8]
+"""
+
+
+def ties_config(f: dict[str, Path], method: str = "ties") -> str:
+    return f"""merge_method: {method}
+base_model: {f['base']}
+dtype: float32
+models:
+  - model: {f['child_1']}
+    parameters: {{weight: [0.2, 0.9, 0.4], density: [0.3, 0.8]}}
+  - model: {f['child_2']}
+    parameters: {{weight: 0.4, density: 0.7}}
+"""
+
+
+def vision_blocks(tensors: dict) -> set[int]:
+    return {int(n.split("blocks.")[1].split(".")[0]) if "blocks." in n else int(n.split("layers.")[1].split(".")[0])
+            for n in tensors if n.startswith(("visual.blocks.", "vision_tower.transformer.layers."))}
+
+
+@pytest.mark.parametrize("arch", list(ARCHS))
+@pytest.mark.parametrize("config", [slerp_config, ties_config])
+def test_every_vision_block_merges_on_its_own_gradient_as_mergekit_does(vlms, tmp_path, arch, config):
+    """A gradient over `models:` spans the tower's blocks separately from the text layers: every tensor
+    equals mergekit-yaml's, vision blocks 3 and 4 included, and the in-memory candidate equals the file."""
+    text = config(vlms[arch])
+    mk, us = both(tmp_path, text)
+    ours, theirs = load_folder(us), load_folder(mk)
+    assert vision_blocks(theirs) == set(range(VISION_BLOCKS))
+    assert_within_one_ulp(ours, theirs)
+    plan = MergePlan(parse_config(yaml.safe_load(text)))
+    assert plan.num_layers == TEXT["num_hidden_layers"]
+    for name, tensor in Merger(plan).tensors():
+        assert torch.equal(tensor, ours[name]), name
+
+
+def test_dare_masks_follow_mergekit_across_stacks(vlms, tmp_path):
+    """DARE's masks, drawn in mergekit's order over both stacks, are mergekit-yaml --random-seed's."""
+    mk, us = both(tmp_path, ties_config(vlms["mistral3"], "dare_ties"), "--random-seed", "5")
+    assert_within_one_ulp(load_folder(us), load_folder(mk))
+
+
+def test_slices_on_a_model_with_several_stacks_are_refused(vlms, tmp_path):
+    """A layer_range cannot say which stack it means (mergekit wants `modules:`): one line, exit 2,
+    nothing written; before, the text gradient went to vision blocks by index and the run exited 0."""
+    f = vlms["qwen2_5_vl"]
+    config = tmp_path / "slices.yml"
+    config.write_text(f"""merge_method: slerp
+base_model: {f['child_1']}
+slices:
+  - sources:
+      - model: {f['child_1']}
+        layer_range: [0, 3]
+      - model: {f['child_2']}
+        layer_range: [0, 3]
+parameters:
+  t: 0.3
+""")
+    result = run_cli("merge", str(config), str(tmp_path / "out"))
+    assert result.returncode == 2, result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and "several layer stacks" in lines[0] and "visual.blocks (5 layers)" in lines[0]
+    assert "models:" in lines[0]
+    assert not (tmp_path / "out").exists()
+
+
+def test_dare_on_qwen_vl_says_where_the_masks_leave_mergekits(vlms, tmp_path):
+    """mergekit merges Qwen2.5-VL's projector MLP twice (a module of two layers in its architecture file)
+    and keeps the second result: its draws shift, and search merge says which tensors differ."""
+    config = tmp_path / "dare.yml"
+    config.write_text(ties_config(vlms["qwen2_5_vl"], "dare_ties"))
+    result = run_cli("merge", str(config), str(tmp_path / "out"), "--random-seed", "5")
+    assert result.returncode == 0, result.stderr
+    said = " ".join(result.stderr.split())
+    assert "visual.merger.mlp" in said and "twice" in said
