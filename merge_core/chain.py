@@ -202,6 +202,13 @@ def _ordered(stages: list[Stage], source: str) -> list[Stage]:
     """Stages in an order where each comes after the stages it merges; the chain's final stage last."""
     names = {s.name: s for s in stages if s.name is not None}
     uses = {s.name: [m for m in s.config.model_names() if m in names] for s in stages}
+    for stage in stages:
+        for model in stage.config.model_names():
+            if "+" in model and model.partition("+")[0].strip() in names:
+                raise MergeInputError(
+                    f"{source}: stage {stage.name or '(final)'}: {model} puts a LoRA adapter on stage "
+                    f"{model.partition('+')[0].strip()}, which merge-search keeps in memory; build that stage "
+                    "with `search merge` and name its folder, or put the adapter on one of its models")
     order: list[Stage] = []
     state: dict = {}
 

@@ -84,7 +84,11 @@ def merged_folder(model: Path, adapter: Path, label: str, allow_pickle: bool = F
 
 
 def _build(final: Path, model: Path, adapter: Path, weights: Path, dtype: str | None, label: str) -> None:
-    """Build the merged folder next to `final` and rename it into place when complete."""
+    """Build the merged folder next to `final` and rename it into place when complete; a killed
+    build's leftover (a model's size) goes first: we hold the lock, so no one else is building it."""
+    for leftover in final.parent.glob(f".{final.name}.*"):
+        if leftover.is_dir():
+            shutil.rmtree(leftover, ignore_errors=True)
     building = Path(tempfile.mkdtemp(prefix=f".{final.name}.", dir=final.parent))
     try:
         _merge_into(building, model, adapter, weights, dtype, label)

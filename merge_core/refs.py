@@ -47,6 +47,16 @@ def split_adapter(text: str) -> tuple[str, str | None]:
     return parts[0], parts[1]
 
 
+def mergekit_lora_flag(models) -> str:
+    """The flag mergekit-yaml needs to apply the adapters among `models` (it refuses to without a
+    cache folder), with a leading space; empty when none has one."""
+    try:
+        adapted = any(split_adapter(m)[1] is not None for m in models)
+    except MergeInputError:
+        adapted = True  # two `+`: mergekit needs the flag before it can say what is wrong
+    return " --lora-merge-cache ./lora-cache" if adapted else ""
+
+
 def resolve(ref: ModelRef | str, allow_pickle: bool = False, what: str = "model") -> Path:
     """A local folder holding the model: the folder itself or its Hub snapshot; for `model+adapter`,
     the model with the adapter merged in (built once, under the LoRA cache)."""

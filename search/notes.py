@@ -10,9 +10,10 @@ from pathlib import Path
 
 import optuna
 
+from merge_core.refs import mergekit_lora_flag
 from search import results
 from search.storage import is_journal, mask
-from search.trial_record import SLICE_LENGTHS, StudyRecord
+from search.trial_record import PARENTS, SLICE_LENGTHS, StudyRecord
 
 log = logging.getLogger(__name__)
 
@@ -70,8 +71,9 @@ def reproduce_commands(study: optuna.Study, trial_number: int, study_path: str |
     where = q(study_path) if study_path else f"--storage {q(mask(storage_url or '<URL>'))} --study-name {q(name)}"
     folder = (export_dir or f"runs/{name}/export").rstrip("/")
     config = q(f"{folder}/01-trial{trial_number}.yml")
+    lora = mergekit_lora_flag(p["model"] for p in study.user_attrs.get(PARENTS) or [])
     return (f"search export {where} --top 1 --out {q(folder)}\n"
-            f"mergekit-yaml {config} ./merged-trial{trial_number}\n"
+            f"mergekit-yaml {config} ./merged-trial{trial_number}{lora}\n"
             f"# or the same merge without mergekit:\n"
             f"search merge {config} ./merged-trial{trial_number}")
 

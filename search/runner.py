@@ -23,6 +23,7 @@ from search.storage import open_storage
 from search.study_config import StudyFile
 from search.trial_record import (
     BASELINE_RECIPE,
+    PARENTS,
     TASK_NAMES,
     HeldOut,
     TrialRecord,
@@ -46,7 +47,6 @@ from search.workers import (
 )
 
 TrialState = optuna.trial.TrialState
-PARENTS = "parents"  # study user attr: fingerprints of the parents its trials were scored with
 # Fault injection for the reliability tests: "<point>:<trial number>:<SIGNAL>" makes this process send
 # itself SIGNAL at that point of that trial (points: start, merge, scoring; see tests/search/test_reliability.py).
 FAULT_ENV = "MERGE_SEARCH_FAULT"
@@ -228,19 +228,25 @@ class Candidates:
 
     def mergekit_yaml(self, recipe: Recipe) -> str:
         """The exact mergekit YAML of a candidate (with the seed its random masks need, if any)."""
+        from merge_core.refs import mergekit_lora_flag
+
+        plans = self.chain.plans if self.chain is not None else [self.plan]
         if self.chain is not None:
             text = self.space.yaml_of(recipe)
-            randomised = [p.method.name for p in self.chain.plans if p.method.randomised]
             tool = "mergekit-multi THIS.yml --out-path OUT -I INTERMEDIATE_DIR"
         else:
             text = self.space.config_of(recipe).to_yaml()
-            randomised = [self.plan.method.name] if self.plan.method.randomised else []
             tool = "mergekit-yaml THIS.yml OUT"
+        randomised = [p.method.name for p in plans if p.method.randomised]
+        lora = mergekit_lora_flag(m for p in plans for m in p.models)
         if randomised:
             seed = self.study.merge.random_seed
             text = (f"# {', '.join(randomised)} draws random masks: build it with --random-seed {seed}\n"
-                    f"#   {tool} --random-seed {seed}   (or: search merge THIS.yml OUT "
+                    f"#   {tool} --random-seed {seed}{lora}   (or: search merge THIS.yml OUT "
                     f"--random-seed {seed})\n") + text
+        elif lora:
+            text = (f"# a parent carries a LoRA adapter, which mergekit applies into a cache folder:\n"
+                    f"#   {tool}{lora}   (or: search merge THIS.yml OUT)\n") + text
         return text
 
 

@@ -77,7 +77,8 @@ def test_stage_order_does_not_matter(families, tmp_path):
     assert all(torch.equal(one[n], two[n]) for n in one)
 
 
-@pytest.mark.parametrize("case", ["cycle", "unknown_stage", "two_unnamed", "duplicate", "two_finals"])
+@pytest.mark.parametrize("case", ["cycle", "unknown_stage", "two_unnamed", "duplicate", "two_finals",
+                                  "adapter_on_stage"])
 def test_chain_errors(families, tmp_path, case):
     docs = three_stages(families["phi"])
     needles = {
@@ -86,6 +87,7 @@ def test_chain_errors(families, tmp_path, case):
         "two_unnamed": ("document 2", "only the final document may be unnamed"),
         "duplicate": ("document 2", "'first' is used twice"),
         "two_finals": ("stages", "are all final"),
+        "adapter_on_stage": ("stage (final)", "second+", "LoRA adapter on stage second", "search merge"),
     }[case]
     if case == "cycle":
         docs[0]["models"][1] = {"model": "second"}
@@ -96,6 +98,8 @@ def test_chain_errors(families, tmp_path, case):
         docs[1].pop("name")
     elif case == "duplicate":
         docs[1]["name"] = "first"
+    elif case == "adapter_on_stage":  # mergekit-multi applies it to the stage's folder; ours is in memory
+        docs[2]["slices"][0]["sources"][0]["model"] = f"second+{tmp_path / 'adapter'}"
     else:
         docs[2]["name"] = "third"
         docs.append(dict(docs[2], name="fourth"))

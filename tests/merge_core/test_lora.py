@@ -163,6 +163,12 @@ def test_the_merged_model_is_built_once_and_rebuilt_when_the_adapter_changes(lor
     assert (first[0] / "config.json").read_bytes() == (f["child_1"] / "config.json").read_bytes()
     assert (first[0] / "tokenizer.json").is_file()
 
+    # a build killed before its rename leaves a hidden folder: the next build clears it
+    killed = cache / f".{first[0].name}.killed"
+    first[0].rename(killed)
+    assert merge("rebuilt") == first and not killed.exists()
+    assert not [p for p in cache.iterdir() if p.is_dir() and p.name.startswith(".")]
+
     save_adapter(f["base"], adapter, 6, r=2, lora_alpha=2, target_modules=["q_proj"])  # retrained in place
     assert len(merge("three")) == 2
     assert not torch.equal(load_folder(tmp_path / "one")["model.layers.0.self_attn.q_proj.weight"],
@@ -276,7 +282,14 @@ def test_a_study_searches_a_parent_with_an_adapter(lora_setup, tmp_path):
     assert exported["models"][0]["model"] == f"{f['child_1']}+{a['plain']}"
     ours = run_cli("merge", str(best), str(tmp_path / "ours"), env=env)
     assert ours.returncode == 0, ours.stderr
-    theirs = mergekit_merge(exported, tmp_path / "mk" / "out", tmp_path / "mk-cache")
+    # the export's header says how mergekit-yaml builds it: that command, as written, runs
+    header = next(line for line in best.read_text().splitlines() if line.startswith("#   mergekit-yaml"))
+    command = header.removeprefix("#   ").split("   (or:")[0].replace("THIS.yml", str(best)).replace("OUT", "mk/out")
+    assert "--lora-merge-cache" in command
+    built = subprocess.run([str(Path(sys.executable).parent / command.split()[0]), *command.split()[1:]],
+                           cwd=tmp_path, capture_output=True, text=True, timeout=600)
+    assert built.returncode == 0, built.stderr[-2000:]
+    theirs = load_folder(tmp_path / "mk" / "out")
     written = load_folder(tmp_path / "ours")
     assert sorted(written) == sorted(theirs) and all(torch.equal(written[n], theirs[n]) for n in theirs)
 
