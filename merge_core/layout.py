@@ -84,18 +84,21 @@ def model_layout(model_type: str | None, names: list[str]) -> tuple[dict[str, st
     return renames, converted
 
 
-def renamed_on_load(config: dict, name: str) -> str:
-    """The name transformers gives a checkpoint tensor when it loads the model of this config.json
-    (the plain renamings of its conversion tables, by model class and by model type; `name` itself
-    when none applies)."""
-    from transformers.core_model_loading import WeightRenaming
+def model_names(model, names: list[str]) -> dict[str, str]:
+    """The name a live transformers `model` gives each checkpoint tensor name it loads under another:
+    the plain renamings transformers collects for the model and its sub-models (Mistral3's
+    `language_model.model.*` is `model.language_model.*`), applied as its loader applies them."""
+    from transformers.conversion_mapping import get_model_conversion_mapping
+    from transformers.core_model_loading import WeightRenaming, rename_source_key
 
-    keys = [*(config.get("architectures") or [])[:1], config.get("model_type")]
-    for key in dict.fromkeys(k for k in keys if isinstance(k, str)):
-        for transform in _conversion_table(key):
-            if isinstance(transform, WeightRenaming):
-                name, _ = transform.rename_source_key(name)
-    return name
+    renamings = [t for t in get_model_conversion_mapping(model) if isinstance(t, WeightRenaming)]
+    own = model.state_dict()
+    renamed = {}
+    for name in names:
+        target, _ = rename_source_key(name, renamings, [], model.base_model_prefix, own)
+        if target != name:
+            renamed[name] = target
+    return renamed
 
 
 def _refuse_if_it_applies(transform, current: dict) -> None:

@@ -204,12 +204,13 @@ def live_params(plan: MergePlan, model: torch.nn.Module) -> dict[str, torch.Tens
     `lm_head`) maps to its new name; a tensor the model does not have (a checkpoint's stale buffers,
     such as old gpt-neox `attention.bias` masks) is left out, as transformers leaves it out when it
     loads the merged folder."""
-    from merge_core.layout import renamed_on_load
+    from merge_core.layout import model_names
 
     params = _model_tensors(model)
+    renamed = model_names(model, [o.name for o in plan.outputs if o.name not in params])
     found = {}
     for out in plan.outputs:
-        name = out.name if out.name in params else renamed_on_load(plan.reference.config, out.name)
+        name = renamed.get(out.name, out.name)
         if name in params:
             found[out.name] = params[name]
     written = {p.data_ptr() for p in found.values()}
@@ -225,6 +226,17 @@ def live_targets(plan: MergePlan, model: torch.nn.Module) -> dict[str, torch.Ten
     return {out: p.data for out, p in live_params(plan, model).items()}
 
 
+def model_from_config(config, dtype: torch.dtype) -> torch.nn.Module:
+    """AutoModelForCausalLM where it maps the config; else the class config.json names (a vision-language
+    model such as Qwen2.5-VL or Mistral3, whose text-only forward gives the logits the tasks score)."""
+    import transformers
+
+    named = getattr(transformers, (getattr(config, "architectures", None) or [""])[0], None)
+    if type(config) not in transformers.AutoModelForCausalLM._model_mapping and named is not None:
+        return named._from_config(config, dtype=dtype)
+    return transformers.AutoModelForCausalLM.from_config(config, dtype=dtype)
+
+
 def new_live_model(plan: MergePlan, device: torch.device) -> torch.nn.Module:
     """An empty transformers model of the plan's merged shape on `device`."""
     import transformers
@@ -232,6 +244,6 @@ def new_live_model(plan: MergePlan, device: torch.device) -> torch.nn.Module:
 
     config = transformers.AutoConfig.for_model(**plan.merged_config())
     with no_init_weights(), device:
-        model = transformers.AutoModelForCausalLM.from_config(config, dtype=plan.model_dtype())
+        model = model_from_config(config, plan.model_dtype())
     model.tie_weights()  # tied lm_head: one tensor, written through the embeddings
     return model.eval()

@@ -338,12 +338,8 @@ class MergePlan:
         layers = _LayerStructures(reference, decoder, stacks[decoder], self.weights, self._index)
         outputs: list[OutputTensor] = []
         first, last = self.slices[0], self.slices[-1]
-        def loose_position(name: str) -> float:
-            return 1.0 if name in twice else 0.0
-
-        twice = set(self._merged_twice_by_mergekit(pre + post))
-
-        outputs += [self._output(n, [(s.model, n) for s in first.sources], first, loose_position(n), 0) for n in pre]
+        twice = set(self._merged_twice_by_mergekit(pre + post))  # outside the stacks: p = 0, or mergekit's second
+        outputs += [self._output(n, [(s.model, n) for s in first.sources], first, float(n in twice), 0) for n in pre]
         out_layer = 0
         for slice_index, sl in enumerate(self.slices):
             count = sl.sources[0].layer_range[1] - sl.sources[0].layer_range[0]
@@ -360,7 +356,7 @@ class MergePlan:
                 for name in layers.stack_layer(stack, i, first):
                     inputs = [(s.model, with_layer(name, i)) for s in first.sources]
                     outputs.append(self._output(name, inputs, first, p, 0))
-        outputs += [self._output(n, [(s.model, n) for s in last.sources], last, loose_position(n), len(self.slices) - 1)
+        outputs += [self._output(n, [(s.model, n) for s in last.sources], last, float(n in twice), len(self.slices) - 1)
                     for n in post]
         # mergekit runs each tensor's merge in the order of its largest source name.
         outputs.sort(key=_order_key)

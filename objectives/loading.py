@@ -74,8 +74,11 @@ def load_model(
     allow_pickle: bool = False,
     trust_remote_code: bool = False,
 ) -> Any:
-    """AutoModelForCausalLM from the folder, in eval mode on `device`."""
+    """AutoModelForCausalLM from the folder, in eval mode on `device`; a model it does not map (a
+    vision-language model: Qwen2.5-VL, Mistral3) loads as the class its config.json names, whose
+    text-only forward gives the logits the tasks score."""
     import torch
+    import transformers
     from transformers import AutoModelForCausalLM
 
     try:
@@ -85,16 +88,30 @@ def load_model(
     if target.type == "cuda" and not torch.cuda.is_available():
         raise TaskInputError(f"device '{device}' asked for but CUDA is not available; use --device cpu")
     torch_dtype = dtype if dtype == "auto" else getattr(torch, dtype)
+    options = dict(dtype=torch_dtype, use_safetensors=None if allow_pickle else True,
+                   trust_remote_code=trust_remote_code)
     try:
-        model = AutoModelForCausalLM.from_pretrained(
-            folder,
-            dtype=torch_dtype,
-            use_safetensors=None if allow_pickle else True,
-            trust_remote_code=trust_remote_code,
-        )
+        try:
+            model = AutoModelForCausalLM.from_pretrained(folder, **options)
+        except ValueError as exc:
+            named = _named_class(folder, transformers)
+            if "Unrecognized configuration class" not in str(exc) or named is None:
+                raise
+            model = named.from_pretrained(folder, **options)
     except Exception as exc:
         raise TaskInputError(_load_message(folder, "model", exc)) from None
     return model.to(target).eval()
+
+
+def _named_class(folder: Path, transformers) -> Any:
+    """The transformers class config.json's `architectures` names, if transformers has it."""
+    import json
+
+    try:
+        names = json.loads((Path(folder) / "config.json").read_text()).get("architectures") or []
+    except (OSError, ValueError, AttributeError):
+        return None
+    return getattr(transformers, names[0], None) if names and isinstance(names[0], str) else None
 
 
 def max_length_of(config: Any, tokenizer: Any) -> int:

@@ -49,6 +49,7 @@ def _mistral3():
 
 
 ARCHS = {"qwen2_5_vl": _qwen2_5_vl, "mistral3": _mistral3}
+CLASSES = {"qwen2_5_vl": "Qwen2_5_VLForConditionalGeneration", "mistral3": "Mistral3ForConditionalGeneration"}
 
 
 def build_vlm_family(root: Path, arch: str) -> dict[str, Path]:
@@ -175,3 +176,38 @@ def test_dare_on_qwen_vl_says_where_the_masks_leave_mergekits(vlms, tmp_path):
     assert result.returncode == 0, result.stderr
     said = " ".join(result.stderr.split())
     assert "visual.merger.mlp" in said and "twice" in said
+
+
+@pytest.mark.parametrize("arch", list(ARCHS))
+def test_a_study_builds_the_candidate_transformers_loads(vlms, tmp_path, arch):
+    """A study's live model is the class config.json names (AutoModelForCausalLM maps neither), written
+    under transformers' names (Mistral3's `language_model.model.*` is `model.language_model.*`): its state
+    equals from_pretrained of search merge's folder, and its text-only forward gives finite logits."""
+    text = ties_config(vlms[arch])
+    config = tmp_path / "config.yml"
+    config.write_text(text)
+    assert run_cli("merge", str(config), str(tmp_path / "out")).returncode == 0
+    merger = Merger(MergePlan(parse_config(yaml.safe_load(text))))
+    live = merger.new_model()
+    merger.build_into(live)
+    loaded = getattr(transformers, CLASSES[arch]).from_pretrained(tmp_path / "out")
+    assert type(live) is type(loaded)
+    state, expected = live.state_dict(), loaded.state_dict()
+    assert sorted(state) == sorted(expected)
+    for name, tensor in expected.items():
+        assert torch.equal(state[name], tensor), name
+    with torch.no_grad():
+        logits = live(input_ids=torch.tensor([[2, 5, 7, 9]])).logits
+    assert logits.shape == (1, 4, TEXT["vocab_size"]) and torch.isfinite(logits).all()
+
+
+def test_search_score_loads_a_vision_language_model(vlms, tmp_path):
+    """`search score` reads a model AutoModelForCausalLM does not map as the class config.json names
+    (before: one line, 'Unrecognized configuration class'), so an exported VLM merge can be scored."""
+    from tests.search.conftest import write_task
+
+    write_task(tmp_path, "toy_a", 1)
+    result = run_cli("score", "--model", str(vlms["mistral3"]["child_1"]), "--tasks", "toy_a",
+                     "--include-path", str(tmp_path))
+    assert result.returncode == 0, result.stderr
+    assert "weighted score" in result.stdout
