@@ -6,7 +6,7 @@ import re
 
 # `model.layers.3.`, `transformer.h.3.`, `gpt_neox.layers.3.`, `blocks.3.`, `encoder.layer.3.`
 LAYER_PATTERN = re.compile(r"(?:^|\.)(?:layers|layer|h|blocks|block)\.(\d+)\.")
-LAYER_COUNT_KEYS = ("num_hidden_layers", "n_layer", "num_layers", "n_layers")
+LAYER_COUNT_KEYS = ("num_hidden_layers", "n_layer", "num_layers", "n_layers", "decoder_layers")  # the last: whisper
 
 
 def layer_index(name: str) -> int | None:

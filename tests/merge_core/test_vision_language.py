@@ -211,3 +211,41 @@ def test_search_score_loads_a_vision_language_model(vlms, tmp_path):
                      "--include-path", str(tmp_path))
     assert result.returncode == 0, result.stderr
     assert "weighted score" in result.stdout
+
+
+def test_an_encoder_decoder_merges_each_stack_on_its_own_gradient(tmp_path):
+    """Whisper: 2 encoder layers, 3 decoder layers (config.json says decoder_layers, not num_hidden_layers).
+    A weight gradient from one model to the other gives each stack's first layer to one model and its
+    last to the other, whatever the stack's depth (mergekit-yaml 0.1.5 fails on whisper: its architecture
+    file names `model.decoderembed_tokens.weight`)."""
+    folders = []
+    for seed in (1, 2):
+        torch.manual_seed(seed)
+        model = transformers.WhisperForConditionalGeneration(transformers.WhisperConfig(
+            vocab_size=64, d_model=32, encoder_layers=2, decoder_layers=3, encoder_attention_heads=4,
+            decoder_attention_heads=4, encoder_ffn_dim=64, decoder_ffn_dim=64, num_mel_bins=8,
+            max_source_positions=16, max_target_positions=16, pad_token_id=1, bos_token_id=1, eos_token_id=2,
+            decoder_start_token_id=1))
+        model.save_pretrained(tmp_path / f"m{seed}")
+        folders.append(tmp_path / f"m{seed}")
+    config = tmp_path / "config.yml"
+    config.write_text(f"""merge_method: linear
+dtype: float32
+models:
+  - model: {folders[0]}
+    parameters: {{weight: [0.0, 1.0]}}
+  - model: {folders[1]}
+    parameters: {{weight: [1.0, 0.0]}}
+""")
+    result = run_cli("merge", str(config), str(tmp_path / "out"))
+    assert result.returncode == 0, result.stderr
+    merged, a, b = load_folder(tmp_path / "out"), load_folder(folders[0]), load_folder(folders[1])
+    assert sorted(merged) == sorted(a)
+    fc1 = "model.{}.layers.{}.fc1.weight"
+    assert torch.equal(merged[fc1.format("encoder", 0)], b[fc1.format("encoder", 0)])
+    assert torch.equal(merged[fc1.format("encoder", 1)], a[fc1.format("encoder", 1)])
+    assert torch.equal(merged[fc1.format("decoder", 0)], b[fc1.format("decoder", 0)])
+    middle = fc1.format("decoder", 1)
+    assert torch.allclose(merged[middle], (a[middle] + b[middle]) / 2, atol=1e-7)
+    assert torch.equal(merged[fc1.format("decoder", 2)], a[fc1.format("decoder", 2)])
+    transformers.WhisperForConditionalGeneration.from_pretrained(tmp_path / "out")
