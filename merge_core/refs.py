@@ -48,13 +48,18 @@ def split_adapter(text: str) -> tuple[str, str | None]:
 
 
 def mergekit_lora_flag(models) -> str:
-    """The flag mergekit-yaml needs to apply the adapters among `models` (it refuses to without a
-    cache folder), with a leading space; empty when none has one."""
+    """The flags mergekit-yaml needs to apply the adapters among `models` as we applied them (it refuses
+    to without a cache folder; the dtype is ours when set), with a leading space; empty without adapters."""
     try:
         adapted = any(split_adapter(m)[1] is not None for m in models)
     except MergeInputError:
         adapted = True  # two `+`: mergekit needs the flag before it can say what is wrong
-    return " --lora-merge-cache ./lora-cache" if adapted else ""
+    if not adapted:
+        return ""
+    from merge_core.lora import DTYPE_ENV
+
+    dtype = os.environ.get(DTYPE_ENV)
+    return " --lora-merge-cache ./lora-cache" + (f" --lora-merge-dtype {dtype}" if dtype else "")
 
 
 def resolve(ref: ModelRef | str, allow_pickle: bool = False, what: str = "model") -> Path:

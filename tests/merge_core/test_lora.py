@@ -316,3 +316,15 @@ def test_a_pickled_model_with_an_adapter_needs_allow_pickle(lora_setup, tmp_path
     """transformers would load the pickle while applying the adapter: the flag guards that load too."""
     model = build_tiny_model(tmp_path / "pickled_model", "llama", seed=11, safe=False)
     refused_then_allowed(tmp_path, f"{model}+{lora_setup['adapters']['plain']}")
+
+
+def test_mergekit_flags_for_adapters_follow_the_dtype_we_applied_them_in(monkeypatch):
+    """What an export header adds to mergekit-yaml: nothing without adapters; the cache folder it needs
+    with one; our $MERGE_SEARCH_LORA_DTYPE as --lora-merge-dtype, so its parents are ours."""
+    from merge_core.refs import mergekit_lora_flag
+
+    monkeypatch.delenv("MERGE_SEARCH_LORA_DTYPE", raising=False)
+    assert mergekit_lora_flag(["org/base", "/models/child"]) == ""
+    assert mergekit_lora_flag(["org/base", "/models/child+/adapters/a"]) == " --lora-merge-cache ./lora-cache"
+    monkeypatch.setenv("MERGE_SEARCH_LORA_DTYPE", "bfloat16")
+    assert mergekit_lora_flag(["/models/child+/adapters/a"]).endswith(" --lora-merge-dtype bfloat16")
