@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import re
 
-# `model.layers.3.`, `transformer.h.3.`, `gpt_neox.layers.3.`, `blocks.3.`, `encoder.layer.3.`
-LAYER_PATTERN = re.compile(r"(?:^|\.)(?:layers|layer|h|blocks|block)\.(\d+)\.")
+# `model.layers.3.`, `transformer.h.3.`, `gpt_neox.layers.3.`, `blocks.3.`, `encoder.layer.3.`; and Qwen3-VL's
+# `deepstack_merger_list.1.`, a stack of projectors that mergekit's architecture file spreads over a gradient
+LAYER_PATTERN = re.compile(r"(?:^|\.)(?:layers|layer|h|blocks|block|deepstack_merger_list)\.(\d+)\.")
 LAYER_COUNT_KEYS = ("num_hidden_layers", "n_layer", "num_layers", "n_layers", "decoder_layers")  # the last: whisper
 
 

@@ -48,8 +48,18 @@ def _mistral3():
         image_token_index=20, spatial_merge_size=2, vision_feature_layer=-1, tie_word_embeddings=False))
 
 
-ARCHS = {"qwen2_5_vl": _qwen2_5_vl, "mistral3": _mistral3}
-CLASSES = {"qwen2_5_vl": "Qwen2_5_VLForConditionalGeneration", "mistral3": "Mistral3ForConditionalGeneration"}
+def _qwen3_vl():  # three deepstack projectors, which mergekit spreads over a gradient like layers
+    return transformers.Qwen3VLForConditionalGeneration(transformers.Qwen3VLConfig(
+        text_config=dict(TEXT, head_dim=8, rope_scaling={"rope_type": "default", "mrope_section": [2, 1, 1]}),
+        vision_config=dict(depth=VISION_BLOCKS, hidden_size=32, out_hidden_size=32, intermediate_size=64,
+                           num_heads=4, patch_size=4, spatial_merge_size=2, temporal_patch_size=2, in_channels=3,
+                           num_position_embeddings=16, deepstack_visual_indexes=[1, 2, 3]),
+        tie_word_embeddings=False))
+
+
+ARCHS = {"qwen2_5_vl": _qwen2_5_vl, "mistral3": _mistral3, "qwen3_vl": _qwen3_vl}
+CLASSES = {"qwen2_5_vl": "Qwen2_5_VLForConditionalGeneration", "mistral3": "Mistral3ForConditionalGeneration",
+           "qwen3_vl": "Qwen3VLForConditionalGeneration"}
 
 
 def build_vlm_family(root: Path, arch: str) -> dict[str, Path]:
@@ -118,14 +128,16 @@ models:
 
 def vision_blocks(tensors: dict) -> set[int]:
     return {int(n.split("blocks.")[1].split(".")[0]) if "blocks." in n else int(n.split("layers.")[1].split(".")[0])
-            for n in tensors if n.startswith(("visual.blocks.", "vision_tower.transformer.layers."))}
+            for n in tensors if n.startswith(("visual.blocks.", "model.visual.blocks.",
+                                              "vision_tower.transformer.layers."))}
 
 
 @pytest.mark.parametrize("arch", list(ARCHS))
 @pytest.mark.parametrize("config", [slerp_config, ties_config])
 def test_every_vision_block_merges_on_its_own_gradient_as_mergekit_does(vlms, tmp_path, arch, config):
     """A gradient over `models:` spans the tower's blocks separately from the text layers: every tensor
-    equals mergekit-yaml's, vision blocks 3 and 4 included, and the in-memory candidate equals the file."""
+    equals mergekit-yaml's, vision blocks 3 and 4 included (and Qwen3-VL's deepstack projectors, which
+    mergekit places at 0, 0.5 and 1 on the gradient), and the in-memory candidate equals the file."""
     text = config(vlms[arch])
     mk, us = both(tmp_path, text)
     ours, theirs = load_folder(us), load_folder(mk)
@@ -137,9 +149,10 @@ def test_every_vision_block_merges_on_its_own_gradient_as_mergekit_does(vlms, tm
         assert torch.equal(tensor, ours[name]), name
 
 
-def test_dare_masks_follow_mergekit_across_stacks(vlms, tmp_path):
+@pytest.mark.parametrize("arch", ["mistral3", "qwen3_vl"])
+def test_dare_masks_follow_mergekit_across_stacks(vlms, tmp_path, arch):
     """DARE's masks, drawn in mergekit's order over both stacks, are mergekit-yaml --random-seed's."""
-    mk, us = both(tmp_path, ties_config(vlms["mistral3"], "dare_ties"), "--random-seed", "5")
+    mk, us = both(tmp_path, ties_config(vlms[arch], "dare_ties"), "--random-seed", "5")
     assert_within_one_ulp(load_folder(us), load_folder(mk))
 
 
