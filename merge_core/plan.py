@@ -327,21 +327,31 @@ class MergePlan:
         if not stacks:
             raise MergeInputError(f"{self.models[0]}: no layer tensors found (names like model.layers.N.)")
         reference = next(m for m, w in zip(self.models, self.weights, strict=True) if w is self.reference)
-        decoder = _decoder_stack(stacks, pre + post, layer_count(self.reference.config))
-        others = {name: layers for name, layers in sorted(stacks.items()) if name != decoder}
-        if others and self.config.slices is not None:
-            described = ", ".join(f"{name} ({max(layers) + 1} layers)" for name, layers in stacks.items())
+        config_count = layer_count(self.reference.config)
+        decoder = _decoder_stack(stacks, pre + post, config_count)
+        if len(stacks) > 1 and self.config.slices is not None:
+            described = ", ".join(f"{name} ({max(layers) + 1})" for name, layers in stacks.items())
             raise MergeInputError(
-                f"{reference} has several layer stacks: {described}; a slice's layer_range cannot say which stack it "
-                "means (mergekit asks for `modules:` here, which merge-search does not read yet): list the models "
-                "under `models:` to merge every stack layer by layer")
+                f"{reference} has several layer stacks (layers: {described}); a slice's layer_range cannot say which "
+                "stack it means (mergekit asks for `modules:` here, which merge-search does not read yet): list the "
+                "models under `models:` (in a study, without `blocks:`, which cuts the layers into slices)")
         layers = _LayerStructures(reference, decoder, stacks[decoder], self.weights, self._index)
         outputs: list[OutputTensor] = []
         first, last = self.slices[0], self.slices[-1]
         twice = set(self._merged_twice_by_mergekit(pre + post))  # outside the stacks: p = 0, or mergekit's second
         outputs += [self._output(n, [(s.model, n) for s in first.sources], first, float(n in twice), 0) for n in pre]
+        # Several stacks (`models:` only): each over its own depth, as mergekit's modules, config.json's counts
+        # kept (a Hub whisper's num_hidden_layers counts its encoder layers, not its decoder's).
+        multi = sorted(stacks) if len(stacks) > 1 else []
+        for stack in multi:
+            count = layers.stack_count(stack, first)
+            for i in range(count):
+                p = gradient.position(i, count)
+                for name in layers.stack_layer(stack, i, first):
+                    inputs = [(s.model, with_layer(name, i)) for s in first.sources]
+                    outputs.append(self._output(name, inputs, first, p, 0))
         out_layer = 0
-        for slice_index, sl in enumerate(self.slices):
+        for slice_index, sl in enumerate([] if multi else self.slices):
             count = sl.sources[0].layer_range[1] - sl.sources[0].layer_range[0]
             for i in range(count):
                 p = gradient.position(i, count)
@@ -349,18 +359,11 @@ class MergePlan:
                     inputs = [(s.model, with_layer(name, s.layer_range[0] + i)) for s in sl.sources]
                     outputs.append(self._output(with_layer(name, out_layer), inputs, sl, p, slice_index))
                 out_layer += 1
-        for stack in others:  # a vision tower's or an encoder's layers: a gradient of their own, as mergekit's modules
-            count = layers.stack_count(stack, first)
-            for i in range(count):
-                p = gradient.position(i, count)
-                for name in layers.stack_layer(stack, i, first):
-                    inputs = [(s.model, with_layer(name, i)) for s in first.sources]
-                    outputs.append(self._output(name, inputs, first, p, 0))
         outputs += [self._output(n, [(s.model, n) for s in last.sources], last, float(n in twice), len(self.slices) - 1)
                     for n in post]
         # mergekit runs each tensor's merge in the order of its largest source name.
         outputs.sort(key=_order_key)
-        return outputs, out_layer
+        return outputs, (config_count or layers.stack_count(decoder, first)) if multi else out_layer
 
     def _merged_twice_by_mergekit(self, names) -> list[str]:
         pattern = MERGED_TWICE_BY_MERGEKIT.get((self.reference.config.get("architectures") or [None])[0])
@@ -537,19 +540,21 @@ class _LayerStructures:
         self._models: dict[str, dict[str, dict[int, list[str]]]] = {}
 
     def stack_count(self, stack: str, sl) -> int:
-        """The layers of a stack besides the decoder's (a vision tower's), which every model must share."""
-        counts = {s.model: max(self._stacks_of(s.model).get(stack, {-1: None})) + 1 for s in sl.sources}
+        """The layers of a stack (of a model with several: a vision tower, an encoder), which every model
+        must share: its highest index plus one, 0 where a model lacks it."""
+        counts = {s.model: max(self._stacks_of(s.model).get(stack, {}), default=-1) + 1 for s in sl.sources}
         if len(set(counts.values())) > 1:
             raise MergeInputError(f"layer counts of {stack} differ: {counts}; merged models must share one "
                                   "architecture")
         return counts[sl.sources[0].model]
 
     def stack_layer(self, stack: str, i: int, sl) -> list[str]:
-        """The tensor names of layer i of a stack besides the decoder's, in the first model of the slice."""
+        """The tensor names of layer i of a stack, in the first model of the slice."""
         model = sl.sources[0].model
         names = self._stacks_of(model)[stack].get(i)
         if not names:
-            raise MergeInputError(f"{model} has no layer {i} in {stack}")
+            raise MergeInputError(f"{model} has no layer {i} in {stack} although it has later ones; its checkpoint "
+                                  "is incomplete")
         return names
 
     def names(self, out_layer: int, sl, i: int) -> list[str]:
@@ -607,13 +612,13 @@ def _split_names(names: list[str]) -> tuple[list[str], list[str], dict[str, dict
     return pre, post, stacks
 
 
-def _decoder_stack(stacks: dict[str, dict[int, list[str]]], others: list[str], config_count: int | None) -> str:
-    """The stack config.json's layer count describes: the one beside the token embeddings (`model.layers`
-    next to `model.embed_tokens`, not `visual.blocks`), else the one with that many layers, else the largest."""
+def _decoder_stack(stacks: dict[str, dict[int, list[str]]], loose: list[str], config_count: int | None) -> str:
+    """The text decoder's stack: the one beside the token embeddings (`model.layers` next to
+    `model.embed_tokens`, not `visual.blocks`), else the one with config.json's layer count, else the largest."""
     if len(stacks) == 1:
         return next(iter(stacks))
     parents = {name: name.rpartition(".")[0] for name in stacks}
-    embeddings = [t for t in others if TOKEN_EMBEDDINGS.search(t)]
+    embeddings = [t for t in loose if TOKEN_EMBEDDINGS.search(t)]
     beside_embeddings = [name for name, parent in parents.items()
                          if any(t.startswith(f"{parent}." if parent else "") for t in embeddings)]
     if len(beside_embeddings) == 1:

@@ -47,18 +47,16 @@ def split_adapter(text: str) -> tuple[str, str | None]:
     return parts[0], parts[1]
 
 
-def mergekit_lora_flag(models) -> str:
-    """The flags mergekit-yaml needs to apply the adapters among `models` as we applied them (it refuses
-    to without a cache folder; the dtype is ours when set), with a leading space; empty without adapters."""
+def mergekit_lora_flags(models, dtype: str | None) -> str:
+    """The flags mergekit-yaml needs to apply the adapters among `models` as we applied them, in `dtype`
+    when one was set (mergekit refuses adapters without a cache folder), with a leading space; empty
+    without adapters."""
     try:
         adapted = any(split_adapter(m)[1] is not None for m in models)
     except MergeInputError:
         adapted = True  # two `+`: mergekit needs the flag before it can say what is wrong
     if not adapted:
         return ""
-    from merge_core.lora import DTYPE_ENV
-
-    dtype = os.environ.get(DTYPE_ENV)
     return " --lora-merge-cache ./lora-cache" + (f" --lora-merge-dtype {dtype}" if dtype else "")
 
 

@@ -10,10 +10,10 @@ from pathlib import Path
 
 import optuna
 
-from merge_core.refs import mergekit_lora_flag
+from merge_core.refs import mergekit_lora_flags
 from search import results
 from search.storage import is_journal, mask
-from search.trial_record import PARENTS, SLICE_LENGTHS, StudyRecord
+from search.trial_record import LORA_MERGE_DTYPE, PARENTS, SLICE_LENGTHS, StudyRecord
 
 log = logging.getLogger(__name__)
 
@@ -71,11 +71,13 @@ def reproduce_commands(study: optuna.Study, trial_number: int, study_path: str |
     where = q(study_path) if study_path else f"--storage {q(mask(storage_url or '<URL>'))} --study-name {q(name)}"
     folder = (export_dir or f"runs/{name}/export").rstrip("/")
     config = q(f"{folder}/01-trial{trial_number}.yml")
-    lora = mergekit_lora_flag(p["model"] for p in study.user_attrs.get(PARENTS) or [])
+    dtype = study.user_attrs.get(LORA_MERGE_DTYPE)  # what the study applied adapters in, not this process
+    lora = mergekit_lora_flags([p["model"] for p in study.user_attrs.get(PARENTS) or []], dtype)
+    ours = f" --lora-merge-dtype {dtype}" if lora and dtype else ""
     return (f"search export {where} --top 1 --out {q(folder)}\n"
             f"mergekit-yaml {config} ./merged-trial{trial_number}{lora}\n"
             f"# or the same merge without mergekit:\n"
-            f"search merge {config} ./merged-trial{trial_number}")
+            f"search merge {config} ./merged-trial{trial_number}{ours}")
 
 
 def note_markdown(study: optuna.Study, reproduce: str | None = None, last_trial: int | None = None) -> str:

@@ -23,6 +23,7 @@ from search.storage import open_storage
 from search.study_config import StudyFile
 from search.trial_record import (
     BASELINE_RECIPE,
+    LORA_MERGE_DTYPE,
     PARENTS,
     TASK_NAMES,
     HeldOut,
@@ -228,7 +229,7 @@ class Candidates:
 
     def mergekit_yaml(self, recipe: Recipe) -> str:
         """The exact mergekit YAML of a candidate (with the seed its random masks need, if any)."""
-        from merge_core.refs import mergekit_lora_flag
+        from merge_core.refs import mergekit_lora_flags
 
         plans = self.chain.plans if self.chain is not None else [self.plan]
         if self.chain is not None:
@@ -238,16 +239,25 @@ class Candidates:
             text = self.space.config_of(recipe).to_yaml()
             tool = "mergekit-yaml THIS.yml OUT"
         randomised = [p.method.name for p in plans if p.method.randomised]
-        lora = mergekit_lora_flag(m for p in plans for m in p.models)
+        dtype = lora_merge_dtype()
+        lora = mergekit_lora_flags([m for p in plans for m in p.models], dtype)
+        ours = f" --lora-merge-dtype {dtype}" if lora and dtype else ""
         if randomised:
             seed = self.study.merge.random_seed
             text = (f"# {', '.join(randomised)} draws random masks: build it with --random-seed {seed}\n"
                     f"#   {tool} --random-seed {seed}{lora}   (or: search merge THIS.yml OUT "
-                    f"--random-seed {seed})\n") + text
+                    f"--random-seed {seed}{ours})\n") + text
         elif lora:
             text = (f"# a parent carries a LoRA adapter, which mergekit applies into a cache folder:\n"
-                    f"#   {tool}{lora}   (or: search merge THIS.yml OUT)\n") + text
+                    f"#   {tool}{lora}   (or: search merge THIS.yml OUT{ours})\n") + text
         return text
+
+
+def lora_merge_dtype() -> str | None:
+    """The dtype this process applies LoRA adapters in ($MERGE_SEARCH_LORA_DTYPE), None for the model's own."""
+    from merge_core.lora import DTYPE_ENV
+
+    return os.environ.get(DTYPE_ENV) or None
 
 
 def _middle(dist):
@@ -296,6 +306,7 @@ class StudyRunner:
                 self._check_parents(study)
             if created:
                 study.set_user_attr(PARENTS, self.c.parents)
+                study.set_user_attr(LORA_MERGE_DTYPE, lora_merge_dtype())
                 study.set_metric_names(self.task_names if self.multi else ["weighted score"])
                 study.set_user_attr(BASELINE_RECIPE, self.c.baseline)
                 study.set_user_attr(TASK_NAMES, self.task_names)

@@ -26,6 +26,7 @@ KEY = "merge_search_key"  # dataclass field metadata: the storage key of a store
 TASK_NAMES = "task_names"
 SLICE_LENGTHS = "slice_lengths"
 PARENTS = "parents"  # study user attr: fingerprints of the parents its trials were scored with
+LORA_MERGE_DTYPE = "lora_merge_dtype"  # study user attr: the dtype its parents' adapters were applied in
 BASELINE_RECIPE = "baseline_recipe"
 LATE_HOLDOUT = "holdout."  # + trial number: held-out scores written after the trial finished
 VALIDATION = "validation."  # + trial number: {"score", "task_scores"} on the validation items

@@ -273,7 +273,7 @@ def test_a_study_searches_a_parent_with_an_adapter(lora_setup, tmp_path):
     }
     path = tmp_path / "study.yaml"
     path.write_text(yaml.safe_dump(study))
-    env = {"MERGE_SEARCH_LORA_CACHE": str(tmp_path / "cache")}
+    env = {"MERGE_SEARCH_LORA_CACHE": str(tmp_path / "cache"), "MERGE_SEARCH_LORA_DTYPE": "float32"}
     done = run_cli("start", str(path), env=env)
     assert done.returncode == 0, done.stderr[-3000:]
     assert run_cli("export", str(path), env=env).returncode == 0
@@ -285,7 +285,15 @@ def test_a_study_searches_a_parent_with_an_adapter(lora_setup, tmp_path):
     # the export's header says how mergekit-yaml builds it: that command, as written, runs
     header = next(line for line in best.read_text().splitlines() if line.startswith("#   mergekit-yaml"))
     command = header.removeprefix("#   ").split("   (or:")[0].replace("THIS.yml", str(best)).replace("OUT", "mk/out")
-    assert "--lora-merge-cache" in command
+    assert "--lora-merge-cache" in command and "--lora-merge-dtype float32" in command
+    # the study note's rebuild commands say the same, from the study's record, whatever this shell's variables
+    import optuna
+
+    from search.notes import reproduce_commands
+
+    recorded = optuna.load_study(study_name="lora", storage=f"sqlite:///{tmp_path / 'lora.db'}")
+    note = reproduce_commands(recorded, recorded.best_trial.number, str(path))
+    assert "--lora-merge-cache ./lora-cache --lora-merge-dtype float32" in note
     built = subprocess.run([str(Path(sys.executable).parent / command.split()[0]), *command.split()[1:]],
                            cwd=tmp_path, capture_output=True, text=True, timeout=600)
     assert built.returncode == 0, built.stderr[-2000:]
@@ -318,13 +326,12 @@ def test_a_pickled_model_with_an_adapter_needs_allow_pickle(lora_setup, tmp_path
     refused_then_allowed(tmp_path, f"{model}+{lora_setup['adapters']['plain']}")
 
 
-def test_mergekit_flags_for_adapters_follow_the_dtype_we_applied_them_in(monkeypatch):
-    """What an export header adds to mergekit-yaml: nothing without adapters; the cache folder it needs
-    with one; our $MERGE_SEARCH_LORA_DTYPE as --lora-merge-dtype, so its parents are ours."""
-    from merge_core.refs import mergekit_lora_flag
+def test_mergekit_flags_for_adapters_follow_the_dtype_we_applied_them_in():
+    """What an export header or a study note adds to mergekit-yaml: nothing without adapters; the cache
+    folder it needs with one; the dtype the study applied them in (recorded with the study, so a later
+    `search report` in another shell still says it) as --lora-merge-dtype."""
+    from merge_core.refs import mergekit_lora_flags
 
-    monkeypatch.delenv("MERGE_SEARCH_LORA_DTYPE", raising=False)
-    assert mergekit_lora_flag(["org/base", "/models/child"]) == ""
-    assert mergekit_lora_flag(["org/base", "/models/child+/adapters/a"]) == " --lora-merge-cache ./lora-cache"
-    monkeypatch.setenv("MERGE_SEARCH_LORA_DTYPE", "bfloat16")
-    assert mergekit_lora_flag(["/models/child+/adapters/a"]).endswith(" --lora-merge-dtype bfloat16")
+    assert mergekit_lora_flags(["org/base", "/models/child"], "bfloat16") == ""
+    assert mergekit_lora_flags(["org/base", "/models/child+/adapters/a"], None) == " --lora-merge-cache ./lora-cache"
+    assert mergekit_lora_flags(["/models/child+/adapters/a"], "bfloat16").endswith(" --lora-merge-dtype bfloat16")

@@ -8,6 +8,7 @@ planner that reads every `.N.` as text layer N drops vision blocks 3 and 4.
 
 from __future__ import annotations
 
+import json
 import shutil
 from pathlib import Path
 
@@ -175,7 +176,7 @@ parameters:
     result = run_cli("merge", str(config), str(tmp_path / "out"))
     assert result.returncode == 2, result.stderr
     lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1 and "several layer stacks" in lines[0] and "visual.blocks (5 layers)" in lines[0]
+    assert len(lines) == 1 and "several layer stacks" in lines[0] and "visual.blocks (5)" in lines[0]
     assert "models:" in lines[0]
     assert not (tmp_path / "out").exists()
 
@@ -226,10 +227,12 @@ def test_search_score_loads_a_vision_language_model(vlms, tmp_path):
     assert "weighted score" in result.stdout
 
 
-def test_an_encoder_decoder_merges_each_stack_on_its_own_gradient(tmp_path):
-    """Whisper: 2 encoder layers, 3 decoder layers (config.json says decoder_layers, not num_hidden_layers).
-    A weight gradient from one model to the other gives each stack's first layer to one model and its
-    last to the other, whatever the stack's depth (mergekit-yaml 0.1.5 fails on whisper: its architecture
+@pytest.mark.parametrize("hub_config", [False, True])
+def test_an_encoder_decoder_merges_each_stack_on_its_own_gradient(tmp_path, hub_config):
+    """Whisper: 2 encoder layers, 3 decoder layers (config.json says decoder_layers; a Hub checkpoint saved
+    by transformers 4 also says num_hidden_layers, its encoder's count). A weight gradient from one model
+    to the other gives each stack's first layer to one model and its last to the other, whatever the
+    stack's depth, and config.json's counts stay (mergekit-yaml 0.1.5 fails on whisper: its architecture
     file names `model.decoderembed_tokens.weight`)."""
     folders = []
     for seed in (1, 2):
@@ -241,6 +244,9 @@ def test_an_encoder_decoder_merges_each_stack_on_its_own_gradient(tmp_path):
             decoder_start_token_id=1))
         model.save_pretrained(tmp_path / f"m{seed}")
         folders.append(tmp_path / f"m{seed}")
+        if hub_config:
+            saved = json.loads((folders[-1] / "config.json").read_text())
+            (folders[-1] / "config.json").write_text(json.dumps(dict(saved, num_hidden_layers=2)))
     config = tmp_path / "config.yml"
     config.write_text(f"""merge_method: linear
 dtype: float32
@@ -261,4 +267,6 @@ models:
     middle = fc1.format("decoder", 1)
     assert torch.allclose(merged[middle], (a[middle] + b[middle]) / 2, atol=1e-7)
     assert torch.equal(merged[fc1.format("decoder", 2)], a[fc1.format("decoder", 2)])
+    written = json.loads((tmp_path / "out" / "config.json").read_text())
+    assert (written["encoder_layers"], written["decoder_layers"]) == (2, 3)
     transformers.WhisperForConditionalGeneration.from_pretrained(tmp_path / "out")
