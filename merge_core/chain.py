@@ -18,6 +18,7 @@ import torch
 from merge_core.config import MergeConfig, parse_config
 from merge_core.errors import MergeInputError
 from merge_core.plan import MergePlan
+from merge_core.refs import split_adapter
 
 
 @dataclass(frozen=True)
@@ -204,11 +205,12 @@ def _ordered(stages: list[Stage], source: str) -> list[Stage]:
     uses = {s.name: [m for m in s.config.model_names() if m in names] for s in stages}
     for stage in stages:
         for model in stage.config.model_names():
-            if "+" in model and model.partition("+")[0].strip() in names:
+            adapted, adapter = split_adapter(model)
+            if adapter is not None and adapted in names:
                 raise MergeInputError(
-                    f"{source}: stage {stage.name or '(final)'}: {model} puts a LoRA adapter on stage "
-                    f"{model.partition('+')[0].strip()}, which merge-search keeps in memory; build that stage "
-                    "with `search merge` and name its folder, or put the adapter on one of its models")
+                    f"{source}: stage {stage.name or '(final)'}: {model} puts a LoRA adapter on stage {adapted}, "
+                    "which merge-search keeps in memory; build that stage with `search merge` and name its "
+                    "folder, or put the adapter on one of its models")
     order: list[Stage] = []
     state: dict = {}
 

@@ -91,6 +91,8 @@ def model_names(model, names: list[str]) -> dict[str, str]:
     from transformers.conversion_mapping import get_model_conversion_mapping
     from transformers.core_model_loading import WeightRenaming, rename_source_key
 
+    if not names:
+        return {}
     renamings = [t for t in get_model_conversion_mapping(model) if isinstance(t, WeightRenaming)]
     own = model.state_dict()
     renamed = {}

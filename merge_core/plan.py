@@ -38,8 +38,6 @@ EMBEDDING_PATTERN = re.compile(r"(embed(?!_out)|(^|\.)wte\.|(^|\.)wpe\.)")
 TIED_HEAD = "lm_head.weight"
 TIED_EMBEDDINGS = ("model.embed_tokens.weight", "transformer.wte.weight", "transformer.word_embeddings.weight",
                    "model.decoder.embed_tokens.weight", "gpt_neox.embed_in.weight")
-# the token embeddings, which sit beside the decoder's layers (`model.embed_tokens` by `model.layers`)
-TOKEN_EMBEDDINGS = re.compile(r"(^|\.)(embed_tokens|wte|embed_in|word_embeddings)\.")
 LAYER_KEYS = ("num_hidden_layers", "n_layer", "num_layers", "n_layers")
 # mergekit's architecture files for Qwen2-VL and Qwen2.5-VL list the vision-to-text projector's MLP as
 # the layer template of a module of two layers: mergekit merges each of its tensors at the gradients'
@@ -327,15 +325,13 @@ class MergePlan:
         if not stacks:
             raise MergeInputError(f"{self.models[0]}: no layer tensors found (names like model.layers.N.)")
         reference = next(m for m, w in zip(self.models, self.weights, strict=True) if w is self.reference)
-        config_count = layer_count(self.reference.config)
-        decoder = _decoder_stack(stacks, pre + post, config_count)
         if len(stacks) > 1 and self.config.slices is not None:
             described = ", ".join(f"{name} ({max(layers) + 1})" for name, layers in stacks.items())
             raise MergeInputError(
                 f"{reference} has several layer stacks (layers: {described}); a slice's layer_range cannot say which "
                 "stack it means (mergekit asks for `modules:` here, which merge-search does not read yet): list the "
                 "models under `models:` (in a study, without `blocks:`, which cuts the layers into slices)")
-        layers = _LayerStructures(reference, decoder, stacks[decoder], self.weights, self._index)
+        layers = _LayerStructures(reference, stacks, self.weights, self._index)
         outputs: list[OutputTensor] = []
         first, last = self.slices[0], self.slices[-1]
         twice = set(self._merged_twice_by_mergekit(pre + post))  # outside the stacks: p = 0, or mergekit's second
@@ -363,7 +359,7 @@ class MergePlan:
                     for n in post]
         # mergekit runs each tensor's merge in the order of its largest source name.
         outputs.sort(key=_order_key)
-        return outputs, (config_count or layers.stack_count(decoder, first)) if multi else out_layer
+        return outputs, self.slice_lengths()[0] if multi else out_layer  # `models:`: config.json's count
 
     def _merged_twice_by_mergekit(self, names) -> list[str]:
         pattern = MERGED_TWICE_BY_MERGEKIT.get((self.reference.config.get("architectures") or [None])[0])
@@ -532,11 +528,13 @@ class _LayerStructures:
     must be those of the reference's layer at the same index, or config.json could not describe it.
     """
 
-    def __init__(self, reference: str, decoder: str, by_layer: dict[int, list[str]], weights: list,
+    def __init__(self, reference: str, stacks: dict[str, dict[int, list[str]]], weights: list,
                  index: dict[str, int]):
-        self.reference, self.decoder, self.by_layer = reference, decoder, by_layer
-        self.weights, self.index = weights, index
-        self.uniform = len({_structure(names) for names in by_layer.values()}) == 1
+        """`stacks`: the reference model's; `names` serves a model with one (several merge by stack_layer)."""
+        self.reference, self.weights, self.index = reference, weights, index
+        self.decoder = next(iter(stacks)) if len(stacks) == 1 else None
+        self.by_layer = stacks.get(self.decoder, {})
+        self.uniform = len({_structure(names) for names in self.by_layer.values()}) == 1
         self._models: dict[str, dict[str, dict[int, list[str]]]] = {}
 
     def stack_count(self, stack: str, sl) -> int:
@@ -610,21 +608,6 @@ def _split_names(names: list[str]) -> tuple[list[str], list[str], dict[str, dict
         else:
             post.append(name)
     return pre, post, stacks
-
-
-def _decoder_stack(stacks: dict[str, dict[int, list[str]]], loose: list[str], config_count: int | None) -> str:
-    """The text decoder's stack: the one beside the token embeddings (`model.layers` next to
-    `model.embed_tokens`, not `visual.blocks`), else the one with config.json's layer count, else the largest."""
-    if len(stacks) == 1:
-        return next(iter(stacks))
-    parents = {name: name.rpartition(".")[0] for name in stacks}
-    embeddings = [t for t in loose if TOKEN_EMBEDDINGS.search(t)]
-    beside_embeddings = [name for name, parent in parents.items()
-                         if any(t.startswith(f"{parent}." if parent else "") for t in embeddings)]
-    if len(beside_embeddings) == 1:
-        return beside_embeddings[0]
-    counted = sorted(name for name, layers in stacks.items() if max(layers) + 1 == config_count)
-    return counted[0] if counted else max(sorted(stacks), key=lambda name: len(stacks[name]))
 
 
 def _tied_source(tensor: str, weights) -> str | None:
