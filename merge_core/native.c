@@ -152,8 +152,11 @@ static inline __attribute__((always_inline)) __m256 delta_sum_step(int dtype, co
 static inline __attribute__((always_inline)) void delta_sum_impl(int dtype, const char *const *xs,
         const char *base, int n, const float *w, const DeltaSumOptions *o, char *out, int64_t numel) {
     const int size = element_size(dtype);
+    /* local copies: the stores through `out` (char *) could alias *o, which would reload it per step */
+    const DeltaSumOptions options = *o;
     DeltaSumOptions tail = *o;
     tail.nan_bits = o->tail_nan_bits;
+    o = &options;
     int64_t j = 0;
     for (; j + LANES <= numel; j += LANES) {
         const DeltaSumOptions *at = j >= o->tail_start ? &tail : o;
@@ -481,7 +484,12 @@ void linear_pass(int dtype, const char *const *xs, int n, const float *c, int us
 
 void delta_sum_pass(int dtype, const char *const *xs, const char *base, int n, const float *w,
                     const DeltaSumOptions *o, char *out, int64_t numel) {
-    if (dtype == 0) delta_sum_impl(0, xs, base, n, w, o, out, numel);
+    /* two and three inputs (the common cases) as copies with the input loop unrolled */
+    if (dtype == 0 && n == 2) delta_sum_impl(0, xs, base, 2, w, o, out, numel);
+    else if (dtype == 0 && n == 3) delta_sum_impl(0, xs, base, 3, w, o, out, numel);
+    else if (dtype == 0) delta_sum_impl(0, xs, base, n, w, o, out, numel);
+    else if (dtype == 1 && n == 2) delta_sum_impl(1, xs, base, 2, w, o, out, numel);
+    else if (dtype == 1 && n == 3) delta_sum_impl(1, xs, base, 3, w, o, out, numel);
     else if (dtype == 1) delta_sum_impl(1, xs, base, n, w, o, out, numel);
     else delta_sum_impl(2, xs, base, n, w, o, out, numel);
 }
