@@ -216,7 +216,7 @@ class MergePlan:
                 own = [_settings(s.parameters) for s in sl.sources if s.model == model]
                 scopes = own + shared_scopes
                 per_input.append({
-                    p.name: self._resolve(p, scopes, src.tensor, out.p, f"{model}: {src.tensor}")
+                    p.name: self._resolve(p, scopes, input_name(out, src), out.p, f"{model}: {src.tensor}")
                     for p in input_params if p.scope == "per_model" or position != out.base
                 })
             values = Values(shared, tuple(per_input))
@@ -616,6 +616,15 @@ def _tied_source(tensor: str, weights) -> str | None:
     if tensor != TIED_HEAD:
         return None
     return next((name for name in TIED_EMBEDDINGS if name in weights.index), None)
+
+
+def input_name(output: OutputTensor, source: Source) -> str:
+    """The name mergekit's parameter filters match for an input tensor: the tensor's own, except for
+    the input embeddings a model with tied embeddings stands in for the output head with, which
+    mergekit plans as the head (`tied_names`) and loads under the embeddings' name."""
+    if output.name == TIED_HEAD and source.tensor != TIED_HEAD:
+        return TIED_HEAD
+    return source.tensor
 
 
 def _order_key(output: OutputTensor) -> str:

@@ -459,6 +459,33 @@ def test_tied_and_untied_heads_merge_like_mergekit(tmp_path, tied, key_written):
     assert torch.equal(loaded.lm_head.weight.detach(), ours["lm_head.weight"])
 
 
+@pytest.mark.parametrize("method, args", [("task_arithmetic", ()), ("dare_ties", ("--random-seed", "3"))])
+@pytest.mark.parametrize("filtered", ["lm_head", "embed_tokens"])
+def test_a_tied_models_stand_in_head_takes_the_heads_filter_entries(tmp_path, method, args, filtered):
+    """A tied model's input embeddings stand in for its output head, and mergekit plans that input as
+    the head: filter entries match it by `lm_head`, not by `embed_tokens` (they used to, so a child's
+    `lm_head` weight went unused and its `embed_tokens` weight was applied to the head too)."""
+    base, untied, tied = _qwen2_family(tmp_path, [True, False, True])
+    density = "density: 0.6, " if method == "dare_ties" else ""
+    text = (f"merge_method: {method}\ndtype: float32\nbase_model: {base}\nmodels:\n"
+            f"  - model: {untied}\n    parameters: {{{density}weight: 1.0}}\n"
+            f"  - model: {tied}\n    parameters:\n"
+            f"      density: [{{filter: {filtered}, value: 0.3}}, {{value: 0.9}}]\n"
+            f"      weight: [{{filter: {filtered}, value: -0.5}}, {{value: 0.5}}]\n")
+    if method == "task_arithmetic":
+        text = text.replace("      density: [{filter: " + filtered + ", value: 0.3}, {value: 0.9}]\n", "")
+    mk, us = both(tmp_path, text, *args)
+    ours, theirs = load_folder(us), load_folder(mk)
+    assert sorted(ours) == sorted(theirs)
+    for name, tensor in theirs.items():
+        assert torch.equal(ours[name], tensor), name
+    merger = Merger(MergePlan(load_config(tmp_path / "config.yml")), seed=3)
+    live = merger.new_model()
+    merger.build_into(live)
+    assert torch.equal(live.lm_head.weight.detach(), ours["lm_head.weight"])
+    assert torch.equal(live.model.embed_tokens.weight.detach(), ours["model.embed_tokens.weight"])
+
+
 @pytest.mark.parametrize("method, args", [("task_arithmetic", ()), ("dare_ties", ("--random-seed", "7")),
                                           ("slerp", ())])
 def test_old_checkpoint_buffers_merge_like_mergekit(tmp_path, method, args):
