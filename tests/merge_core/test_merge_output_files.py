@@ -466,14 +466,12 @@ def test_a_tied_models_stand_in_head_takes_the_heads_filter_entries(tmp_path, me
     the head: filter entries match it by `lm_head`, not by `embed_tokens` (they used to, so a child's
     `lm_head` weight went unused and its `embed_tokens` weight was applied to the head too)."""
     base, untied, tied = _qwen2_family(tmp_path, [True, False, True])
-    density = "density: 0.6, " if method == "dare_ties" else ""
+    dare = method == "dare_ties"
     text = (f"merge_method: {method}\ndtype: float32\nbase_model: {base}\nmodels:\n"
-            f"  - model: {untied}\n    parameters: {{{density}weight: 1.0}}\n"
+            f"  - model: {untied}\n    parameters: {{{'density: 0.6, ' if dare else ''}weight: 1.0}}\n"
             f"  - model: {tied}\n    parameters:\n"
-            f"      density: [{{filter: {filtered}, value: 0.3}}, {{value: 0.9}}]\n"
-            f"      weight: [{{filter: {filtered}, value: -0.5}}, {{value: 0.5}}]\n")
-    if method == "task_arithmetic":
-        text = text.replace("      density: [{filter: " + filtered + ", value: 0.3}, {value: 0.9}]\n", "")
+            + (f"      density: [{{filter: {filtered}, value: 0.3}}, {{value: 0.9}}]\n" if dare else "")
+            + f"      weight: [{{filter: {filtered}, value: -0.5}}, {{value: 0.5}}]\n")
     mk, us = both(tmp_path, text, *args)
     ours, theirs = load_folder(us), load_folder(mk)
     assert sorted(ours) == sorted(theirs)
