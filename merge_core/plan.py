@@ -24,7 +24,7 @@ from merge_core.errors import MergeInputError
 from merge_core.layers import layer_count, layer_index, layer_stack, with_layer
 from merge_core.methods.base import Inputs, Values
 from merge_core.refs import config_folder, resolve
-from merge_core.vocabulary import OutputVocabulary, load_tokenizer, model_tokenizer
+from merge_core.vocabulary import OutputVocabulary, TruncatedVocabulary, load_tokenizer, model_tokenizer
 from merge_core.weights import ModelWeights, read_config
 
 DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32, "float64": torch.float64}
@@ -73,8 +73,10 @@ class OutputTensor:
 class MergePlan:
     """A validated config bound to its models: outputs, shapes, dtypes and parameter scopes."""
 
-    def __init__(self, config: MergeConfig, allow_pickle: bool = False, sources: dict | None = None):
-        """`sources` maps model names to tensor sources held in memory (earlier stages of a chain)."""
+    def __init__(self, config: MergeConfig, allow_pickle: bool = False, sources: dict | None = None,
+                 truncate_vocabulary: bool = False):
+        """`sources` maps model names to tensor sources held in memory (earlier stages of a chain);
+        `truncate_vocabulary`: mergekit-yaml --unsafe-truncate-embeddings (see `TruncatedVocabulary`)."""
         self.config = config
         self.method = methods.get(config.merge_method)
         self._sources = dict(sources or {})
@@ -90,6 +92,9 @@ class MergePlan:
         source, tokens, pad_to_multiple_of = config.tokenizer_settings()
         self.vocabulary = (OutputVocabulary(source, self.models, self.weights, self.reference, allow_pickle,
                                             tokens, pad_to_multiple_of) if source else None)
+        rows = {w.config.get("vocab_size") for w in self.weights} - {None}
+        if not source and truncate_vocabulary and len(rows) > 1:
+            self.vocabulary = TruncatedVocabulary(min(rows))
         self._check_compatible()
         self.outputs, self.num_layers = self._plan_outputs()
         self.dtype = DTYPES[config.dtype] if config.dtype else None

@@ -19,6 +19,7 @@ by id), so two runs give one tokenizer. Each token's row is mergekit's either wa
 from __future__ import annotations
 
 import json
+import os
 import re
 import tempfile
 from dataclasses import dataclass
@@ -47,6 +48,25 @@ class TokenSource:
     token_id: int | None = None
     token: str | None = None
     force: bool = False
+
+
+def indexes_vocabulary(name: str, shape: tuple[int, ...], model_rows: int | None) -> bool:
+    """Whether the non-layer tensor `name` of `shape`, in a model of `model_rows` embedding rows, is
+    indexed by token id (cut to `rows` or rebuilt by `align`)."""
+    return len(shape) >= 1 and shape[0] == model_rows and VOCABULARY_PATTERN.search(name) is not None
+
+
+class TruncatedVocabulary:
+    """mergekit-yaml --unsafe-truncate-embeddings: without a tokenizer source, every token-indexed
+    tensor is cut to the fewest rows any model has (the ids they share, taken on trust to mean the
+    same tokens), and the reference model's tokenizer is written as it is."""
+
+    aligned = False
+    tokenizer = None
+    indexes = staticmethod(indexes_vocabulary)
+
+    def __init__(self, rows: int):
+        self.rows = self.padded = self.size = rows
 
 
 class OutputVocabulary:
@@ -133,10 +153,7 @@ class OutputVocabulary:
                 source.model]:
             raise MergeInputError(f"{where}: model_token {source.token!r} is not in that model's tokenizer")
 
-    def indexes(self, name: str, shape: tuple[int, ...], model_rows: int | None) -> bool:
-        """Whether the non-layer tensor `name` of `shape`, in a model of `model_rows` embedding rows, is
-        indexed by token id (cut to `rows` or rebuilt by `align`)."""
-        return (len(shape) >= 1 and shape[0] == model_rows and VOCABULARY_PATTERN.search(name) is not None)
+    indexes = staticmethod(indexes_vocabulary)
 
     # --- rebuilding one tensor's inputs (mergekit's PermutedVocabulary) ---------------------------
     @torch.no_grad()
@@ -282,7 +299,7 @@ def union_tokenizer(base, others: list[tuple]):
                 added.setdefault(info.content, info)
     with tempfile.TemporaryDirectory() as folder:  # a copy: the base's own tokenizer stays as it is
         base.save_pretrained(folder)
-        out = transformers.AutoTokenizer.from_pretrained(folder, use_fast=True)
+        out = transformers.AutoTokenizer.from_pretrained(folder, use_fast=True, trust_remote_code=remote_code_trusted())
     base_vocab = base.get_vocab()
     for token in plain:
         if token not in added and token not in base_vocab:
@@ -296,6 +313,18 @@ def _rows_of(tokenizer) -> int:
     return len(tokenizer.get_vocab())  # the base's tokenizer is stripped to its rows already
 
 
+REMOTE_CODE_ENV = "MERGE_SEARCH_TRUST_REMOTE_CODE"
+
+
+def trust_remote_code() -> None:
+    """Let tokenizers run their repository's code (`--trust-remote-code`), in this process and its workers."""
+    os.environ[REMOTE_CODE_ENV] = "1"
+
+
+def remote_code_trusted() -> bool:
+    return os.environ.get(REMOTE_CODE_ENV) == "1"
+
+
 def load_tokenizer(folder: Path, vocab_size: int | None = None, label: str = "tokenizer"):
     """The tokenizer of `folder` as mergekit saves it; tokens with an id >= `vocab_size` removed.
 
@@ -304,12 +333,20 @@ def load_tokenizer(folder: Path, vocab_size: int | None = None, label: str = "to
     as tokenizer_source).
     """
     import transformers
+    from transformers.utils import logging as hf_logging
 
+    level = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()  # a refused load's warnings would come before its one line
     try:
-        tokenizer = transformers.AutoTokenizer.from_pretrained(str(folder), use_fast=True)
+        tokenizer = transformers.AutoTokenizer.from_pretrained(str(folder), use_fast=True,
+                                                               trust_remote_code=remote_code_trusted())
     except Exception as exc:  # a missing or broken tokenizer is the user's to fix
         first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        if "trust_remote_code" in str(exc):
+            first = "it runs its repository's code: pass --trust-remote-code to allow that"
         raise MergeInputError(f"{label}: cannot load the tokenizer of {folder} ({first})") from None
+    finally:
+        hf_logging.set_verbosity(level)
     unused = [tok for tok, i in tokenizer.get_vocab().items() if vocab_size is not None and i >= vocab_size]
     if unused:
         tokenizer = _strip_tokens(tokenizer, vocab_size, unused, label)

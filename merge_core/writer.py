@@ -57,6 +57,7 @@ def write_model(
     progress: Callable[[], None] | None = None,
     overwrite: bool = False,
     tokenizer=None,
+    code_folders: tuple = (),
 ) -> Path:
     """Write the folder atomically: built next to OUT_DIR, moved into place only when complete.
 
@@ -64,12 +65,14 @@ def write_model(
     shard headers are written first and each tensor goes to disk as soon as it is merged: no
     merged tensor is kept in memory after it is written. `tokenizer` (a loaded transformers
     tokenizer, see `load_tokenizer`) is saved instead of copying the files of `tokenizer_folder`.
+    The repository code files that the written config.json and tokenizer_config.json name in their
+    `auto_map` are copied from the first of `code_folders` that has them (see `copy_code_files`).
     """
     out = prepare_output(out_dir, overwrite)
     staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
     try:
         _stream_shards(staging, tensors, layout, max_shard_bytes, progress)
-        (staging / "config.json").write_text(config_json(config), encoding="utf-8")
+        (staging / "config.json").write_text(config_json(config, next(iter(code_folders), None)), encoding="utf-8")
         if card is not None:
             (staging / "README.md").write_text(card, encoding="utf-8")
         if merge_yaml is not None:
@@ -80,6 +83,7 @@ def write_model(
             for name in TOKENIZER_FILES:
                 if (Path(tokenizer_folder) / name).is_file():
                     shutil.copy2(Path(tokenizer_folder) / name, staging / name)
+        copy_code_files(staging, [*code_folders, tokenizer_folder])
         if out.exists():
             shutil.rmtree(out)
         os.replace(staging, out)
@@ -90,6 +94,55 @@ def write_model(
         shutil.rmtree(staging, ignore_errors=True)
         raise
     return out
+
+
+def _remote_config_class(config: dict, folder: Path | None):
+    """The config class a remote-code model's `auto_map` names, loaded from `folder` only with --trust-remote-code."""
+    from merge_core.vocabulary import remote_code_trusted
+
+    reference = (config.get("auto_map") or {}).get("AutoConfig")
+    if folder is None or not isinstance(reference, str) or not remote_code_trusted():
+        return None
+    from transformers.dynamic_module_utils import get_class_from_dynamic_module
+
+    try:
+        return get_class_from_dynamic_module(reference, str(folder))
+    except Exception:  # noqa: BLE001 - code that does not load: the config is written as the dict it is
+        return None
+
+
+def copy_code_files(staging: Path, folders: list) -> None:
+    """Copy the repository code (`configuration_x.py`, `modeling_x.py`, `tokenization_x.py` and the
+    files they import relatively) that `auto_map` in the written config.json and tokenizer_config.json
+    names, so that a remote-code model's output loads with trust_remote_code as its parents do.
+
+    Nothing is run: the files are found by name in `folders` (the reference model's folder first).
+    mergekit-yaml --trust-remote-code gets the configuration file this way too (transformers copies
+    it when it saves the config); the modeling and tokenizer files it leaves behind. `auto_map` entries
+    that name another repository (`org/repo--module.Class`) load from there and are left as they are,
+    as is a module none of `folders` holds (the parent would not load without it either).
+    """
+    from transformers.dynamic_module_utils import get_relative_import_files
+
+    modules: dict[str, None] = {}
+    for name in ("config.json", "tokenizer_config.json"):
+        try:
+            auto_map = json.loads((staging / name).read_text(encoding="utf-8")).get("auto_map") or {}
+        except (OSError, ValueError, AttributeError):
+            continue
+        for value in auto_map.values() if isinstance(auto_map, dict) else ():
+            for reference in value if isinstance(value, list) else [value]:
+                if isinstance(reference, str) and "--" not in reference and "." in reference:
+                    modules.setdefault(reference.rsplit(".", 1)[0].replace(".", "/") + ".py")
+    for module in modules:
+        folder = next((Path(f) for f in folders if f is not None and (Path(f) / module).is_file()), None)
+        if folder is None:
+            continue
+        for path in [folder / module, *map(Path, get_relative_import_files(folder / module))]:
+            target = staging / path.relative_to(folder)
+            if not target.exists():
+                target.parent.mkdir(parents=True, exist_ok=True)
+                shutil.copy2(path, target)
 
 
 def copies_tokenizer(folder: Path) -> bool:
@@ -116,24 +169,27 @@ def output_config(plan) -> dict:
     return config
 
 
-def config_json(config: dict) -> str:
+def config_json(config: dict, folder: Path | None = None) -> str:
     """config.json text as transformers' save_pretrained writes it (what mergekit writes), when it knows the model.
 
     Saving through transformers writes `dtype` for a parent's `torch_dtype`, its own
     transformers_version, and leaves out values equal to the class defaults. A model type
-    transformers does not know (remote code) is written as the dict it is.
+    transformers does not know (remote code) is saved through the class its `auto_map` names in
+    `folder` with --trust-remote-code, as mergekit-yaml saves it; without, as the dict it is.
     """
     from transformers import CONFIG_MAPPING
 
     model_type = config.get("model_type")
-    if isinstance(model_type, str) and model_type in CONFIG_MAPPING:
-        with tempfile.TemporaryDirectory() as folder:
+    known = isinstance(model_type, str) and model_type in CONFIG_MAPPING
+    config_class = CONFIG_MAPPING[model_type] if known else _remote_config_class(config, folder)
+    if config_class is not None:
+        with tempfile.TemporaryDirectory() as saved:
             try:
-                CONFIG_MAPPING[model_type].from_dict(dict(config)).save_pretrained(folder)
+                config_class.from_dict(dict(config)).save_pretrained(saved)
             except Exception:  # noqa: BLE001 - a config its class rejects (as the parents'): keep their form
                 pass
             else:
-                return (Path(folder) / "config.json").read_text(encoding="utf-8")
+                return (Path(saved) / "config.json").read_text(encoding="utf-8")
     return json.dumps(config, indent=2, sort_keys=True) + "\n"
 
 
@@ -142,7 +198,7 @@ SAFETENSORS_NAMES = {torch.float64: "F64", torch.float32: "F32", torch.float16: 
                      torch.bool: "BOOL"}
 
 
-def _nbytes(shape, dtype: torch.dtype) -> int:
+def tensor_bytes(shape, dtype: torch.dtype) -> int:
     count = 1
     for dim in shape:
         count *= dim
@@ -153,7 +209,7 @@ def _stream_shards(folder: Path, tensors: Iterable, layout: list, max_bytes: int
     shards: list[list] = [[]]
     size = 0
     for entry in layout:
-        nbytes = _nbytes(entry[1], entry[2])
+        nbytes = tensor_bytes(entry[1], entry[2])
         if shards[-1] and max_bytes > 0 and size + nbytes > max_bytes:  # mergekit: 0 means one shard
             shards.append([])
             size = 0
@@ -167,7 +223,7 @@ def _stream_shards(folder: Path, tensors: Iterable, layout: list, max_bytes: int
     for shard, file_name in zip(shards, names, strict=True):
         header, offset = {"__metadata__": {"format": "pt"}}, 0
         for name, shape, dtype in shard:
-            end = offset + _nbytes(shape, dtype)
+            end = offset + tensor_bytes(shape, dtype)
             header[name] = {"dtype": SAFETENSORS_NAMES[dtype], "shape": list(shape), "data_offsets": [offset, end]}
             offset = end
             weight_map[name] = file_name
@@ -186,6 +242,6 @@ def _stream_shards(folder: Path, tensors: Iterable, layout: list, max_bytes: int
                 if progress:
                     progress()
     if total > 1:
-        total_size = sum(_nbytes(s, d) for _, s, d in layout)
+        total_size = sum(tensor_bytes(s, d) for _, s, d in layout)
         index = {"metadata": {"total_size": total_size}, "weight_map": weight_map}
         (folder / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")

@@ -22,6 +22,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     parser.add_argument("--lora-merge-dtype", default=None, metavar="DTYPE",
                         help="dtype to apply LoRA adapters in (default: the model's own), as mergekit-yaml's")
     parser.add_argument("--overwrite", action="store_true", help="replace a non-empty OUT_DIR")
+    parser.add_argument("-v", "--verbose", action="count", default=0,
+                        help="say what is merged before merging (-vv: also merge_core's debug log)")
     _add_mergekit_flags(parser)
     parser.set_defaults(func=run)
 
@@ -49,8 +51,14 @@ def _add_mergekit_flags(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--quiet", action=on_off, default=False, help="no progress bar")
     group.add_argument("--transformers-cache", default=None, metavar="DIR",
                        help="Hugging Face cache folder for Hub models (sets HF_HUB_CACHE)")
-    group.add_argument("--trust-remote-code", action=on_off, default=False, help=argparse.SUPPRESS)
-    group.add_argument("--unsafe-truncate-embeddings", action=on_off, default=False, help=argparse.SUPPRESS)
+    group.add_argument("--trust-remote-code", action=on_off, default=False,
+                       help="load tokenizers that need their repository's code (tokenizer_source); "
+                            "model code is never run: the merge reads tensors, and the code files "
+                            "named in auto_map are copied to OUT_DIR either way")
+    group.add_argument("--unsafe-truncate-embeddings", action=on_off, default=False,
+                       help="without a tokenizer source, cut the embeddings and head of models whose "
+                            "vocabularies differ in size to the fewest rows (assumes the shared ids mean the "
+                            "same tokens)")
     for name in NO_EFFECT_SWITCHES:
         group.add_argument(f"--{name}", action=on_off, default=False, help=argparse.SUPPRESS)
     group.add_argument("--gpu-rich", action="store_true", help=argparse.SUPPRESS)
@@ -80,11 +88,9 @@ def _check_mergekit_flags(args: argparse.Namespace) -> None:
     if not args.safe_serialization:
         raise MergeInputError("--no-safe-serialization: search merge writes safetensors only; drop the flag")
     if args.trust_remote_code:
-        raise MergeInputError("--trust-remote-code: search merge runs no model code from a repository; it reads "
-                              "architectures transformers knows")
-    if args.unsafe_truncate_embeddings:
-        raise MergeInputError("--unsafe-truncate-embeddings is not supported; give tokenizer_source (base, union "
-                              "or a model) to line the vocabularies up")
+        from merge_core.vocabulary import trust_remote_code
+
+        trust_remote_code()
     if args.cuda or args.gpu_rich:
         if args.device not in ("cpu", "cuda") and not args.device.startswith("cuda"):
             raise MergeInputError(f"--cuda and --device {args.device} disagree; give one of them")
@@ -127,16 +133,18 @@ def _run(args: argparse.Namespace) -> int:
     out = prepare_output(args.out_dir, args.overwrite)
     stages: frozenset[str] = frozenset()
     if is_chain(docs):
-        chain = ChainPlan(parse_chain(docs, args.config), args.allow_pickle, device, args.random_seed, args.config)
+        chain = ChainPlan(parse_chain(docs, args.config), args.allow_pickle, device, args.random_seed, args.config,
+                          truncate_vocabulary=args.unsafe_truncate_embeddings)
         plan, config, stages = chain.final, chain.final.config, frozenset(chain.outputs)
         plans = chain.plans
     else:
         config = parse_config(docs[0] if docs else None, args.config)
-        plan = MergePlan(config, allow_pickle=args.allow_pickle)
+        plan = MergePlan(config, allow_pickle=args.allow_pickle, truncate_vocabulary=args.unsafe_truncate_embeddings)
         plans = [plan]
     _say_adapters(plans)
     _warn_draw_order(plans, args.random_seed)
     _warn_ignored_parameters(plans)
+    _warn_truncation(plans)
     merged_config = output_config(plan)
     tokenizer_folder, tokenizer = plan.output_tokenizer()
     if tokenizer is None and not args.copy_tokenizer:
@@ -144,6 +152,8 @@ def _run(args: argparse.Namespace) -> int:
     elif tokenizer is None and not tokenizer_folder:
         console.print(f"[yellow]no tokenizer written: {plan.reference.folder} has none that loads[/yellow]")
     layout = [(o.name, tuple(plan.shape(o)), plan.output_dtype(o)) for o in plan.outputs]
+    if args.verbose:
+        _say_plan(plan, layout, tokenizer_folder, tokenizer, args.verbose)
     card = model_card(config, yaml_text, name=os.path.basename(args.out_dir), local=stages)
     with progress_bar() as bar:
         writing = bar.add_task("merging + writing", total=len(plan.outputs), visible=not args.quiet)
@@ -152,10 +162,36 @@ def _run(args: argparse.Namespace) -> int:
             tokenizer_folder, yaml_text if args.write_model_card else None,
             card=card if args.write_model_card else None, tokenizer=tokenizer,
             progress=lambda: bar.advance(writing), overwrite=args.overwrite, max_shard_bytes=args.max_shard_bytes,
+            code_folders=(plan.reference.folder,) if hasattr(plan.reference, "folder") else (),
         )
     seed = "" if not plan.method.randomised or args.random_seed is None else f", random seed {args.random_seed}"
     console.print(f"wrote {len(plan.outputs)} tensors ({plan.num_layers} layers, {config.merge_method}{seed}) to {out}")
     return 0
+
+
+def _say_plan(plan, layout, tokenizer_folder, tokenizer, verbosity: int) -> None:
+    """`-v`: the merge about to run, in a few lines (mergekit-yaml -v logs its steps)."""
+    import logging
+    from functools import partial
+
+    from merge_core.writer import tensor_bytes
+    from search.progress import console
+
+    base = plan.config.base_model
+    models = ", ".join(m + (" (base)" if m == base else "") for m in plan.models)
+    dtypes = sorted({str(dtype).removeprefix("torch.") for _, _, dtype in layout})
+    size = sum(tensor_bytes(shape, dtype) for _, shape, dtype in layout)
+    say = partial(console.print, soft_wrap=True)
+    say(f"{plan.config.merge_method} of {len(plan.models)} models: {models}")
+    say(f"{len(layout)} tensors to write ({plan.num_layers} layers, {'/'.join(dtypes)}, {size / 1024**2:,.1f} MiB); "
+        f"config.json from {plan.reference.folder}")
+    if tokenizer is not None:
+        say(f"tokenizer: built ({len(tokenizer)} tokens), saved through transformers")
+    elif tokenizer_folder is not None:
+        say(f"tokenizer: files copied from {tokenizer_folder}")
+    if verbosity > 1:
+        logging.basicConfig(format="%(levelname)s:%(name)s:%(message)s")
+        logging.getLogger("merge_core").setLevel(logging.DEBUG)
 
 
 def _say_adapters(plans) -> None:
@@ -181,6 +217,19 @@ def _warn_ignored_parameters(plans) -> None:
             console.print(f"[yellow]{plan.method.name} does not take {names}: ignored, as mergekit ignores them "
                           f"({plan.method.name} takes {', '.join(p.name for p in plan.method.params) or 'none'})"
                           "[/yellow]")
+
+
+def _warn_truncation(plans) -> None:
+    """--unsafe-truncate-embeddings: one line per stage whose vocabularies are cut (mergekit warns per tensor)."""
+    from merge_core.vocabulary import TruncatedVocabulary
+    from search.progress import console
+
+    for plan in plans:
+        if isinstance(plan.vocabulary, TruncatedVocabulary):
+            sizes = ", ".join(str(w.config.get("vocab_size")) for w in plan.weights)
+            console.print(f"[yellow]--unsafe-truncate-embeddings: the models' token-indexed tensors ({sizes} rows) "
+                          f"are cut to their first {plan.vocabulary.rows}, and config.json's vocab_size set to "
+                          "that[/yellow]", soft_wrap=True)
 
 
 def _warn_draw_order(plans, seed: int | None) -> None:

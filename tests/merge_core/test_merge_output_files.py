@@ -309,8 +309,6 @@ def test_mergekit_yaml_flags_write_what_mergekit_writes(tmp_path, transformers4,
 @pytest.mark.parametrize("args,words", [
     (("--out-shard-size", "5GB"), ["--out-shard-size", "5B, 500M"]),
     (("--no-safe-serialization",), ["safetensors only"]),
-    (("--trust-remote-code",), ["--trust-remote-code", "no model code"]),
-    (("--unsafe-truncate-embeddings",), ["not supported", "tokenizer_source"]),
 ])
 def test_mergekit_yaml_flags_we_cannot_honour_are_refused(tmp_path, transformers4, args, words):
     config = tmp_path / "config.yml"
