@@ -14,6 +14,7 @@ refused with one line that says what to write instead.
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -366,16 +367,31 @@ def _typed_parameters(data: dict) -> dict:
     return data
 
 
-def _typed_setting(setting, kind: type, where: str):
+def _typed_setting(setting, kind: type, where: str, inside: str | None = None):
+    """One parameter's setting with its values converted to `kind`; a setting of no accepted form fails
+    here with what is accepted (pydantic would report the last member of the union it tried)."""
+    words = _KIND_WORDS.get(kind, kind.__name__)
+    forms = f"{words}, a list of them (a gradient) or a list of {{filter: ..., value: ...}} entries"
     if isinstance(setting, dict):
-        return {**setting, "value": _typed_setting(setting["value"], kind, where)} if "value" in setting else setting
+        if "value" not in setting:
+            raise ValueError(f"{where}: a filter entry needs `value:` (like {{filter: self_attn, value: 0.5}}), "
+                             f"got {setting!r}")
+        return {**setting, "value": _typed_setting(setting["value"], kind, where, inside="entry")}
     if isinstance(setting, list):
-        return [_typed_setting(v, kind, where) for v in setting]
+        if inside is not None and any(isinstance(v, list | dict) for v in setting):
+            raise ValueError(f"{where}: a gradient is a flat list of values; got {setting!r}")
+        if inside is None and any(isinstance(v, list) for v in setting):
+            raise ValueError(f"{where}: must be {forms}; got a list inside a list")
+        return [_typed_setting(v, kind, where, inside="list") for v in setting]
+    if setting is None:
+        raise ValueError(f"{where}: must be {forms}, got null")
     if isinstance(setting, str) or (isinstance(setting, bool) and kind is not bool):
         try:
-            return TypeAdapter(kind).validate_python(setting)
+            setting = TypeAdapter(kind).validate_python(setting)
         except ValidationError:
-            raise ValueError(f"{where}: must be {_KIND_WORDS.get(kind, kind.__name__)}, got {setting!r}") from None
+            raise ValueError(f"{where}: must be {words}, got {setting!r}") from None
+    if isinstance(setting, float) and not math.isfinite(setting):
+        raise ValueError(f"{where}: must be a finite number, got {setting}")
     return setting
 
 
@@ -449,13 +465,13 @@ def describe_validation_error(exc: ValidationError) -> str:
     loc = ".".join(str(p) for p in err["loc"] if not _is_union_tag(p))
     message = err["msg"].removeprefix("Value error, ")
     if err["type"] == "extra_forbidden":
-        message = _unknown_key(str(err["loc"][-1]))
+        message = _unknown_key(str(err["loc"][-1]), [p for p in err["loc"] if not _is_union_tag(p)])
     if err["type"] == "literal_error" and "expected" in err.get("ctx", {}):
         message = f"must be one of {err['ctx']['expected']}"
     return f"{loc}: {message}" if loc else message
 
 
-def _unknown_key(key: str) -> str:
+def _unknown_key(key: str, loc: list) -> str:
     """An unknown key, with the known key it is closest to (mergekit's models ignore unknown keys, so
     a misspelt one would silently change the merge there)."""
     import difflib
@@ -467,6 +483,11 @@ def _unknown_key(key: str) -> str:
         known.update(model.model_fields)
         models.extend(model.__subclasses__())
     close = difflib.get_close_matches(key, sorted(known), n=1, cutoff=0.6)
+    if close and close[0] == key:
+        in_slice = len(loc) == 3 and loc[0] == "slices" and key in ("model", "layer_range")
+        where = " (a slice lists its models under `sources:`, each with `model:` and `layer_range:`)" if in_slice \
+            else ""
+        return f"`{key}` does not belong here{where}"
     if close:
         return f"unknown key; did you mean {close[0]}?"
     if any(key == p.name for method in methods.REGISTRY.values() for p in method.params):

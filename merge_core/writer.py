@@ -28,21 +28,69 @@ TOKENIZER_FILES = ("tokenizer_config.json", "special_tokens_map.json", "tokenize
 MAX_SHARD_BYTES = 5 * 1000**3
 
 
-def prepare_output(out_dir: str | Path, overwrite: bool = False) -> Path:
-    """Check that OUT_DIR can be written, before any expensive work; return its path."""
-    out = Path(out_dir).expanduser()
+def prepare_output(out_dir: str | Path, overwrite: bool = False, keep: Iterable[Path] = ()) -> Path:
+    """Check that OUT_DIR can be written, before any expensive work; return its absolute path.
+
+    Nothing is created yet. A symbolic link is followed (the model goes where it points). OUT_DIR may
+    not be the current folder or hold it, nor hold any of `keep` (the config, the models merged):
+    the folder is replaced as a whole, so they would go with it.
+    """
+    if not str(out_dir).strip():
+        raise MergeInputError("output folder: the name is empty; give the folder to write the model to")
+    out = Path(out_dir).expanduser().resolve()
     if out.exists() and not out.is_dir():
         raise MergeInputError(f"output {out} exists and is not a folder")
+    for path in (Path.cwd(), *keep):
+        path = Path(path).expanduser().resolve()
+        if path == out or out in path.parents:
+            what = "the current folder" if path == Path.cwd().resolve() else path
+            raise MergeInputError(f"output folder {out} is or holds {what}, which writing the model there would "
+                                  "replace; choose a new folder")
     if out.is_dir() and any(out.iterdir()) and not overwrite:
         raise MergeInputError(f"output folder {out} is not empty; choose a new folder or pass --overwrite")
-    parent = out.parent
-    try:
-        parent.mkdir(parents=True, exist_ok=True)
-        probe = tempfile.mkdtemp(prefix=f".{out.name}.probe-", dir=parent)
-        os.rmdir(probe)
-    except OSError as exc:
-        raise MergeInputError(f"output folder {out} cannot be written ({exc.strerror or exc})") from None
+    existing = next(p for p in (out, *out.parents) if p.exists())
+    if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
+        raise MergeInputError(f"output folder {out} cannot be written ({existing} is not a writable folder)")
     return out
+
+
+def _staging_folder(out: Path) -> tuple[Path, list[Path]]:
+    """A new folder next to OUT_DIR to build the model in, and the parent folders made for it.
+
+    Its name carries this process's id: staging folders that a killed run left (SIGKILL, a crash)
+    are removed here once their process is gone.
+    """
+    made = [p for p in (out.parent, *out.parent.parents) if not p.exists()]
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        for stale in out.parent.glob(f".{out.name}.partial-*"):
+            pid = stale.name.removeprefix(f".{out.name}.partial-").split("-")[0]
+            if pid.isdigit() and not _alive(int(pid)):
+                shutil.rmtree(stale, ignore_errors=True)
+        staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-{os.getpid()}-", dir=out.parent))
+    except OSError as exc:
+        _remove_empty(made)
+        raise MergeInputError(f"output folder {out} cannot be written ({exc.strerror or exc})") from None
+    return staging, made
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _remove_empty(folders: list[Path]) -> None:
+    """Remove the parent folders a failed write made (innermost first), where still empty."""
+    for folder in folders:
+        try:
+            folder.rmdir()
+        except OSError:
+            break
 
 
 def write_model(
@@ -58,6 +106,7 @@ def write_model(
     overwrite: bool = False,
     tokenizer=None,
     code_folders: tuple = (),
+    before_replace: Callable[[], None] | None = None,
 ) -> Path:
     """Write the folder atomically: built next to OUT_DIR, moved into place only when complete.
 
@@ -67,9 +116,11 @@ def write_model(
     tokenizer, see `load_tokenizer`) is saved instead of copying the files of `tokenizer_folder`.
     The repository code files that the written config.json and tokenizer_config.json name in their
     `auto_map` are copied from the first of `code_folders` that has them (see `copy_code_files`).
+    `before_replace` runs when every file is in the staging folder, before it takes OUT_DIR's place
+    (an exception there leaves OUT_DIR as it was).
     """
     out = prepare_output(out_dir, overwrite)
-    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
+    staging, made = _staging_folder(out)
     try:
         _stream_shards(staging, tensors, layout, max_shard_bytes, progress)
         (staging / "config.json").write_text(config_json(config, next(iter(code_folders), None)), encoding="utf-8")
@@ -84,14 +135,18 @@ def write_model(
                 if (Path(tokenizer_folder) / name).is_file():
                     shutil.copy2(Path(tokenizer_folder) / name, staging / name)
         copy_code_files(staging, [*code_folders, tokenizer_folder])
+        if before_replace is not None:
+            before_replace()
         if out.exists():
             shutil.rmtree(out)
         os.replace(staging, out)
     except OSError as exc:  # disk full, file too large, permissions: the user's to fix, nothing left behind
         shutil.rmtree(staging, ignore_errors=True)
+        _remove_empty(made)
         raise MergeInputError(f"output {out}: writing failed ({exc.strerror or exc}); nothing was written") from None
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
+        _remove_empty(made)
         raise
     return out
 

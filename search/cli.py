@@ -45,9 +45,9 @@ EXIT_WITHOUT_TEARDOWN = ("merge",)
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the `search` console script; returns the exit code."""
+    words = sys.argv[1:] if argv is None else argv
+    only = words[0] if words and words[0] in COMMANDS else None
     try:
-        words = sys.argv[1:] if argv is None else argv
-        only = words[0] if words and words[0] in COMMANDS else None
         args = build_parser(only).parse_args(argv)  # imports the command's module: Ctrl-C may land here
         code = args.func(args) or 0
         if argv is None and args.command in EXIT_WITHOUT_TEARDOWN:
@@ -58,7 +58,8 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     except KeyboardInterrupt as exc:
         signum = getattr(exc, "signum", 2)  # search.interrupts.Interrupted carries SIGINT or SIGTERM
-        sys.stderr.write("search: interrupted; run the same command again to resume\n")
+        done = "nothing was written" if only == "merge" else "run the same command again to resume"
+        sys.stderr.write(f"search: interrupted; {done}\n")
         return 128 + signum
 
 

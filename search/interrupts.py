@@ -45,6 +45,11 @@ class SignalGuard:
         if self._depth == 0 or not first:
             raise Interrupted(signum)
 
+    def check(self) -> None:
+        """Raise the signal a deferred block holds, at a point where stopping is clean."""
+        if self.received is not None:
+            raise Interrupted(self.received)
+
     @contextmanager
     def immediate(self) -> Iterator[None]:
         """Inside a deferred block, let signals raise at once again (a trial's own work)."""

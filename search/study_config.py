@@ -56,7 +56,8 @@ class MergeSection(_Strict):
     device: str = "cpu"
     tokenizer_source: str | None = None
     allow_pickle: bool = False
-    random_seed: int = 0  # DARE/DELLA masks: one seed for every candidate (export with --random-seed)
+    # DARE/DELLA masks: one seed for every candidate (export with --random-seed); mergekit-yaml's range
+    random_seed: int = Field(default=0, ge=0, lt=2**32)
 
     @model_validator(mode="after")
     def _consistent(self):

@@ -85,6 +85,9 @@ def _check_mergekit_flags(args: argparse.Namespace) -> None:
 
     from merge_core.errors import MergeInputError
 
+    if args.random_seed is not None and not 0 <= args.random_seed < 2**32:
+        raise MergeInputError(f"--random-seed {args.random_seed}: give a whole number from 0 to {2**32 - 1} "
+                              "(the seeds mergekit-yaml takes)")
     if not args.safe_serialization:
         raise MergeInputError("--no-safe-serialization: search merge writes safetensors only; drop the flag")
     if args.trust_remote_code:
@@ -103,20 +106,29 @@ def _check_mergekit_flags(args: argparse.Namespace) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Plan, then merge and write tensor by tensor behind a progress bar; a user's error names the config."""
+    from search.interrupts import SignalGuard
+
+    # Ctrl-C / SIGTERM are held until the next tensor (one landing inside torch's or transformers'
+    # imports would break them), then end the run with nothing written; a second one ends it at once.
+    with SignalGuard() as guard, guard.deferred():
+        return _checked_run(args, guard)
+
+
+def _checked_run(args: argparse.Namespace, guard) -> int:
     from merge_core import lora
     from merge_core.errors import MergeInputError
 
     _check_mergekit_flags(args)
     lora.configure(args.lora_merge_cache, args.lora_merge_dtype)
     try:
-        return _run(args)
+        return _run(args, guard)
     except MergeInputError as exc:
         if str(exc).startswith(str(args.config)):
             raise
         raise MergeInputError(f"{args.config}: {exc}") from None
 
 
-def _run(args: argparse.Namespace) -> int:
+def _run(args: argparse.Namespace, guard) -> int:
     import os
 
     from merge_core.card import model_card
@@ -141,6 +153,8 @@ def _run(args: argparse.Namespace) -> int:
         config = parse_config(docs[0] if docs else None, args.config)
         plan = MergePlan(config, allow_pickle=args.allow_pickle, truncate_vocabulary=args.unsafe_truncate_embeddings)
         plans = [plan]
+    folders = {w.folder for p in plans for w in p.weights if hasattr(w, "folder")}
+    out = prepare_output(args.out_dir, args.overwrite, keep=[Path(args.config), *folders])
     _say_adapters(plans)
     _warn_draw_order(plans, args.random_seed)
     _warn_ignored_parameters(plans)
@@ -154,6 +168,7 @@ def _run(args: argparse.Namespace) -> int:
     layout = [(o.name, tuple(plan.shape(o)), plan.output_dtype(o)) for o in plan.outputs]
     if args.verbose:
         _say_plan(plan, layout, tokenizer_folder, tokenizer, args.verbose)
+    guard.check()  # a signal held while planning: stop before anything is written
     card = model_card(config, yaml_text, name=os.path.basename(args.out_dir), local=stages)
     with progress_bar() as bar:
         writing = bar.add_task("merging + writing", total=len(plan.outputs), visible=not args.quiet)
@@ -161,9 +176,11 @@ def _run(args: argparse.Namespace) -> int:
             out, stream_tensors(plan, device, seed=args.random_seed), layout, merged_config,
             tokenizer_folder, yaml_text if args.write_model_card else None,
             card=card if args.write_model_card else None, tokenizer=tokenizer,
-            progress=lambda: bar.advance(writing), overwrite=args.overwrite, max_shard_bytes=args.max_shard_bytes,
+            progress=lambda: (bar.advance(writing), guard.check()), overwrite=args.overwrite,
+            max_shard_bytes=args.max_shard_bytes, before_replace=guard.check,
             code_folders=(plan.reference.folder,) if hasattr(plan.reference, "folder") else (),
         )
+    guard.received = None  # the model is in place: a signal from here on has nothing left to stop
     seed = "" if not plan.method.randomised or args.random_seed is None else f", random seed {args.random_seed}"
     console.print(f"wrote {len(plan.outputs)} tensors ({plan.num_layers} layers, {config.merge_method}{seed}) to {out}")
     return 0

@@ -172,3 +172,45 @@ def test_a_model_listed_twice_names_models(tmp_path, pair):
     out = tmp_path / "out"
     assert_refused(run_cli("merge", str(write_config(tmp_path, config)), str(out)),
                    f"models: {pair[0]} appears twice", out=out)
+
+
+@pytest.mark.parametrize("weight,words", [
+    (None, ["models.0.parameters.weight", "got null"]),
+    ({"filter": "self_attn"}, ["needs `value:`"]),
+    ([[0.1, 0.2]], ["a list inside a list"]),
+    ([{"filter": "mlp", "value": [[0.1], 0.2]}, {"value": 0.5}], ["flat list"]),
+    (float("nan"), ["finite number", "nan"]),
+    (float("inf"), ["finite number", "inf"]),
+    ([0.2, float("nan")], ["finite number"]),
+    ("half", ["must be a number", "'half'"]),
+])
+def test_a_parameter_of_no_accepted_form_says_which_forms_are(tmp_path, pair, weight, words):
+    """What a weight may be, in one line; NaN and infinity are refused (they make every tensor non-finite,
+    or fail inside the merge: mergekit-yaml gives a traceback for a NaN density)."""
+    config = {"merge_method": "linear", "models": [{"model": str(pair[0]), "parameters": {"weight": weight}},
+                                                   {"model": str(pair[1]), "parameters": {"weight": 0.5}}]}
+    out = tmp_path / "out"
+    assert_refused(run_cli("merge", str(write_config(tmp_path, config)), str(out)), *words, out=out)
+
+
+def test_a_nan_density_is_refused_before_the_merge(tmp_path, pair):
+    config = {"merge_method": "ties", "base_model": str(pair[0]), "models": [
+        {"model": str(pair[1]), "parameters": {"weight": 1.0, "density": [0.2, float("nan")]}}]}
+    out = tmp_path / "out"
+    assert_refused(run_cli("merge", str(write_config(tmp_path, config)), str(out), "--random-seed", "0"),
+                   "density", "finite number", out=out)
+
+
+@pytest.mark.parametrize("seed", ["-1", str(2**32), str(2**64)])
+def test_a_random_seed_outside_mergekits_range_is_refused(tmp_path, pair, seed):
+    config = config_for(pair[0], pair[1], "one_slice", 0.5, "float16")
+    out = tmp_path / "out"
+    assert_refused(run_cli("merge", str(write_config(tmp_path, config)), str(out), "--random-seed", seed),
+                   "--random-seed", "4294967295", out=out)
+
+
+def test_a_slice_without_sources_says_where_layer_range_goes(tmp_path, pair):
+    config = {"merge_method": "passthrough", "slices": [{"layer_range": [0, 2], "model": str(pair[0])}]}
+    out = tmp_path / "out"
+    assert_refused(run_cli("merge", str(write_config(tmp_path, config)), str(out)), "slices.0",
+                   "`sources:`", out=out)
