@@ -16,6 +16,7 @@ import torch
 from merge_core.errors import MergeInputError
 from merge_core.methods.base import Inputs, Values
 from merge_core.plan import DTYPES, MergePlan, OutputTensor
+from merge_core.vocabulary import remote_code_trusted
 
 __all__ = ["DTYPES", "MergePlan", "Merger", "merge_output", "release_free_heap", "stream_tensors"]
 
@@ -228,21 +229,43 @@ def live_targets(plan: MergePlan, model: torch.nn.Module) -> dict[str, torch.Ten
 
 def model_from_config(config, dtype: torch.dtype) -> torch.nn.Module:
     """AutoModelForCausalLM where it maps the config; else the class config.json names (a vision-language
-    model such as Qwen2.5-VL or Mistral3, whose text-only forward gives the logits the tasks score)."""
+    model such as Qwen2.5-VL or Mistral3, whose text-only forward gives the logits the tasks score), or
+    the repository's own class that `auto_map` names (remote code, with --trust-remote-code)."""
     import transformers
 
+    if "AutoModelForCausalLM" in (getattr(config, "auto_map", None) or {}) and remote_code_trusted():
+        return transformers.AutoModelForCausalLM.from_config(config, dtype=dtype, trust_remote_code=True)
     named = getattr(transformers, (getattr(config, "architectures", None) or [""])[0], None)
     if type(config) not in transformers.AutoModelForCausalLM._model_mapping and named is not None:
         return named._from_config(config, dtype=dtype)
     return transformers.AutoModelForCausalLM.from_config(config, dtype=dtype)
 
 
+def _merged_config_object(plan: MergePlan):
+    """The merged config.json as its transformers config class: the repository's own (auto_map) for a
+    model type transformers does not know, with --trust-remote-code; one that needs it fails in one line."""
+    import transformers
+
+    values = plan.merged_config()
+    reference = (values.get("auto_map") or {}).get("AutoConfig")
+    if values.get("model_type") in transformers.CONFIG_MAPPING or not isinstance(reference, str):
+        return transformers.AutoConfig.for_model(**values)
+    folder = getattr(plan.reference, "folder", None)
+    if not remote_code_trusted() or folder is None:
+        raise MergeInputError(f"{plan.models[0]}: model type {values.get('model_type')!r} is defined by its "
+                              "repository's code: allow that with merge: {trust_remote_code: true}")
+    from transformers.dynamic_module_utils import get_class_from_dynamic_module
+
+    config = get_class_from_dynamic_module(reference, str(folder)).from_dict(values)
+    config._name_or_path = str(folder)  # where AutoModelForCausalLM finds the model's code
+    return config
+
+
 def new_live_model(plan: MergePlan, device: torch.device) -> torch.nn.Module:
     """An empty transformers model of the plan's merged shape on `device`."""
-    import transformers
     from transformers.initialization import no_init_weights
 
-    config = transformers.AutoConfig.for_model(**plan.merged_config())
+    config = _merged_config_object(plan)
     with no_init_weights(), device:
         model = model_from_config(config, plan.model_dtype())
     model.tie_weights()  # tied lm_head: one tensor, written through the embeddings

@@ -343,7 +343,8 @@ def load_tokenizer(folder: Path, vocab_size: int | None = None, label: str = "to
     except Exception as exc:  # a missing or broken tokenizer is the user's to fix
         first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
         if "trust_remote_code" in str(exc):
-            first = "it runs its repository's code: pass --trust-remote-code to allow that"
+            first = ("it runs its repository's code: allow that with --trust-remote-code, or in a study with "
+                     "merge: {trust_remote_code: true}")
         raise MergeInputError(f"{label}: cannot load the tokenizer of {folder} ({first})") from None
     finally:
         hf_logging.set_verbosity(level)

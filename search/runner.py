@@ -120,7 +120,10 @@ class StudyPlan:
 
     def __init__(self, study: StudyFile, device: str = "cpu"):
         from merge_core.merger import MergePlan
+        from merge_core.vocabulary import trust_remote_code
 
+        if study.merge.trust_remote_code:
+            trust_remote_code()  # tokenizers, the live model's classes, in this process and its workers
         self.space = space_of(study)
         self.baseline = baseline_recipe(study)
         self.space.params_of(self.baseline)  # the baseline must be a point of the space
@@ -191,9 +194,9 @@ class Candidates:
     """Everything built once per study: the merger with the parents' geometry, a live model, the suite."""
 
     def __init__(self, study: StudyFile, device: str, progress: Callable[[str, int, int], None] | None = None):
-        import transformers
 
         from merge_core.merger import Merger
+        from merge_core.vocabulary import load_tokenizer
         from objectives import Suite, TaskSpec
 
         self.study = study
@@ -205,7 +208,7 @@ class Candidates:
         # the tokenizer the merged model is written with: tokenizer_source's (loaded and checked by the plan)
         tokenizer = self.plan.tokenizer or getattr(self.plan.base, "tokenizer", None)  # or an earlier stage's
         if tokenizer is None:
-            tokenizer = transformers.AutoTokenizer.from_pretrained(str(self.plan.base.folder))
+            tokenizer = load_tokenizer(self.plan.base.folder)
         specs = [TaskSpec(**t.model_dump()) for t in study.objectives.tasks]
         include = [str(Path(p)) for p in study.objectives.include_path]
         self.suite = Suite.build(specs, tokenizer, include, max_length=study.objectives.max_length)

@@ -56,6 +56,7 @@ class MergeSection(_Strict):
     device: str = "cpu"
     tokenizer_source: str | None = None
     allow_pickle: bool = False
+    trust_remote_code: bool = False  # run the parents' repository code (their auto_map) to build and score
     # DARE/DELLA masks: one seed for every candidate (export with --random-seed); mergekit-yaml's range
     random_seed: int = Field(default=0, ge=0, lt=2**32)
 

@@ -160,3 +160,25 @@ def test_verbose_says_what_is_merged(tmp_path, vocab_pair):
     assert f"linear of 1 models: {small}" in done.stderr
     assert "tensors to write (4 layers, float32" in done.stderr
     assert f"tokenizer: files copied from {small}" in done.stderr
+
+
+def test_a_study_over_remote_code_parents_runs_their_code_only_when_told(tmp_path, remote_pair):
+    """A study builds and scores a live model, which for a remote-code architecture is the repository's
+    own class: refused in one line without `merge: {trust_remote_code: true}`, run with it."""
+    from tests.search.conftest import study_dict, write_study, write_task
+
+    tasks = tmp_path / "tasks"
+    tasks.mkdir()
+    write_task(tasks, "toy_a", 1)
+    write_task(tasks, "toy_b", 2)
+    parts = {"a": remote_pair[0], "b": remote_pair[1], "tasks": tasks}
+    study = study_dict(parts, tmp_path, study={"n_trials": 2})
+    refused = write_study(tmp_path / "refused.yaml", study)
+    result = run_cli("start", str(refused), cwd=tmp_path)
+    lines = result.stderr.strip().splitlines()
+    assert result.returncode == 2 and "trust_remote_code: true" in lines[-1], result.stderr[-2000:]
+    study["merge"]["trust_remote_code"] = True
+    trusted = write_study(tmp_path / "trusted.yaml", study | {"study": study["study"] | {"name": "trusted"}})
+    done = run_cli("start", str(trusted), cwd=tmp_path)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "study trusted: 2 complete, 0 pruned, 0 failed" in done.stdout, done.stdout[-2000:]
