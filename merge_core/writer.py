@@ -79,8 +79,8 @@ def _alive(pid: int) -> bool:
         os.kill(pid, 0)
     except ProcessLookupError:
         return False
-    except PermissionError:
-        return True
+    except PermissionError:  # another user's process
+        pass
     return True
 
 
@@ -115,7 +115,7 @@ def write_model(
     merged tensor is kept in memory after it is written. `tokenizer` (a loaded transformers
     tokenizer, see `load_tokenizer`) is saved instead of copying the files of `tokenizer_folder`.
     The repository code files that the written config.json and tokenizer_config.json name in their
-    `auto_map` are copied from the first of `code_folders` that has them (see `copy_code_files`).
+    `auto_map` are copied from the first of `code_folders` that has them (see `_copy_code_files`).
     `before_replace` runs when every file is in the staging folder, before it takes OUT_DIR's place
     (an exception there leaves OUT_DIR as it was).
     """
@@ -134,7 +134,7 @@ def write_model(
             for name in TOKENIZER_FILES:
                 if (Path(tokenizer_folder) / name).is_file():
                     shutil.copy2(Path(tokenizer_folder) / name, staging / name)
-        copy_code_files(staging, [*code_folders, tokenizer_folder])
+        _copy_code_files(staging, [*code_folders, tokenizer_folder])
         if before_replace is not None:
             before_replace()
         if out.exists():
@@ -166,7 +166,7 @@ def _remote_config_class(config: dict, folder: Path | None):
         return None
 
 
-def copy_code_files(staging: Path, folders: list) -> None:
+def _copy_code_files(staging: Path, folders: list) -> None:
     """Copy the repository code (`configuration_x.py`, `modeling_x.py`, `tokenization_x.py` and the
     files they import relatively) that `auto_map` in the written config.json and tokenizer_config.json
     names, so that a remote-code model's output loads with trust_remote_code as its parents do.
