@@ -91,7 +91,8 @@ class MergePlan:
         self._check_contract()
         source, tokens, pad_to_multiple_of = config.tokenizer_settings()
         self.vocabulary = (OutputVocabulary(source, self.models, self.weights, self.reference, allow_pickle,
-                                            tokens, pad_to_multiple_of) if source else None)
+                                            tokens, pad_to_multiple_of, named=self._sources.get(source))
+                           if source else None)
         rows = {w.config.get("vocab_size") for w in self.weights} - {None}
         if not source and truncate_vocabulary and len(rows) > 1:
             self.vocabulary = TruncatedVocabulary(min(rows))

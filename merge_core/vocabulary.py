@@ -78,7 +78,8 @@ class OutputVocabulary:
     """
 
     def __init__(self, source: str, models: list[str], weights: list, reference, allow_pickle: bool = False,
-                 tokens: dict | None = None, pad_to_multiple_of: int | None = None):
+                 tokens: dict | None = None, pad_to_multiple_of: int | None = None, named=None):
+        """`named`: the model `source` names when it is held in memory (an earlier chain stage's output)."""
         self.label = "tokenizer" if tokens or pad_to_multiple_of else f"tokenizer_source: {source}"
         base = next(i for i, w in enumerate(weights) if w is reference)
         base_tokenizer = model_tokenizer(reference, reference.config.get("vocab_size"), self.label, required=True)
@@ -94,6 +95,8 @@ class OutputVocabulary:
             others = [(t, _rows(w, t)) for i, (t, w) in enumerate(zip(own, weights, strict=True))
                       if i != base and t is not None]
             out = union_tokenizer(base_tokenizer, others)
+        elif named is not None:  # mergekit-multi: that stage's written tokenizer
+            out = model_tokenizer(named, None, self.label, required=True)
         else:
             out = load_tokenizer(resolve(source, allow_pickle), None, self.label)
         for token in tokens or {}:
@@ -146,11 +149,11 @@ class OutputVocabulary:
         if source.kind == "model" and needed and self.positions[source.model][token_id] < 0:
             raise MergeInputError(f"{where}: the model it names lacks the token (mergekit fails on this too); name "
                                   "a model that has it, or use {kind: model_token, ...} or {kind: zero}")
-        if source.kind == "model_token" and source.token is not None and source.model in self.unloaded:
+        if source.kind == "model_token" and needed and source.token is not None and source.model in self.unloaded:
             raise MergeInputError(f"{where}: model_token {source.token!r} is given by text, but that model's "
                                   "tokenizer does not load; give its row as token_id instead")
-        if source.kind == "model_token" and source.token is not None and source.token not in self.model_vocabs[
-                source.model]:
+        if source.kind == "model_token" and needed and source.token is not None and source.token not in \
+                self.model_vocabs[source.model]:
             raise MergeInputError(f"{where}: model_token {source.token!r} is not in that model's tokenizer")
 
     indexes = staticmethod(indexes_vocabulary)

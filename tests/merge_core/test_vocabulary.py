@@ -203,6 +203,30 @@ def test_chain_stage_with_a_union_like_mergekit_multi(vocab_family, tmp_path):
     assert all(torch.equal(p.detach(), written[n]) for n, p in live.state_dict().items() if n in written)
 
 
+def test_a_stage_named_as_tokenizer_source_like_mergekit_multi(vocab_family, tmp_path):
+    """`tokenizer_source: <stage>` (mergekit-multi reads that stage's written folder): the final stage
+    takes the union stage's tokenizer, and the base it merges with gets rows for the union's tokens;
+    a `model_token` source never needed (every model has the token, no force) is not checked, as in
+    mergekit."""
+    f = vocab_family
+    docs = [{"name": "chatty", "merge_method": "linear", "base_model": str(f["base"]), "dtype": "float32",
+             "models": models_of(f, {"base": 0.5, "chat": 0.5}), "tokenizer_source": "union"},
+            {"merge_method": "linear", "base_model": str(f["base"]), "dtype": "float32",
+             "models": models_of(f, {"base": 0.4}) + [{"model": "chatty", "parameters": {"weight": 0.6}}],
+             "tokenizer": {"source": "chatty", "tokens": {"cat": {"source": {
+                 "kind": "model_token", "model": str(f["base"]), "token": "no-such-word"}}}}}]
+    path = write_docs(tmp_path / "chain.yml", docs)
+    mk = mergekit_multi(path, tmp_path / "mk", tmp_path / "inter")
+    result = run_cli("merge", str(path), str(tmp_path / "ours"))
+    assert result.returncode == 0, result.stderr
+    us = tmp_path / "ours"
+    assert (us / "tokenizer.json").read_text() == (mk / "tokenizer.json").read_text()
+    assert all(token in AutoTokenizer.from_pretrained(us).get_vocab() for token in CHAT)
+    written, expected = load_folder(us), load_folder(mk)
+    assert {n: t.shape for n, t in written.items()} == {n: t.shape for n, t in expected.items()}
+    assert not {n: r for n, r in ulp_report(written, expected).items() if r[0]}
+
+
 def test_study_over_a_union_vocabulary(families, tmp_path):
     """A study over models with different vocabularies: candidates are built on the union's rows and scored
     with the union tokenizer, and the exported best merges like mergekit. (llama: transformers loads the
