@@ -193,10 +193,21 @@ def parse_chain(docs: list, source: str = "config") -> list[Stage]:
                                   "to use it); give it a name:")
         if name is not None and any(s.name == name for s in stages):
             raise MergeInputError(f"{where}: stage name {name!r} is used twice")
-        stages.append(Stage(name, parse_config(doc, f"{where} ({name or 'final'})")))
+        stages.append(Stage(name, parse_config(_sorted_tokens(doc), f"{where} ({name or 'final'})")))
     if not stages:
         raise MergeInputError(f"{source}: no merge documents")
     return stages
+
+
+def _sorted_tokens(doc: dict) -> dict:
+    """mergekit-multi rewrites each stage as YAML with sorted keys before merging it, so its
+    `tokenizer.tokens` entries are added to the tokenizer in sorted order (mergekit-yaml adds them in
+    the order written): new tokens get their ids in that order."""
+    section = doc.get("tokenizer")
+    if not isinstance(section, dict) or not isinstance(section.get("tokens"), dict):
+        return doc
+    tokens = dict(sorted(section["tokens"].items(), key=lambda item: str(item[0])))
+    return doc | {"tokenizer": section | {"tokens": tokens}}
 
 
 def _ordered(stages: list[Stage], source: str) -> list[Stage]:

@@ -227,6 +227,26 @@ def test_a_stage_named_as_tokenizer_source_like_mergekit_multi(vocab_family, tmp
     assert not {n: r for n, r in ulp_report(written, expected).items() if r[0]}
 
 
+def test_a_chains_new_tokens_take_mergekit_multis_sorted_order(vocab_family, tmp_path):
+    """mergekit-multi rewrites each stage with sorted keys, so `tokens:` written as zebra, apple get
+    their ids as apple, zebra there (mergekit-yaml keeps the written order for one document)."""
+    f = vocab_family
+    docs = [{"name": "first", "merge_method": "linear", "base_model": str(f["base"]), "dtype": "float32",
+             "models": models_of(f, {"base": 0.5, "chat": 0.5}), "tokenizer_source": "base"},
+            {"merge_method": "linear", "base_model": str(f["base"]), "dtype": "float32",
+             "models": models_of(f, {"base": 0.5}) + [{"model": "first", "parameters": {"weight": 0.5}}],
+             "tokenizer": {"source": str(f["chat"]), "tokens": {"zebra": {"source": {"kind": "zero"}},
+                                                                 "apple": {"source": {"kind": "zero"}}}}}]
+    path = write_docs(tmp_path / "chain.yml", docs)
+    mk = mergekit_multi(path, tmp_path / "mk", tmp_path / "inter")
+    result = run_cli("merge", str(path), str(tmp_path / "ours"))
+    assert result.returncode == 0, result.stderr
+    vocab = AutoTokenizer.from_pretrained(tmp_path / "ours").get_vocab()
+    assert vocab["apple"] < vocab["zebra"]
+    assert (tmp_path / "ours" / "tokenizer.json").read_text() == (mk / "tokenizer.json").read_text()
+    assert not {n: r for n, r in ulp_report(load_folder(tmp_path / "ours"), load_folder(mk)).items() if r[0]}
+
+
 def test_study_over_a_union_vocabulary(families, tmp_path):
     """A study over models with different vocabularies: candidates are built on the union's rows and scored
     with the union tokenizer, and the exported best merges like mergekit. (llama: transformers loads the
