@@ -182,6 +182,18 @@ def _written(tmp_path: Path, config: dict) -> Path:
     return path
 
 
+def _chain_against_mergekit_multi(tmp_path: Path, docs: list[dict]) -> tuple[Path, Path]:
+    """`search merge` and mergekit-multi on the same chain; their tokenizer.json must be equal.
+    Returns (ours, mergekit's) output folders."""
+    path = write_docs(tmp_path / "chain.yml", docs)
+    mk = mergekit_multi(path, tmp_path / "mk", tmp_path / "inter")
+    result = run_cli("merge", str(path), str(tmp_path / "ours"))
+    assert result.returncode == 0, result.stderr
+    us = tmp_path / "ours"
+    assert (us / "tokenizer.json").read_text() == (mk / "tokenizer.json").read_text()
+    return us, mk
+
+
 def test_chain_stage_with_a_union_like_mergekit_multi(vocab_family, tmp_path):
     """A stage that builds a union tokenizer: a later stage reads its rows, and the chain writes its tokenizer."""
     f = vocab_family
@@ -189,12 +201,7 @@ def test_chain_stage_with_a_union_like_mergekit_multi(vocab_family, tmp_path):
              "models": models_of(f, {"base": 0.5, "chat": 0.5}), "tokenizer_source": "union"},
             {"merge_method": "slerp", "base_model": "chatty", "dtype": "float32", "parameters": {"t": 0.3},
              "models": [{"model": "chatty"}, {"model": str(f["chat"])}]}]
-    path = write_docs(tmp_path / "chain.yml", docs)
-    mk = mergekit_multi(path, tmp_path / "mk", tmp_path / "inter")
-    result = run_cli("merge", str(path), str(tmp_path / "ours"))
-    assert result.returncode == 0, result.stderr
-    us = tmp_path / "ours"
-    assert (us / "tokenizer.json").read_text() == (mk / "tokenizer.json").read_text()
+    us, mk = _chain_against_mergekit_multi(tmp_path, docs)
     written = load_folder(us)
     assert not {n: r for n, r in ulp_report(written, load_folder(mk)).items() if r[0]}
     merger = ChainMerger(ChainPlan(parse_chain(docs)))
@@ -215,12 +222,7 @@ def test_a_stage_named_as_tokenizer_source_like_mergekit_multi(vocab_family, tmp
              "models": models_of(f, {"base": 0.4}) + [{"model": "chatty", "parameters": {"weight": 0.6}}],
              "tokenizer": {"source": "chatty", "tokens": {"cat": {"source": {
                  "kind": "model_token", "model": str(f["base"]), "token": "no-such-word"}}}}}]
-    path = write_docs(tmp_path / "chain.yml", docs)
-    mk = mergekit_multi(path, tmp_path / "mk", tmp_path / "inter")
-    result = run_cli("merge", str(path), str(tmp_path / "ours"))
-    assert result.returncode == 0, result.stderr
-    us = tmp_path / "ours"
-    assert (us / "tokenizer.json").read_text() == (mk / "tokenizer.json").read_text()
+    us, mk = _chain_against_mergekit_multi(tmp_path, docs)
     assert all(token in AutoTokenizer.from_pretrained(us).get_vocab() for token in CHAT)
     written, expected = load_folder(us), load_folder(mk)
     assert {n: t.shape for n, t in written.items()} == {n: t.shape for n, t in expected.items()}
@@ -237,14 +239,10 @@ def test_a_chains_new_tokens_take_mergekit_multis_sorted_order(vocab_family, tmp
              "models": models_of(f, {"base": 0.5}) + [{"model": "first", "parameters": {"weight": 0.5}}],
              "tokenizer": {"source": str(f["chat"]), "tokens": {"zebra": {"source": {"kind": "zero"}},
                                                                  "apple": {"source": {"kind": "zero"}}}}}]
-    path = write_docs(tmp_path / "chain.yml", docs)
-    mk = mergekit_multi(path, tmp_path / "mk", tmp_path / "inter")
-    result = run_cli("merge", str(path), str(tmp_path / "ours"))
-    assert result.returncode == 0, result.stderr
-    vocab = AutoTokenizer.from_pretrained(tmp_path / "ours").get_vocab()
+    us, mk = _chain_against_mergekit_multi(tmp_path, docs)
+    vocab = AutoTokenizer.from_pretrained(us).get_vocab()
     assert vocab["apple"] < vocab["zebra"]
-    assert (tmp_path / "ours" / "tokenizer.json").read_text() == (mk / "tokenizer.json").read_text()
-    assert not {n: r for n, r in ulp_report(load_folder(tmp_path / "ours"), load_folder(mk)).items() if r[0]}
+    assert not {n: r for n, r in ulp_report(load_folder(us), load_folder(mk)).items() if r[0]}
 
 
 def test_study_over_a_union_vocabulary(families, tmp_path):
