@@ -8,6 +8,7 @@ from merge_core import native
 from merge_core.errors import MergeInputError
 from merge_core.methods.base import Inputs, MergeMethod, Param
 from merge_core.methods.chunks import CHUNK_ELEMENTS, chunk_ranges, half_row_sum
+from merge_core.methods.linear import refuse_zero_sum
 from merge_core.methods.non_base import NonBaseContract
 from merge_core.methods.sparsify import HALF
 
@@ -29,6 +30,11 @@ class MultiSlerp(MergeMethod):
         Param("eps", float, "global", 1e-8),
     )
     contract = NonBaseContract(base="optional", min_inputs=1, min_non_base=1)
+
+    def check(self, values, where) -> None:
+        weights = [v["weight"] for v in values.per_input if "weight" in v]
+        if values.shared["normalize_weights"] and len(weights) > 1:  # one input is copied as it is
+            refuse_zero_sum(weights, "normalize_weights")
 
     @torch.no_grad()
     def prepare(self, inputs):

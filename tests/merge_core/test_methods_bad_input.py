@@ -50,6 +50,13 @@ def bad_configs(f, wide) -> list[tuple[str, dict, tuple[str, ...]]]:
          ("density -0.1 is negative", "from 0 to 1", f"{f['child_2']}: ")),
         ("empty weight list", {"merge_method": "linear", "models": three(f, weight=[[], 1, 1])},
          ("models.0.parameters", "weight is an empty list", "gradient like [0.2, 0.8]")),
+        # mergekit divides by the sum and writes NaN (0/0) or infinite tensors
+        ("linear weights summing to 0", {"merge_method": "linear", "models": three(f, weight=[0.5, -0.25, -0.25])},
+         ("weights (0.5, -0.25, -0.25) sum to 0", "normalize: false")),
+        ("linear weights 0 in one layer only", {"merge_method": "linear", "models": three(
+            f, weight=[[1, 0], [1, 0], [1, 0]])}, ("model.layers.3.", "weights (0, 0, 0) sum to 0")),
+        ("multislerp weights summing to 0", {"merge_method": "multislerp", "models": three(f, weight=[1, -1, 0])},
+         ("weights (1, -1, 0) sum to 0", "normalize_weights: false")),
     ]
 
 
@@ -58,7 +65,7 @@ def wide(tmp_path_factory):
     return build_tiny_model(tmp_path_factory.mktemp("wide") / "wide", "phi", seed=3, hidden=64)
 
 
-@pytest.mark.parametrize("index", range(13))
+@pytest.mark.parametrize("index", range(16))
 def test_refused(families, wide, tmp_path, index):
     name, config, needles = bad_configs(families["phi"], wide)[index]
     out = tmp_path / "out"
