@@ -417,6 +417,9 @@ class MergePlan:
             found = ", ".join(f"{m} {list(self.weights[self._index[m]].index[t].shape)}" for m, t in inputs)
             raise MergeInputError(f"tensor {name} has different shapes: {found}; merged models must share one "
                                   "architecture")
+        if aligned:
+            self.vocabulary.check_rows(name, [(s.model, self.weights[s.model].index[s.tensor].shape[0])
+                                              for s in sources])
         base = next((i for i, (m, _) in enumerate(inputs) if m == base_model), None)
         return OutputTensor(name, tuple(sources), base, p, slice_index, rows, aligned)
 

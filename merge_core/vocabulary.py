@@ -110,6 +110,7 @@ class OutputVocabulary:
                                   "(mergekit fails on such a tokenizer too); name a tokenizer whose ids have no gaps")
         multiple = pad_to_multiple_of or 1
         self.padded = -(-self.size // multiple) * multiple
+        self.ids = vocab
         self.token_of = {i: t for t, i in vocab.items()}
         self.positions = [self._positions(m, w, v, vocab)
                           for m, w, v in zip(models, weights, self.model_vocabs, strict=True)]
@@ -156,6 +157,31 @@ class OutputVocabulary:
                 self.model_vocabs[source.model]:
             raise MergeInputError(f"{where}: model_token {source.token!r} is not in that model's tokenizer")
 
+    def check_rows(self, name: str, inputs: list[tuple[int, int]]) -> None:
+        """Before merging: every row `align` will take for one token-indexed tensor exists.
+
+        `inputs` are the tensor's (model index, rows). A `tokenizer.tokens` source is read where
+        one of these models lacks its token, or always with `force`; it must name one of them (a
+        slice may leave a model out) and, by id, a row that model's tensor has.
+        """
+        models = [model for model, _ in inputs]
+        for token, source in self.sources.items():
+            token_id = self.ids[token]
+            needed = source.force or any(self.positions[m][token_id] < 0 for m in models)
+            if source.kind not in ("model", "model_token") or not needed:
+                continue
+            where = f"{self.label}: token {token!r}"
+            if source.model not in models:
+                raise MergeInputError(f"{where} takes its row from a model that {name} is not merged from; name "
+                                      "one of that tensor's models")
+            if source.kind != "model_token":
+                continue
+            row_id = source.token_id if source.token_id is not None else self.model_vocabs[source.model][source.token]
+            rows = inputs[models.index(source.model)][1]
+            if not 0 <= row_id < rows:
+                raise MergeInputError(f"{where}: model_token id {row_id} is outside that model's {rows} rows of "
+                                      f"{name}")
+
     indexes = staticmethod(indexes_vocabulary)
 
     # --- rebuilding one tensor's inputs (mergekit's PermutedVocabulary) ---------------------------
@@ -190,12 +216,12 @@ class OutputVocabulary:
         needed[self.forced] = True
         defaults = {}
         for token_id in needed.nonzero().view(-1).tolist():
-            token = self.token_of[token_id]
-            source = self.sources.get(token) or _assigned_source(present[:, token_id], model_ids, base)
-            defaults[token_id] = self._default(source, token, token_id, tensors, model_ids, positions, present)
+            source = self.sources.get(self.token_of[token_id])
+            source = source or _assigned_source(present[:, token_id], model_ids, base)
+            defaults[token_id] = self._default(source, token_id, tensors, model_ids, positions, present)
         return defaults
 
-    def _default(self, source: TokenSource, token, token_id, tensors, model_ids, positions, present):
+    def _default(self, source: TokenSource, token_id, tensors, model_ids, positions, present):
         if source.kind == "zero":
             return tensors[0].new_zeros(tensors[0].shape[1:])
         if source.kind == "average":  # mergekit's order: from zero, model by model, then one division
@@ -207,27 +233,11 @@ class OutputVocabulary:
                     count += 1
             row /= count
             return row
-        where = f"{self.label}: token {token!r}"
-        if source.kind == "none":
-            raise MergeInputError(f"{where} has no source, and some models lack it (or force is set); give it "
-                                  "a source: a model, {kind: zero} or {kind: model_token, model: M, token: T}")
-        if source.model not in model_ids:
-            raise MergeInputError(f"{where} takes its row from a model that this tensor's merge does not read; "
-                                  "name one of the slice's models")
+        # a source reading elsewhere, or a row that does not exist, was refused by _check_source and check_rows
         k = model_ids.index(source.model)
         if source.kind == "model":
-            if positions[k][token_id] < 0:
-                raise MergeInputError(f"{where} takes its row from a model that lacks it; name a model that has "
-                                      "it, or use {kind: model_token, ...} or {kind: zero}")
             return tensors[k][positions[k][token_id]]
-        row_id = source.token_id
-        if row_id is None:
-            row_id = self.model_vocabs[source.model].get(source.token)
-            if row_id is None:
-                raise MergeInputError(f"{where}: model_token {source.token!r} is not in that model's tokenizer")
-        if not 0 <= row_id < tensors[k].shape[0]:
-            raise MergeInputError(f"{where}: model_token id {row_id} is outside that model's "
-                                  f"{tensors[k].shape[0]} rows")
+        row_id = source.token_id if source.token_id is not None else self.model_vocabs[source.model][source.token]
         return tensors[k][row_id]
 
 

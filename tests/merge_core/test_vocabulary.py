@@ -323,3 +323,25 @@ def test_model_token_by_text_needs_a_tokenizer_that_loads(tmp_path):
     cat = AutoTokenizer.from_pretrained(tmp_path / "ours").get_vocab()["cat"]
     merged = load_folder(tmp_path / "ours")["model.embed_tokens.weight"]
     assert torch.equal(merged[cat], load_folder(bare)["model.embed_tokens.weight"][3])  # 0.5 r + 0.5 r
+
+
+@pytest.mark.parametrize("kind", ["model outside the slice", "id past the rows"])
+def test_a_token_row_that_cannot_be_read_is_refused_before_writing(tmp_path, kind):
+    """A `tokenizer.tokens` source the embedding cannot read (a model its slice leaves out, or a
+    `token_id` past that model's rows) fails at planning: one line, exit 2, no progress line, nothing
+    written (mergekit-yaml fails on both too, half way through its merge)."""
+    f = build_vocab_family(tmp_path / "models", "llama")
+    first = [{"model": str(f["base"]), "layer_range": [0, 2]}, {"model": str(f["chat"]), "layer_range": [0, 2]}]
+    second = [{"model": str(f["base"]), "layer_range": [2, 4]}, {"model": str(f["fish"]), "layer_range": [2, 4]}]
+    source = ({"kind": "model_token", "model": str(f["fish"]), "token": "dog"} if kind == "model outside the slice"
+              else {"kind": "model_token", "model": str(f["chat"]), "token_id": 19})
+    config = {"merge_method": "linear", "base_model": str(f["base"]), "parameters": {"weight": 0.5},
+              "slices": [{"sources": first}, {"sources": second}],
+              "tokenizer": {"source": "union", "tokens": {"cat": {"source": source, "force": True}}}}
+    result = run_cli("merge", str(_written(tmp_path, config)), str(tmp_path / "ours"))
+    needle = "model.embed_tokens.weight is not merged from" if kind == "model outside the slice" else \
+        "model_token id 19 is outside that model's 19 rows of model.embed_tokens.weight"
+    assert result.returncode == 2 and needle in result.stderr, result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1 and not (tmp_path / "ours").exists()
+    with pytest.raises(Exception):  # noqa: B017 - mergekit's own error, whatever its type
+        mergekit_merge(config, tmp_path / "theirs")
