@@ -361,11 +361,28 @@ class MergePlan:
                     inputs = [(s.model, with_layer(name, s.layer_range[0] + i)) for s in sl.sources]
                     outputs.append(self._output(with_layer(name, out_layer), inputs, sl, p, slice_index))
                 out_layer += 1
-        outputs += [self._output(n, [(s.model, n) for s in last.sources], last, float(n in twice), len(self.slices) - 1)
+        # mergekit merges the tensors after the layers with the last slice's settings but pairs its sources
+        # with one input per source of the *first* slice (a zip): the last slice's sources past that count
+        # take no part in them (see `post_sources_dropped`).
+        after = last.sources[: len(first.sources)]
+        base = last.base_model or self.config.base_model
+        if post and self.method.contract.base == "required" and base not in [s.model for s in after]:
+            raise MergeInputError(
+                f"slices: the tensors after the layers ({post[0]}...) are merged, as mergekit merges them, from the "
+                f"last slice's first {len(after)} sources (one per source of the first slice), which leave out "
+                f"base_model {base}; list it among the last slice's first {len(after)} sources")
+        outputs += [self._output(n, [(s.model, n) for s in after], last, float(n in twice), len(self.slices) - 1)
                     for n in post]
         # mergekit runs each tensor's merge in the order of its largest source name.
         outputs.sort(key=_order_key)
         return outputs, self.slice_lengths()[0] if multi else out_layer  # `models:`: config.json's count
+
+    @property
+    def post_sources_dropped(self) -> list[str]:
+        """Models of the last slice that mergekit leaves out of the tensors after the layers (the final
+        norm, lm_head): those past the first slice's source count."""
+        first, last = self.slices[0].sources, self.slices[-1].sources
+        return [s.model for s in last[len(first):]]
 
     def _merged_twice_by_mergekit(self, names) -> list[str]:
         pattern = MERGED_TWICE_BY_MERGEKIT.get((self.reference.config.get("architectures") or [None])[0])

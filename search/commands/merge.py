@@ -158,6 +158,7 @@ def _run(args: argparse.Namespace, guard) -> int:
     _say_adapters(plans)
     _warn_draw_order(plans, args.random_seed)
     _warn_ignored_parameters(plans)
+    _warn_post_sources_dropped(plans)
     _warn_truncation(plans)
     merged_config = output_config(plan)
     tokenizer_folder, tokenizer = plan.output_tokenizer()
@@ -234,6 +235,18 @@ def _warn_ignored_parameters(plans) -> None:
             console.print(f"[yellow]{plan.method.name} does not take {names}: ignored, as mergekit ignores them "
                           f"({plan.method.name} takes {', '.join(p.name for p in plan.method.params) or 'none'})"
                           "[/yellow]")
+
+
+def _warn_post_sources_dropped(plans) -> None:
+    """One line per stage whose last slice has more sources than its first (mergekit's pairing drops some)."""
+    from search.progress import console
+
+    for plan in plans:
+        dropped = plan.post_sources_dropped
+        if dropped:
+            console.print(f"[yellow]the last slice has more sources than the first: the tensors after the layers "
+                          f"(final norm, lm_head) are merged without {', '.join(dropped)}, as mergekit merges them "
+                          "(one input per source of the first slice)[/yellow]", soft_wrap=True)
 
 
 def _warn_truncation(plans) -> None:

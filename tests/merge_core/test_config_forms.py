@@ -69,6 +69,16 @@ ACCEPTED = {
         f"      - {{model: {{model: {{path: {f['child_1']}}}}}, layer_range: [0, 4], parameters: {{weight: 1}}}}\n"
         f"      - {{model: {f['child_2']}, layer_range: [0, 4], parameters: {{weight: '1'}}}}\n"
         "    residual_weight: 0.5\n"),
+    # mergekit pairs the tensors after the layers with the first slice's source count: child_3 takes
+    # no part in the final norm and lm_head (search merge warns)
+    "last_slice_with_more_sources": lambda f: (
+        "merge_method: linear\ndtype: float32\nslices:\n  - sources:\n"
+        f"      - {{model: {f['child_1']}, layer_range: [0, 2], parameters: {{weight: 0.5}}}}\n"
+        f"      - {{model: {f['child_2']}, layer_range: [0, 2], parameters: {{weight: 0.5}}}}\n"
+        "  - sources:\n"
+        f"      - {{model: {f['child_1']}, layer_range: [2, 4], parameters: {{weight: 0.2}}}}\n"
+        f"      - {{model: {f['child_2']}, layer_range: [2, 4], parameters: {{weight: 0.3}}}}\n"
+        f"      - {{model: {f['child_3']}, layer_range: [2, 4], parameters: {{weight: 0.5}}}}\n"),
     "tokenizer_section_source_only": lambda f: (
         f"merge_method: linear\nbase_model: {f['child_1']}\ntokenizer: {{source: base}}\n" + two(f)),
     "tokenizer_source_union": lambda f: (

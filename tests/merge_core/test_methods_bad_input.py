@@ -57,6 +57,15 @@ def bad_configs(f, wide) -> list[tuple[str, dict, tuple[str, ...]]]:
             f, weight=[[1, 0], [1, 0], [1, 0]])}, ("model.layers.3.", "weights (0, 0, 0) sum to 0")),
         ("multislerp weights summing to 0", {"merge_method": "multislerp", "models": three(f, weight=[1, -1, 0])},
          ("weights (1, -1, 0) sum to 0", "normalize_weights: false")),
+        # mergekit merges the tensors after the layers from the last slice's first sources, one per source of
+        # the first slice: here child_1 and child_2, without the base (mergekit: "Base input is not present")
+        ("base cut from the tensors after the layers", {"merge_method": "task_arithmetic", "base_model": base,
+         "slices": [{"sources": [{"model": str(f["child_1"]), "layer_range": [0, 2], "parameters": {"weight": 1}},
+                                 {"model": base, "layer_range": [0, 2]}]},
+                    {"sources": [{"model": str(f["child_1"]), "layer_range": [2, 4], "parameters": {"weight": 1}},
+                                 {"model": str(f["child_2"]), "layer_range": [2, 4], "parameters": {"weight": 1}},
+                                 {"model": base, "layer_range": [2, 4]}]}]},
+         ("tensors after the layers", "first 2 sources", f"leave out base_model {base}")),
     ]
 
 
@@ -65,7 +74,7 @@ def wide(tmp_path_factory):
     return build_tiny_model(tmp_path_factory.mktemp("wide") / "wide", "phi", seed=3, hidden=64)
 
 
-@pytest.mark.parametrize("index", range(16))
+@pytest.mark.parametrize("index", range(17))
 def test_refused(families, wide, tmp_path, index):
     name, config, needles = bad_configs(families["phi"], wide)[index]
     out = tmp_path / "out"
