@@ -20,9 +20,9 @@ import torch
 from merge_core import gradient, methods
 from merge_core.chat_templates import chat_template_text
 from merge_core.config import MergeConfig, Slice, SliceSource, TSetting, setting_of
-from merge_core.errors import MergeInputError
+from merge_core.errors import DegeneratePoint, MergeInputError
 from merge_core.layers import layer_count, layer_index, layer_stack, with_layer
-from merge_core.methods.base import Inputs, Values
+from merge_core.methods.base import DegenerateValues, Inputs, Values
 from merge_core.refs import config_folder, resolve
 from merge_core.vocabulary import OutputVocabulary, TruncatedVocabulary, load_tokenizer, model_tokenizer
 from merge_core.weights import ModelWeights, read_config
@@ -232,7 +232,8 @@ class MergePlan:
                 position = getattr(exc, "position", None)
                 source = out.sources[position] if position is not None else None
                 where = f"{self.models[source.model]}: {source.tensor}" if source else out.name
-                raise MergeInputError(f"parameters ({where}): {exc}") from None
+                error = DegeneratePoint if isinstance(exc, DegenerateValues) else MergeInputError
+                raise error(f"parameters ({where}): {exc}") from None
             result.append(values)
         return result
 

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import optuna
 
-from merge_core.errors import MergeInputError
+from merge_core.errors import DegeneratePoint, MergeInputError
 from search import results
 from search.errors import StudyError
 from search.interrupts import SignalGuard
@@ -146,6 +146,8 @@ class StudyPlan:
         middle = {n: _middle(d) for n, d in distributions.items()}
         try:
             self._values_of(middle)
+        except DegeneratePoint:
+            pass  # one point of the ranges (weights summing to 0 there): a trial that lands on it fails alone
         except Exception as exc:
             raise StudyError(f"search_space: {exc}; add a `default` entry") from None
         ends = {n: d for n, d in distributions.items()
@@ -160,6 +162,8 @@ class StudyPlan:
         for where, params in probes:
             try:
                 self._values_of(params)
+            except DegeneratePoint:
+                continue
             except Exception as exc:
                 raise StudyError(f"search_space: at {where}: {exc}; narrow the range") from None
 

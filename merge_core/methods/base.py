@@ -16,6 +16,10 @@ REQUIRED = object()  # the default of a parameter the config must give
 Scope = Literal["global", "per_model", "per_non_base"]
 
 
+class DegenerateValues(ValueError):
+    """Values that make this one point a NaN merge (see errors.DegeneratePoint)."""
+
+
 class InputValueError(ValueError):
     """A value out of range for one input (`position` in the output's sources)."""
 

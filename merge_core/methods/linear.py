@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from merge_core import native
-from merge_core.methods.base import MergeMethod, Param
+from merge_core.methods.base import DegenerateValues, MergeMethod, Param
 from merge_core.methods.chunks import CHUNK_ELEMENTS, chunk_ranges, working_dtype
 
 
@@ -36,7 +36,7 @@ def refuse_zero_sum(weights: list[float], switch: str) -> None:
     tensors then, at 0/0 and x/0); summed in float32, as mergekit packs them."""
     if torch.tensor(weights, dtype=torch.float32).sum().item() == 0:
         listed = ", ".join(f"{w:g}" for w in weights)
-        raise ValueError(f"the weights ({listed}) sum to 0 and {switch} is true: dividing by their sum would "
+        raise DegenerateValues(f"the weights ({listed}) sum to 0 and {switch} is true: dividing by their sum would "
                          f"write NaN or infinite tensors; give weights whose sum is not 0, or set {switch}: false")
 
 
