@@ -24,7 +24,14 @@ from merge_core.errors import DegeneratePoint, MergeInputError
 from merge_core.layers import layer_count, layer_index, layer_stack, with_layer
 from merge_core.methods.base import DegenerateValues, Inputs, Values
 from merge_core.refs import config_folder, resolve
-from merge_core.vocabulary import OutputVocabulary, TruncatedVocabulary, load_tokenizer, model_tokenizer
+from merge_core.vocabulary import (
+    OutputVocabulary,
+    TruncatedVocabulary,
+    load_tokenizer,
+    model_tokenizer,
+    set_vocab_rows,
+    vocab_rows,
+)
 from merge_core.weights import ModelWeights, read_config
 
 DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32, "float64": torch.float64}
@@ -93,7 +100,7 @@ class MergePlan:
         self.vocabulary = (OutputVocabulary(source, self.models, self.weights, self.reference, allow_pickle,
                                             tokens, pad_to_multiple_of, named=self._sources.get(source))
                            if source else None)
-        rows = {w.config.get("vocab_size") for w in self.weights} - {None}
+        rows = {vocab_rows(w.config) for w in self.weights} - {None}
         if not source and truncate_vocabulary and len(rows) > 1:
             self.vocabulary = TruncatedVocabulary(min(rows))
         self._check_compatible()
@@ -422,7 +429,7 @@ class MergePlan:
                     raise MergeInputError(f"{model} has no tensor {tensor}, which {name} of the merge needs")
                 tensor = tied
             shape = tuple(weights.index[tensor].shape)
-            if self.vocabulary and self.vocabulary.indexes(tensor, shape, weights.config.get("vocab_size")):
+            if self.vocabulary and self.vocabulary.indexes(tensor, shape, vocab_rows(weights.config)):
                 if self.vocabulary.rows is not None:
                     rows = self.vocabulary.rows
                     shape = (rows, *shape[1:])
@@ -457,7 +464,7 @@ class MergePlan:
             cfg["torch_dtype"] = dtype
         cfg.update(self.per_layer_lists())
         if self.vocabulary is not None:  # mergekit sets it to the output tokenizer's length
-            cfg["vocab_size"] = self.vocabulary.padded
+            set_vocab_rows(cfg, self.vocabulary.padded)
         if self.head_untied:  # a tied reference (the key may be left out: True by default) merged with models
             cfg["tie_word_embeddings"] = False  # that have their own head: the merged head is used
         return cfg

@@ -50,6 +50,24 @@ class TokenSource:
     force: bool = False
 
 
+def vocab_rows(config: dict) -> int | None:
+    """The embedding rows a config.json gives: `vocab_size`, or where a vision-language model keeps it
+    (Mistral3, Gemma3, Qwen-VL under transformers 5), `text_config.vocab_size`."""
+    size = config.get("vocab_size")
+    if size is None and isinstance(config.get("text_config"), dict):
+        size = config["text_config"].get("vocab_size")
+    return size
+
+
+def set_vocab_rows(config: dict, rows: int) -> None:
+    """Write `rows` where the config keeps its vocabulary size (top level when it keeps none)."""
+    text = config.get("text_config")
+    if config.get("vocab_size") is None and isinstance(text, dict) and text.get("vocab_size") is not None:
+        config["text_config"] = dict(text, vocab_size=rows)
+    else:
+        config["vocab_size"] = rows
+
+
 def indexes_vocabulary(name: str, shape: tuple[int, ...], model_rows: int | None) -> bool:
     """Whether the non-layer tensor `name` of `shape`, in a model of `model_rows` embedding rows, is
     indexed by token id (cut to `rows` or rebuilt by `align`)."""
@@ -82,7 +100,7 @@ class OutputVocabulary:
         """`named`: the model `source` names when it is held in memory (an earlier chain stage's output)."""
         self.label = "tokenizer" if tokens or pad_to_multiple_of else f"tokenizer_source: {source}"
         base = next(i for i, w in enumerate(weights) if w is reference)
-        base_tokenizer = model_tokenizer(reference, reference.config.get("vocab_size"), self.label, required=True)
+        base_tokenizer = model_tokenizer(reference, vocab_rows(reference.config), self.label, required=True)
         own = [base_tokenizer if i == base else model_tokenizer(w) for i, w in enumerate(weights)]
         base_vocab = base_tokenizer.get_vocab()  # before `tokens` are added to it (source: base)
         # a model whose tokenizer does not load shares the base's (mergekit's assumption)
@@ -114,6 +132,14 @@ class OutputVocabulary:
         self.token_of = {i: t for t, i in vocab.items()}
         self.positions = [self._positions(m, w, v, vocab)
                           for m, w, v in zip(models, weights, self.model_vocabs, strict=True)]
+        if source == "base":
+            # mergekit adds `tokens` to the base's own tokenizer object, so the base holds each added token
+            # at its new id: that row of the base where the base has it (a padding row). Past its rows
+            # mergekit fails (KeyError); the base then lacks the token here.
+            rows = vocab_rows(reference.config) or len(base_vocab)
+            for token in tokens or {}:
+                if token not in base_vocab and vocab[token] < rows:
+                    self.positions[base][vocab[token]] = vocab[token]
         self.sources = {tok: _token_source(tok, cfg, models) for tok, cfg in (tokens or {}).items()}
         self.forced = [vocab[t] for t, s in self.sources.items() if s.force]
         for token, source in self.sources.items():
@@ -121,12 +147,12 @@ class OutputVocabulary:
         identity = torch.arange(self.size)
         self.aligned = bool(self.sources) or self.padded != self.size or not all(
             torch.equal(p, identity) for p in self.positions)
-        rows = {w.config.get("vocab_size") for w in weights}
+        rows = {vocab_rows(w.config) for w in weights}
         self.rows = self.size if not self.aligned and rows - {None, self.size} else None
 
     def _positions(self, model: str, weights, model_vocab: dict, vocab: dict) -> torch.Tensor:
         """For each output token id, the model's row of that token (-1: the model lacks it)."""
-        rows = weights.config.get("vocab_size") or len(model_vocab)
+        rows = vocab_rows(weights.config) or len(model_vocab)
         positions = torch.full((len(vocab),), -1, dtype=torch.long)
         for token, new_id in vocab.items():
             old_id = model_vocab.get(token)
@@ -274,7 +300,7 @@ def _token_source(token: str, cfg, models: list[str]) -> TokenSource:
 
 
 def _rows(weights, tokenizer) -> int:
-    return weights.config.get("vocab_size") or tokenizer.vocab_size
+    return vocab_rows(weights.config) or tokenizer.vocab_size
 
 
 def model_tokenizer(weights, vocab_size: int | None = None, label: str = "tokenizer", required: bool = False):

@@ -251,12 +251,12 @@ def _warn_post_sources_dropped(plans) -> None:
 
 def _warn_truncation(plans) -> None:
     """--unsafe-truncate-embeddings: one line per stage whose vocabularies are cut (mergekit warns per tensor)."""
-    from merge_core.vocabulary import TruncatedVocabulary
+    from merge_core.vocabulary import TruncatedVocabulary, vocab_rows
     from search.progress import console
 
     for plan in plans:
         if isinstance(plan.vocabulary, TruncatedVocabulary):
-            sizes = ", ".join(str(w.config.get("vocab_size")) for w in plan.weights)
+            sizes = ", ".join(str(vocab_rows(w.config)) for w in plan.weights)
             console.print(f"[yellow]--unsafe-truncate-embeddings: the models' token-indexed tensors ({sizes} rows) "
                           f"are cut to their first {plan.vocabulary.rows}, and config.json's vocab_size set to "
                           "that[/yellow]", soft_wrap=True)

@@ -270,3 +270,39 @@ models:
     written = json.loads((tmp_path / "out" / "config.json").read_text())
     assert (written["encoder_layers"], written["decoder_layers"]) == (2, 3)
     transformers.WhisperForConditionalGeneration.from_pretrained(tmp_path / "out")
+
+
+@pytest.mark.parametrize("arch", list(ARCHS))
+def test_a_new_tokenizer_rebuilds_the_text_embeddings_as_mergekit_does(vlms, tmp_path, arch):
+    """Vision-language configs keep the vocabulary size under `text_config` (transformers 5): the
+    embeddings and lm_head are rebuilt for the output tokenizer (they were left as they were), with
+    mergekit's rows, the base's padding row included for an added token it "has" (mergekit adds the
+    tokens to the base's own tokenizer); config.json says the new size where the model reads it, and
+    the output loads. mergekit writes Qwen2.5-VL's at the top level, where transformers 5 does not
+    read it, so its output does not load; ours goes to text_config."""
+    f = vlms[arch]
+    text = f"""merge_method: linear
+base_model: {f['base']}
+dtype: float32
+models:
+  - {{model: {f['base']}, parameters: {{weight: 0.2}}}}
+  - {{model: {f['child_1']}, parameters: {{weight: 0.5}}}}
+  - {{model: {f['child_2']}, parameters: {{weight: 0.3}}}}
+tokenizer:
+  source: base
+  tokens:
+    <new>: {{source: {{kind: zero}}}}
+    <forced>: {{source: {{kind: zero}}, force: true}}
+"""
+    mk, us = both(tmp_path, text)
+    ours, theirs = load_folder(us), load_folder(mk)
+    assert_within_one_ulp(ours, theirs)
+    rows = len(transformers.AutoTokenizer.from_pretrained(us))
+    embeddings = [n for n in ours if n.endswith("embed_tokens.weight")]
+    assert embeddings and all(ours[n].shape[0] == rows for n in embeddings)
+    config = json.loads((us / "config.json").read_text())
+    assert config["text_config"]["vocab_size"] == rows and "vocab_size" not in config
+    getattr(transformers, CLASSES[arch]).from_pretrained(us)
+    plan = MergePlan(parse_config(yaml.safe_load(text)))
+    for name, tensor in Merger(plan).tensors():
+        assert torch.equal(tensor, ours[name]), name
