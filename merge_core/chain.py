@@ -96,7 +96,7 @@ class ChainPlan:
                 names = [s.name for s in self.stages if s.name]
                 typo = [difflib.get_close_matches(m, names, n=1) for m in stage.config.model_names() if m not in names]
                 hint = next((f"; did you mean stage {t[0]!r}?" for t in typo if t), "")
-                raise MergeInputError(f"{label}: {exc}{hint}") from None
+                raise type(exc)(f"{label}: {exc}{hint}") from None
             self.plans.append(plan)
             self.reads_stages.append(any(m in outputs for m in stage.config.model_names()))
             if stage.name is not None:

@@ -219,6 +219,7 @@ class MergePlan:
         shared_params = [p for p in params if p.scope == "global"]
         input_params = [p for p in params if p.scope != "global"]
         result = []
+        degenerate = None
         for out in self.outputs:
             sl = slices[out.slice_index]
             shared_scopes = [_settings(sl.parameters), _settings(config.parameters)]
@@ -234,14 +235,17 @@ class MergePlan:
                 })
             values = Values(shared, tuple(per_input))
             try:
-                self.method.check(values, out.name)
+                self.method.check(values, out.name, self.working_dtype(out))
+            except DegenerateValues as exc:  # reported after the other tensors' checks (which say more)
+                degenerate = degenerate or DegeneratePoint(f"parameters ({out.name}): {exc}")
             except ValueError as exc:
                 position = getattr(exc, "position", None)
                 source = out.sources[position] if position is not None else None
                 where = f"{self.models[source.model]}: {source.tensor}" if source else out.name
-                error = DegeneratePoint if isinstance(exc, DegenerateValues) else MergeInputError
-                raise error(f"parameters ({where}): {exc}") from None
+                raise MergeInputError(f"parameters ({where}): {exc}") from None
             result.append(values)
+        if degenerate is not None:
+            raise degenerate
         return result
 
     def _resolve(self, param, scopes, tensor_name: str, p: float, where: str):
@@ -373,12 +377,12 @@ class MergePlan:
         # with one input per source of the *first* slice (a zip): the last slice's sources past that count
         # take no part in them (see `post_sources_dropped`).
         after = last.sources[: len(first.sources)]
-        base = last.base_model or self.config.base_model
-        if post and self.method.contract.base == "required" and base not in [s.model for s in after]:
+        problem = self.method.contract.check([s.model for s in after], last.base_model or self.config.base_model)
+        if post and problem:
             raise MergeInputError(
                 f"slices: the tensors after the layers ({post[0]}...) are merged, as mergekit merges them, from the "
-                f"last slice's first {len(after)} sources (one per source of the first slice), which leave out "
-                f"base_model {base}; list it among the last slice's first {len(after)} sources")
+                f"last slice's first {len(after)} sources (one per source of the first slice), and there {problem}; "
+                f"reorder the last slice's sources")
         outputs += [self._output(n, [(s.model, n) for s in after], last, float(n in twice), len(self.slices) - 1)
                     for n in post]
         # mergekit runs each tensor's merge in the order of its largest source name.

@@ -53,18 +53,19 @@ class TokenSource:
 def vocab_rows(config: dict) -> int | None:
     """The embedding rows a config.json gives: `vocab_size`, or where a vision-language model keeps it
     (Mistral3, Gemma3, Qwen-VL under transformers 5), `text_config.vocab_size`."""
-    size = config.get("vocab_size")
-    if size is None and isinstance(config.get("text_config"), dict):
-        size = config["text_config"].get("vocab_size")
-    return size
+    text = config.get("text_config")
+    if isinstance(text, dict) and text.get("vocab_size") is not None:  # what transformers 5 reads when both are set
+        return text["vocab_size"]
+    return config.get("vocab_size")
 
 
 def set_vocab_rows(config: dict, rows: int) -> None:
-    """Write `rows` where the config keeps its vocabulary size (top level when it keeps none)."""
+    """Write `rows` everywhere the config keeps its vocabulary size (the top level when it keeps none)."""
     text = config.get("text_config")
-    if config.get("vocab_size") is None and isinstance(text, dict) and text.get("vocab_size") is not None:
+    in_text = isinstance(text, dict) and text.get("vocab_size") is not None
+    if in_text:
         config["text_config"] = dict(text, vocab_size=rows)
-    else:
+    if not in_text or config.get("vocab_size") is not None:
         config["vocab_size"] = rows
 
 

@@ -20,6 +20,16 @@ class DegenerateValues(ValueError):
     """Values that make this one point a NaN merge (see errors.DegeneratePoint)."""
 
 
+def refuse_zero_sum(weights: list[float], switch: str, dtype: torch.dtype) -> None:
+    """Weights that a method divides by their sum must not sum to 0 in the dtype it sums them in:
+    mergekit writes NaN or infinite tensors then (0/0, x/0)."""
+    if torch.tensor(weights, dtype=dtype).sum().item() == 0:
+        listed = ", ".join(f"{w:g}" for w in weights)
+        raise DegenerateValues(f"the weights ({listed}) sum to 0 and {switch} is true: dividing by their sum would "
+                               f"write NaN or infinite tensors; give weights whose sum is not 0, or set {switch}: "
+                               "false")
+
+
 class InputValueError(ValueError):
     """A value out of range for one input (`position` in the output's sources)."""
 
@@ -123,9 +133,10 @@ class MergeMethod:
         """The dtype mergekit's kernel returns for inputs of the working dtype."""
         return torch.promote_types(working, torch.float32) if self.float32_result else working
 
-    def check(self, values: Values, where: str) -> None:
+    def check(self, values: Values, where: str, dtype: torch.dtype) -> None:
         """Raise ValueError when values are out of the method's range (beyond their types); an
-        InputValueError where one input's values are, so that the message can name its model."""
+        InputValueError where one input's values are, so that the message can name its model;
+        DegenerateValues where they make this one point a NaN merge. `dtype`: the working dtype."""
 
     def prepare(self, inputs: Inputs) -> Any:
         """Work that depends on the inputs only (once per study); the default keeps nothing."""

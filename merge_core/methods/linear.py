@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from merge_core import native
-from merge_core.methods.base import DegenerateValues, MergeMethod, Param
+from merge_core.methods.base import MergeMethod, Param, refuse_zero_sum
 from merge_core.methods.chunks import CHUNK_ELEMENTS, chunk_ranges, working_dtype
 
 
@@ -15,9 +15,10 @@ class Linear(MergeMethod):
     name = "linear"
     params = (Param("weight", float, "per_model"), Param("normalize", bool, "global", True))
 
-    def check(self, values, where) -> None:
-        if values.shared["normalize"]:
-            refuse_zero_sum(values.of("weight", range(len(values.per_input))), "normalize")
+    def check(self, values, where, dtype) -> None:
+        if values.shared["normalize"]:  # mergekit sums the weights in float32 (float64 for float64 inputs)
+            summed_in = torch.float64 if dtype == torch.float64 else torch.float32
+            refuse_zero_sum(values.of("weight", range(len(values.per_input))), "normalize", summed_in)
 
     def merge(self, out, inputs, state, values, rng) -> None:
         dtype = working_dtype(inputs.tensors[0])
@@ -29,15 +30,6 @@ class Linear(MergeMethod):
             native.linear(variant, out, inputs.tensors, weights.tolist(), weights.sum().item() if normalize else None)
         else:
             _eager_pass(out, inputs.tensors, weights, normalize)
-
-
-def refuse_zero_sum(weights: list[float], switch: str) -> None:
-    """Weights that a method divides by their sum must not sum to 0 (mergekit writes NaN or infinite
-    tensors then, at 0/0 and x/0); summed in float32, as mergekit packs them."""
-    if torch.tensor(weights, dtype=torch.float32).sum().item() == 0:
-        listed = ", ".join(f"{w:g}" for w in weights)
-        raise DegenerateValues(f"the weights ({listed}) sum to 0 and {switch} is true: dividing by their sum would "
-                         f"write NaN or infinite tensors; give weights whose sum is not 0, or set {switch}: false")
 
 
 def _native_variant(out: torch.Tensor, tensors: list[torch.Tensor]):

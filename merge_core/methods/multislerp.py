@@ -6,9 +6,8 @@ import torch
 
 from merge_core import native
 from merge_core.errors import MergeInputError
-from merge_core.methods.base import Inputs, MergeMethod, Param
+from merge_core.methods.base import Inputs, MergeMethod, Param, refuse_zero_sum
 from merge_core.methods.chunks import CHUNK_ELEMENTS, chunk_ranges, half_row_sum
-from merge_core.methods.linear import refuse_zero_sum
 from merge_core.methods.non_base import NonBaseContract
 from merge_core.methods.sparsify import HALF
 
@@ -31,10 +30,10 @@ class MultiSlerp(MergeMethod):
     )
     contract = NonBaseContract(base="optional", min_inputs=1, min_non_base=1)
 
-    def check(self, values, where) -> None:
+    def check(self, values, where, dtype) -> None:
         weights = [v["weight"] for v in values.per_input if "weight" in v]
         if values.shared["normalize_weights"] and len(weights) > 1:  # one input is copied as it is
-            refuse_zero_sum(weights, "normalize_weights")
+            refuse_zero_sum(weights, "normalize_weights", dtype)  # mergekit: weights in the tensors' dtype
 
     @torch.no_grad()
     def prepare(self, inputs):

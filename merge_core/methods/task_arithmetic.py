@@ -47,7 +47,7 @@ class TaskArithmetic(MergeMethod):
             params.append(Param("epsilon", float, "per_non_base", 0.15))
         return tuple(params)
 
-    def check(self, values, where) -> None:
+    def check(self, values, where, dtype) -> None:
         if self.sparsification == "random":  # mergekit's Bernoulli draw fails on a negative probability
             for position, per_input in enumerate(values.per_input):
                 if per_input.get("density") is not None and per_input["density"] < 0:

@@ -65,7 +65,19 @@ def bad_configs(f, wide) -> list[tuple[str, dict, tuple[str, ...]]]:
                     {"sources": [{"model": str(f["child_1"]), "layer_range": [2, 4], "parameters": {"weight": 1}},
                                  {"model": str(f["child_2"]), "layer_range": [2, 4], "parameters": {"weight": 1}},
                                  {"model": base, "layer_range": [2, 4]}]}]},
-         ("tensors after the layers", "first 2 sources", f"leave out base_model {base}")),
+         ("tensors after the layers", "first 2 sources", f"base_model {base} is not among the merged models")),
+        ("multislerp base cut from the tensors after the layers", {
+            "merge_method": "multislerp", "base_model": base, "parameters": {"weight": 1},
+            "slices": [{"sources": [{"model": base, "layer_range": [0, 2]},
+                                    {"model": str(f["child_1"]), "layer_range": [0, 2]}]},
+                       {"sources": [{"model": str(f["child_1"]), "layer_range": [2, 4]},
+                                    {"model": str(f["child_2"]), "layer_range": [2, 4]},
+                                    {"model": base, "layer_range": [2, 4]}]}]},
+         ("tensors after the layers", f"base_model {base} is not among the merged models")),
+        # mergekit sums multislerp's weights in the tensors' dtype: 1 - 0.9999 is 0 in float16
+        ("multislerp weights summing to 0 in float16", {"merge_method": "multislerp", "dtype": "float16",
+                                                        "models": three(f, weight=[1, -0.9999, 0])},
+         ("weights (1, -0.9999, 0) sum to 0",)),
     ]
 
 
@@ -74,8 +86,31 @@ def wide(tmp_path_factory):
     return build_tiny_model(tmp_path_factory.mktemp("wide") / "wide", "phi", seed=3, hidden=64)
 
 
-@pytest.mark.parametrize("index", range(17))
+@pytest.mark.parametrize("index", range(19))
 def test_refused(families, wide, tmp_path, index):
     name, config, needles = bad_configs(families["phi"], wide)[index]
     out = tmp_path / "out"
     assert_refused(run_cli("merge", str(write_config(tmp_path, config)), str(out)), *needles, out=out)
+
+
+def test_a_zero_weight_sum_does_not_hide_another_error(families):
+    """Weights summing to 0 for some tensors are one degenerate point (a study's range check skips it);
+    a missing parameter elsewhere in the same config is still the error reported."""
+    from merge_core.config import parse_config
+    from merge_core.errors import DegeneratePoint, MergeInputError
+    from merge_core.merger import MergePlan
+
+    f = families["phi"]
+    models = [{"model": str(f[f"child_{i}"]), "parameters": {"weight": [0, 1]}} for i in (1, 2)]
+    plan = MergePlan(parse_config({"merge_method": "linear", "models": [
+        {"model": str(f["child_1"]), "parameters": {"weight": [1, 1]}}, models[1]]}))
+    degenerate = parse_config({"merge_method": "linear", "models": models})
+    with pytest.raises(DegeneratePoint, match="sum to 0"):
+        plan.values(degenerate)
+    # lm_head, merged first, sums to 0; the tensors after it have no weight for child_2
+    models[0]["parameters"]["weight"] = 0
+    models[1]["parameters"]["weight"] = [{"filter": "lm_head", "value": 0}]
+    assert plan.outputs[0].name.startswith("lm_head")
+    with pytest.raises(MergeInputError, match="no filter matches tensor") as raised:
+        plan.values(parse_config({"merge_method": "linear", "models": models}))
+    assert not isinstance(raised.value, DegeneratePoint)

@@ -345,3 +345,19 @@ def test_a_token_row_that_cannot_be_read_is_refused_before_writing(tmp_path, kin
     assert len(result.stderr.strip().splitlines()) == 1 and not (tmp_path / "ours").exists()
     with pytest.raises(Exception):  # noqa: B017 - mergekit's own error, whatever its type
         mergekit_merge(config, tmp_path / "theirs")
+
+
+def test_a_vocabulary_size_kept_in_two_places_is_written_to_both():
+    """A vision-language config.json saved by transformers 4 can keep `vocab_size` at the top level and
+    in `text_config`; transformers 5 reads the latter: both get the output's size, and the rows are
+    read from `text_config`."""
+    from merge_core.vocabulary import set_vocab_rows, vocab_rows
+
+    both = {"vocab_size": 30, "text_config": {"vocab_size": 32}}
+    assert vocab_rows(both) == 32
+    set_vocab_rows(both, 18)
+    assert both == {"vocab_size": 18, "text_config": {"vocab_size": 18}}
+    text_only, top_only = {"text_config": {"vocab_size": 32}}, {"vocab_size": 32}
+    set_vocab_rows(text_only, 18)
+    set_vocab_rows(top_only, 18)
+    assert text_only == {"text_config": {"vocab_size": 18}} and top_only == {"vocab_size": 18}
