@@ -203,7 +203,7 @@ class OutputVocabulary:
                                       "one of that tensor's models")
             if source.kind != "model_token":
                 continue
-            row_id = source.token_id if source.token_id is not None else self.model_vocabs[source.model][source.token]
+            row_id = self._row_id(source)
             rows = inputs[models.index(source.model)][1]
             if not 0 <= row_id < rows:
                 raise MergeInputError(f"{where}: model_token id {row_id} is outside that model's {rows} rows of "
@@ -264,8 +264,11 @@ class OutputVocabulary:
         k = model_ids.index(source.model)
         if source.kind == "model":
             return tensors[k][positions[k][token_id]]
-        row_id = source.token_id if source.token_id is not None else self.model_vocabs[source.model][source.token]
-        return tensors[k][row_id]
+        return tensors[k][self._row_id(source)]
+
+    def _row_id(self, source: TokenSource) -> int:
+        """The row a `model_token` source names: its `token_id`, or its token's id in that model."""
+        return source.token_id if source.token_id is not None else self.model_vocabs[source.model][source.token]
 
 
 def _assigned_source(has: torch.Tensor, model_ids: list[int], base: int | None) -> TokenSource:
