@@ -41,10 +41,14 @@ SHAPE_FIELDS = ("model_type", "hidden_size", "n_embd", "intermediate_size", "num
 # Tensors mergekit's architectures list before the layers; every other non-layer tensor comes after.
 # input-side tensors, taken from the first slice (gpt-neox's output head `embed_out` is not one)
 EMBEDDING_PATTERN = re.compile(r"(embed(?!_out)|(^|\.)wte\.|(^|\.)wpe\.)")
-# the output head, and the input embeddings a model with tied embeddings keeps in its place
-TIED_HEAD = "lm_head.weight"
-TIED_EMBEDDINGS = ("model.embed_tokens.weight", "transformer.wte.weight", "transformer.word_embeddings.weight",
-                   "model.decoder.embed_tokens.weight", "gpt_neox.embed_in.weight")
+# The output heads, each with the input embeddings a model with tied embeddings keeps in its place
+# (mergekit's `tied_names`); vision-language models keep their text model under a prefix.
+TIED_HEADS = {
+    "lm_head.weight": ("model.embed_tokens.weight", "model.language_model.embed_tokens.weight",
+                       "transformer.wte.weight", "wte.weight", "transformer.word_embeddings.weight",
+                       "model.decoder.embed_tokens.weight", "gpt_neox.embed_in.weight"),
+    "language_model.lm_head.weight": ("language_model.model.embed_tokens.weight",),
+}
 LAYER_KEYS = ("num_hidden_layers", "n_layer", "num_layers", "n_layers")
 # mergekit's architecture files for Qwen2-VL and Qwen2.5-VL list the vision-to-text projector's MLP as
 # the layer template of a module of two layers: mergekit merges each of its tensors at the gradients'
@@ -337,9 +341,9 @@ class MergePlan:
 
     def _plan_outputs(self) -> tuple[list[OutputTensor], int]:
         pre, post, stacks = _split_names(self.reference.names())
-        if TIED_HEAD not in self.reference.index and _tied_source(TIED_HEAD, self.reference) is not None and any(
-                TIED_HEAD in w.index for w in self.weights):
-            post.append(TIED_HEAD)  # mergekit: a model's own head where it has one, its embeddings elsewhere
+        head = self._head_only_others_store()
+        if head is not None:
+            post.append(head)  # mergekit: a model's own head where it has one, its embeddings elsewhere
         if not stacks:
             raise MergeInputError(f"{self.models[0]}: no layer tensors found (names like model.layers.N.)")
         reference = next(m for m, w in zip(self.models, self.weights, strict=True) if w is self.reference)
@@ -405,10 +409,17 @@ class MergePlan:
         method's draws for the first shift every later mask of mergekit's."""
         return self._merged_twice_by_mergekit([o.name for o in self.outputs])
 
+    def _head_only_others_store(self) -> str | None:
+        """The output head, where the reference model ties it to its embeddings and another model
+        stores its own."""
+        return next((head for head in TIED_HEADS if head not in self.reference.index
+                     and _tied_source(head, self.reference) is not None
+                     and any(head in w.index for w in self.weights)), None)
+
     @property
     def head_untied(self) -> bool:
         """A head merged although the reference model ties it to its embeddings (others have their own)."""
-        return TIED_HEAD not in self.reference.index and any(o.name == TIED_HEAD for o in self.outputs)
+        return any(o.name in TIED_HEADS and o.name not in self.reference.index for o in self.outputs)
 
     def order_ties(self) -> list[str]:
         """Outputs that share their largest source tensor name with another output (slices that
@@ -651,17 +662,15 @@ def _split_names(names: list[str]) -> tuple[list[str], list[str], dict[str, dict
 def _tied_source(tensor: str, weights) -> str | None:
     """The tensor a model with tied embeddings stores for `tensor` (mergekit's `tied_names`): its
     input embeddings for the output head; None for any other tensor, or when it has none."""
-    if tensor != TIED_HEAD:
-        return None
-    return next((name for name in TIED_EMBEDDINGS if name in weights.index), None)
+    return next((name for name in TIED_HEADS.get(tensor, ()) if name in weights.index), None)
 
 
 def input_name(output: OutputTensor, source: Source) -> str:
     """The name mergekit's parameter filters match for an input tensor: the tensor's own, except for
     the input embeddings a model with tied embeddings stands in for the output head with, which
     mergekit plans as the head (`tied_names`) and loads under the embeddings' name."""
-    if output.name == TIED_HEAD and source.tensor != TIED_HEAD:
-        return TIED_HEAD
+    if output.name in TIED_HEADS and source.tensor != output.name:
+        return output.name
     return source.tensor
 
 

@@ -306,3 +306,43 @@ tokenizer:
     plan = MergePlan(parse_config(yaml.safe_load(text)))
     for name, tensor in Merger(plan).tensors():
         assert torch.equal(tensor, ours[name]), name
+
+
+def _tied_copy(model: Path, folder: Path) -> Path:
+    """`model` as a model with tied embeddings: no output head stored, tie_word_embeddings set."""
+    shutil.copytree(model, folder)
+    tensors = load_file(folder / "model.safetensors")
+    save_file({n: t for n, t in tensors.items() if not n.endswith("lm_head.weight")}, folder / "model.safetensors",
+              metadata={"format": "pt"})
+    config = json.loads((folder / "config.json").read_text())
+    for part in (config, config.get("text_config", {})):
+        part["tie_word_embeddings"] = True
+    (folder / "config.json").write_text(json.dumps(config))
+    return folder
+
+
+@pytest.mark.parametrize("tied_first", [False, True], ids=["untied_reference", "tied_reference"])
+@pytest.mark.parametrize("arch", ["qwen3_vl", "mistral3"])
+def test_a_tied_vision_language_model_merges_with_untied_ones_as_mergekit_does(vlms, tmp_path, arch, tied_first):
+    """The text model's head sits under the model's own names (Qwen3-VL: `lm_head.weight` tied to
+    `model.language_model.embed_tokens.weight`; Mistral3 as transformers 5 saves it:
+    `language_model.lm_head.weight` tied to `language_model.model.embed_tokens.weight`). A tied model
+    stands in for the head with those embeddings, as mergekit's `tied_names` do: its head was refused
+    as missing (untied reference) or left out of the output (tied reference)."""
+    f = vlms[arch]
+    tied = _tied_copy(f["child_2"], tmp_path / "tied")
+    models = [f["child_1"], tied][::-1 if tied_first else 1]
+    text = (f"merge_method: linear\ndtype: float32\nmodels:\n  - {{model: {models[0]}, parameters: {{weight: 0.3}}}}\n"
+            f"  - {{model: {models[1]}, parameters: {{weight: 0.7}}}}\n")
+    mk, us = both(tmp_path, text)
+    ours, theirs = load_folder(us), load_folder(mk)
+    assert_within_one_ulp(ours, theirs)
+    head = next(n for n in ours if n.endswith("lm_head.weight"))
+    model = getattr(transformers, CLASSES[arch]).from_pretrained(us)
+    assert torch.equal(model.get_output_embeddings().weight.detach(), ours[head])  # the merged head is the one used
+    merger = Merger(MergePlan(parse_config(yaml.safe_load(text))))
+    live = merger.new_model()
+    merger.build_into(live)
+    assert torch.equal(live.get_output_embeddings().weight.detach(), ours[head])
+    for name, tensor in Merger(MergePlan(parse_config(yaml.safe_load(text)))).tensors():
+        assert torch.equal(tensor, ours[name]), name
