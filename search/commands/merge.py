@@ -149,16 +149,18 @@ def _run(args: argparse.Namespace, guard) -> int:
                           truncate_vocabulary=args.unsafe_truncate_embeddings)
         plan, config, stages = chain.final, chain.final.config, frozenset(chain.outputs)
         plans = chain.plans
+        stage_names = [stage.name or "(final)" for stage in chain.stages]
     else:
         config = parse_config(docs[0] if docs else None, args.config)
         plan = MergePlan(config, allow_pickle=args.allow_pickle, truncate_vocabulary=args.unsafe_truncate_embeddings)
         plans = [plan]
+        stage_names = [None]
     folders = {w.folder for p in plans for w in p.weights if hasattr(w, "folder")}
     out = prepare_output(args.out_dir, args.overwrite, keep=[Path(args.config), *folders])
     _say_adapters(plans)
     _warn_draw_order(plans, args.random_seed)
     _warn_ignored_parameters(plans)
-    _warn_post_sources_dropped(plans)
+    _warn_post_sources_dropped(plans, stage_names)
     _warn_truncation(plans)
     merged_config = output_config(plan)
     tokenizer_folder, tokenizer = plan.output_tokenizer()
@@ -237,14 +239,16 @@ def _warn_ignored_parameters(plans) -> None:
                           "[/yellow]")
 
 
-def _warn_post_sources_dropped(plans) -> None:
-    """One line per stage whose last slice has more sources than its first (mergekit's pairing drops some)."""
+def _warn_post_sources_dropped(plans, stage_names: list[str | None]) -> None:
+    """One line per stage whose last slice has more sources than its first (mergekit's pairing drops
+    some), naming the stage in a chain."""
     from search.progress import console
 
-    for plan in plans:
+    for plan, stage in zip(plans, stage_names, strict=True):
         dropped = plan.post_sources_dropped
         if dropped:
-            console.print(f"[yellow]the last slice has more sources than the first: the tensors after the layers "
+            where = f"stage {stage}: " if stage else ""
+            console.print(f"[yellow]{where}the last slice has more sources than the first: the tensors after the layers "
                           f"(final norm, lm_head) are merged without {', '.join(dropped)}, as mergekit merges them "
                           "(one input per source of the first slice)[/yellow]", soft_wrap=True)
 

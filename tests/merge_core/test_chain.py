@@ -127,3 +127,23 @@ def test_chain_candidate_in_memory_equals_search_merge(families, tmp_path):
     live = {n: p.detach() for n, p in model.state_dict().items() if n in written}
     assert sorted(live) == sorted(written)
     assert all(torch.equal(live[n], written[n]) for n in written)
+
+
+def test_a_stage_whose_pairing_drops_sources_is_named_in_the_warning(families, tmp_path):
+    """mergekit merges the tensors after the layers with one input per source of the first slice;
+    in a chain the warning says which stage leaves models out."""
+    f = families["llama"]
+    c1, c2, c3 = (str(f[n]) for n in ("child_1", "child_2", "child_3"))
+    uneven = {"name": "uneven", "merge_method": "linear", "dtype": "float32", "slices": [
+        {"sources": [{"model": c1, "layer_range": [0, 2], "parameters": {"weight": 0.5}},
+                     {"model": c2, "layer_range": [0, 2], "parameters": {"weight": 0.5}}]},
+        {"sources": [{"model": m, "layer_range": [2, 4], "parameters": {"weight": w}}
+                     for m, w in ((c1, 0.2), (c2, 0.3), (c3, 0.5))]}]}
+    final = {"merge_method": "linear", "dtype": "float32",
+             "models": [{"model": "uneven", "parameters": {"weight": 0.5}}, {"model": c3, "parameters": {"weight": 0.5}}]}
+    path = write_docs(tmp_path / "chain.yml", [uneven, final])
+    result = run_cli("merge", str(path), str(tmp_path / "out"))
+    assert result.returncode == 0, result.stderr
+    said = [" ".join(line.split()) for line in (result.stdout + result.stderr).splitlines() if "more sources" in line]
+    assert len(said) == 1 and said[0].startswith("stage uneven: the last slice has more sources"), said
+    assert c3 in said[0]
