@@ -140,7 +140,8 @@ def test_a_stage_whose_pairing_drops_sources_is_named_in_the_warning(families, t
         {"sources": [{"model": m, "layer_range": [2, 4], "parameters": {"weight": w}}
                      for m, w in ((c1, 0.2), (c2, 0.3), (c3, 0.5))]}]}
     final = {"merge_method": "linear", "dtype": "float32",
-             "models": [{"model": "uneven", "parameters": {"weight": 0.5}}, {"model": c3, "parameters": {"weight": 0.5}}]}
+             "models": [{"model": "uneven", "parameters": {"weight": 0.5}},
+                        {"model": c3, "parameters": {"weight": 0.5}}]}
     path = write_docs(tmp_path / "chain.yml", [uneven, final])
     result = run_cli("merge", str(path), str(tmp_path / "out"))
     assert result.returncode == 0, result.stderr
