@@ -249,8 +249,8 @@ def _warn_post_sources_dropped(plans, stage_names: list[str | None]) -> None:
         if dropped:
             where = f"stage {stage}: " if stage else ""
             console.print(f"[yellow]{where}the last slice has more sources than the first: the tensors after the "
-                          f"layers (final norm, lm_head) are merged without {', '.join(dropped)}, as mergekit merges them "
-                          "(one input per source of the first slice)[/yellow]", soft_wrap=True)
+                          f"layers (final norm, lm_head) are merged without {', '.join(dropped)}, as mergekit merges "
+                          "them (one input per source of the first slice)[/yellow]", soft_wrap=True)
 
 
 def _warn_truncation(plans) -> None:
