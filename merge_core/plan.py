@@ -206,9 +206,15 @@ class MergePlan:
         return shape if out.rows is None else (out.rows, *shape[1:])
 
     def model_dtype(self) -> torch.dtype:
-        """The dtype of a live model of the merge."""
+        """The dtype of a live model of the merge: its outputs'. Where they differ (parents of several
+        dtypes merged without `dtype`: each tensor keeps its own, as mergekit writes it), the one the
+        written config.json names (the reference model's), in which transformers loads the output."""
         floats = [self.output_dtype(o) for o in self.outputs]
         floats = [d for d in floats if d.is_floating_point]
+        if len(set(floats)) > 1:
+            named = self.reference.config.get("dtype", self.reference.config.get("torch_dtype"))
+            if isinstance(named, str) and named.removeprefix("torch.") in DTYPES:
+                return DTYPES[named.removeprefix("torch.")]
         return max(set(floats), key=floats.count) if floats else torch.float32
 
     # --- parameters ---------------------------------------------------------------------------

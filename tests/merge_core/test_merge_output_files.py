@@ -552,3 +552,30 @@ def test_a_tied_config_that_stores_its_head_stays_tied(tmp_path):
     mk, us = both(tmp_path, text)
     assert json.loads((us / "config.json").read_text())["tie_word_embeddings"] is True
     assert json.loads((mk / "config.json").read_text())["tie_word_embeddings"] is True
+
+
+@pytest.mark.parametrize("first", ["float32", "bfloat16"])
+def test_parents_of_several_dtypes_merged_without_dtype(tmp_path, first):
+    """Without `dtype`, each tensor keeps its source's dtype, as mergekit writes it, and config.json
+    names the reference model's; transformers loads the output in that dtype. The study's live model
+    is built in it too (it took the dtype most tensors had: bfloat16 where config.json says float32)."""
+    other = "bfloat16" if first == "float32" else "float32"
+    a = build_tiny_model(tmp_path / "a", "phi", seed=1, dtype=first)
+    b = build_tiny_model(tmp_path / "b", "phi", seed=2, dtype=other)
+    text = (f"merge_method: passthrough\nslices:\n  - sources: [{{model: {a}, layer_range: [0, 1]}}]\n"
+            f"  - sources: [{{model: {b}, layer_range: [1, 4]}}]\n")
+    mk, us = both(tmp_path, text)
+    written = load_folder(us)
+    assert_within_one_ulp(written, load_folder(mk))
+    assert {t.dtype for t in written.values()} == {torch.float32, torch.bfloat16}
+    assert json.loads((us / "config.json").read_text())["dtype"] == first
+    loaded = transformers.AutoModelForCausalLM.from_pretrained(us).state_dict()
+    merger = Merger(MergePlan(load_config(tmp_path / "config.yml")))
+    model = merger.new_model()
+    merger.build_into(model)
+    live = model.state_dict()
+    assert {t.dtype for t in live.values() if t.is_floating_point()} == {getattr(torch, first)}
+    for name, tensor in loaded.items():
+        assert torch.equal(live[name], tensor), name
+    for name, tensor in written.items():
+        assert torch.equal(live[name], tensor.to(live[name].dtype)), name
