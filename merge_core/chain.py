@@ -82,7 +82,8 @@ class ChainPlan:
     """Every stage planned in dependency order; `final` is the stage a chain builds."""
 
     def __init__(self, stages: list[Stage], allow_pickle: bool = False, device: str | torch.device = "cpu",
-                 seed: int | None = None, source: str = "config", truncate_vocabulary: bool = False):
+                 seed: int | None = None, source: str = "config", truncate_vocabulary: bool = False,
+                 allow_crimes: bool = False):
         self.stages = _ordered(stages, source)
         self.device = torch.device(device)
         outputs: dict[str, StageOutput] = {}
@@ -91,7 +92,8 @@ class ChainPlan:
         for stage in self.stages:
             label = f"{source}: stage {stage.name or '(final)'}"
             try:
-                plan = MergePlan(stage.config, allow_pickle, sources=outputs, truncate_vocabulary=truncate_vocabulary)
+                plan = MergePlan(stage.config, allow_pickle, sources=outputs, truncate_vocabulary=truncate_vocabulary,
+                                 allow_crimes=allow_crimes)
             except MergeInputError as exc:
                 names = [s.name for s in self.stages if s.name]
                 typo = [difflib.get_close_matches(m, names, n=1) for m in stage.config.model_names() if m not in names]

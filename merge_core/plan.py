@@ -85,10 +85,13 @@ class MergePlan:
     """A validated config bound to its models: outputs, shapes, dtypes and parameter scopes."""
 
     def __init__(self, config: MergeConfig, allow_pickle: bool = False, sources: dict | None = None,
-                 truncate_vocabulary: bool = False):
+                 truncate_vocabulary: bool = False, allow_crimes: bool = False):
         """`sources` maps model names to tensor sources held in memory (earlier stages of a chain);
-        `truncate_vocabulary`: mergekit-yaml --unsafe-truncate-embeddings (see `TruncatedVocabulary`)."""
+        `truncate_vocabulary`: mergekit-yaml --unsafe-truncate-embeddings (see `TruncatedVocabulary`);
+        `allow_crimes`: mergekit-yaml --allow-crimes, models of different model types merge where their
+        tensors line up (the reference model's names; each tensor's shapes still have to agree)."""
         self.config = config
+        self.allow_crimes = allow_crimes
         self.method = methods.get(config.merge_method)
         self._sources = dict(sources or {})
         self.slices = _normalised_slices(config, allow_pickle, in_memory=self._sources)
@@ -340,9 +343,12 @@ class MergePlan:
             for key in SHAPE_FIELDS:
                 a, b = first.config.get(key), weights.config.get(key)
                 # with a tokenizer source, each model's rows are lined up with the output tokenizer
-                if a != b and not (key == "vocab_size" and self.vocabulary is not None):
+                if a != b and not (key == "vocab_size" and self.vocabulary is not None) and not (
+                        key == "model_type" and self.allow_crimes):
                     fix = ("add `tokenizer_source: union` (or base, or a model) to line their vocabularies up"
-                           if key == "vocab_size" else "merged models must share one architecture")
+                           if key == "vocab_size" else "merged models must share one architecture"
+                           + (" (search merge --allow-crimes merges different model types whose tensors "
+                              "line up, as mergekit-yaml's does; a study does not)" if key == "model_type" else ""))
                     raise MergeInputError(f"{key} differs: {a} in {self.models[0]} but {b} in {model}; {fix}")
 
     def _plan_outputs(self) -> tuple[list[OutputTensor], int]:

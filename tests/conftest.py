@@ -32,6 +32,7 @@ def save_tokenizer(folder: Path) -> None:
 ARCHS = {
     "phi": ("PhiConfig", "PhiForCausalLM", dict(partial_rotary_factor=0.5)),
     "llama": ("LlamaConfig", "LlamaForCausalLM", dict(num_key_value_heads=2, tie_word_embeddings=False)),
+    "mistral": ("MistralConfig", "MistralForCausalLM", dict(num_key_value_heads=2, tie_word_embeddings=False)),
     "qwen2": ("Qwen2Config", "Qwen2ForCausalLM", dict(num_key_value_heads=2, tie_word_embeddings=True)),
     # mixture-of-experts: checkpoints hold one tensor per expert, transformers' model stacked ones
     "mixtral": ("MixtralConfig", "MixtralForCausalLM", dict(num_key_value_heads=2, num_local_experts=3,

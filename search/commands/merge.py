@@ -30,7 +30,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 # mergekit-yaml's flags that only tune how it runs: merge-search always maps the parents and streams
 # the output, so scripts written for mergekit-yaml run unchanged and these change nothing.
-NO_EFFECT_SWITCHES = ("allow-crimes", "lazy-unpickle", "low-cpu-memory", "read-to-gpu", "async-write",
+NO_EFFECT_SWITCHES = ("lazy-unpickle", "low-cpu-memory", "read-to-gpu", "async-write",
                       "clone-tensors", "multi-gpu")
 
 
@@ -49,6 +49,8 @@ def _add_mergekit_flags(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--safe-serialization", action=on_off, default=True,
                        help="safetensors output, the only kind written here")
     group.add_argument("--quiet", action=on_off, default=False, help="no progress bar")
+    group.add_argument("--allow-crimes", action=on_off, default=False,
+                       help="merge models of different model types where their tensors line up (names and shapes)")
     group.add_argument("--transformers-cache", default=None, metavar="DIR",
                        help="Hugging Face cache folder for Hub models (sets HF_HUB_CACHE)")
     group.add_argument("--trust-remote-code", action=on_off, default=False,
@@ -146,13 +148,14 @@ def _run(args: argparse.Namespace, guard) -> int:
     stages: frozenset[str] = frozenset()
     if is_chain(docs):
         chain = ChainPlan(parse_chain(docs, args.config), args.allow_pickle, device, args.random_seed, args.config,
-                          truncate_vocabulary=args.unsafe_truncate_embeddings)
+                          truncate_vocabulary=args.unsafe_truncate_embeddings, allow_crimes=args.allow_crimes)
         plan, config, stages = chain.final, chain.final.config, frozenset(chain.outputs)
         plans = chain.plans
         stage_names = [stage.name or "(final)" for stage in chain.stages]
     else:
         config = parse_config(docs[0] if docs else None, args.config)
-        plan = MergePlan(config, allow_pickle=args.allow_pickle, truncate_vocabulary=args.unsafe_truncate_embeddings)
+        plan = MergePlan(config, allow_pickle=args.allow_pickle, truncate_vocabulary=args.unsafe_truncate_embeddings,
+                         allow_crimes=args.allow_crimes)
         plans = [plan]
         stage_names = [None]
     folders = {w.folder for p in plans for w in p.weights if hasattr(w, "folder")}

@@ -182,3 +182,24 @@ def test_a_study_over_remote_code_parents_runs_their_code_only_when_told(tmp_pat
     done = run_cli("start", str(trusted), cwd=tmp_path)
     assert done.returncode == 0, done.stderr[-3000:]
     assert "study trusted: 2 complete, 0 pruned, 0 failed" in done.stdout, done.stdout[-2000:]
+
+
+def test_allow_crimes_merges_models_of_different_types_whose_tensors_line_up(tmp_path):
+    """A llama and a mistral model of one shape: refused without --allow-crimes (mergekit-yaml refuses
+    too), merged with it as mergekit-yaml merges them. mergekit takes config.json from a model picked
+    by set order, so only the tensors are compared."""
+    llama = build_tiny_model(tmp_path / "llama", "llama", seed=1)
+    mistral = build_tiny_model(tmp_path / "mistral", "mistral", seed=2)
+    config = tmp_path / "crimes.yml"
+    config.write_text(f"merge_method: linear\ndtype: float32\nmodels:\n"
+                      f"  - {{model: {llama}, parameters: {{weight: 0.3}}}}\n"
+                      f"  - {{model: {mistral}, parameters: {{weight: 0.7}}}}\n")
+    assert mergekit_yaml(config, tmp_path / "mk_refused").returncode != 0
+    assert_refused(run_cli("merge", str(config), str(tmp_path / "refused")), "model_type differs", "--allow-crimes",
+                   out=tmp_path / "refused")
+    assert mergekit_yaml(config, tmp_path / "mk", "--allow-crimes").returncode == 0
+    result = run_cli("merge", str(config), str(tmp_path / "ours"), "--allow-crimes")
+    assert result.returncode == 0, result.stderr
+    assert_within_one_ulp(load_folder(tmp_path / "ours"), load_folder(tmp_path / "mk"))
+    assert json.loads((tmp_path / "ours" / "config.json").read_text())["model_type"] == "llama"  # the first listed
+    transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "ours")
