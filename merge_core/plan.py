@@ -32,12 +32,18 @@ from merge_core.vocabulary import (
     set_vocab_rows,
     vocab_rows,
 )
-from merge_core.weights import ModelWeights, read_config
+from merge_core.weights import ModelWeights, config_dtype, read_config
 
 DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32, "float64": torch.float64}
 # config.json fields parents must agree on before their tensors can be paired.
 SHAPE_FIELDS = ("model_type", "hidden_size", "n_embd", "intermediate_size", "num_attention_heads",
                 "num_key_value_heads", "vocab_size")
+# What to do when parents disagree on one of those fields (others: they must share one architecture).
+INCOMPATIBLE_FIXES = {
+    "vocab_size": "add `tokenizer_source: union` (or base, or a model) to line their vocabularies up",
+    "model_type": "merged models must share one architecture (search merge --allow-crimes merges different model "
+                  "types whose tensors line up, as mergekit-yaml's does; a study does not)",
+}
 # Tensors mergekit's architectures list before the layers; every other non-layer tensor comes after.
 # input-side tensors, taken from the first slice (gpt-neox's output head `embed_out` is not one)
 EMBEDDING_PATTERN = re.compile(r"(embed(?!_out)|(^|\.)wte\.|(^|\.)wpe\.)")
@@ -215,9 +221,9 @@ class MergePlan:
         floats = [self.output_dtype(o) for o in self.outputs]
         floats = [d for d in floats if d.is_floating_point]
         if len(set(floats)) > 1:
-            named = self.reference.config.get("dtype", self.reference.config.get("torch_dtype"))
-            if isinstance(named, str) and named.removeprefix("torch.") in DTYPES:
-                return DTYPES[named.removeprefix("torch.")]
+            named = str(config_dtype(self.reference.config)).removeprefix("torch.")
+            if named in DTYPES:
+                return DTYPES[named]
         return max(set(floats), key=floats.count) if floats else torch.float32
 
     # --- parameters ---------------------------------------------------------------------------
@@ -342,13 +348,12 @@ class MergePlan:
         for model, weights in zip(self.models[1:], self.weights[1:], strict=True):
             for key in SHAPE_FIELDS:
                 a, b = first.config.get(key), weights.config.get(key)
-                # with a tokenizer source, each model's rows are lined up with the output tokenizer
-                if a != b and not (key == "vocab_size" and self.vocabulary is not None) and not (
-                        key == "model_type" and self.allow_crimes):
-                    fix = ("add `tokenizer_source: union` (or base, or a model) to line their vocabularies up"
-                           if key == "vocab_size" else "merged models must share one architecture"
-                           + (" (search merge --allow-crimes merges different model types whose tensors "
-                              "line up, as mergekit-yaml's does; a study does not)" if key == "model_type" else ""))
+                # a tokenizer source lines each model's rows up with the output tokenizer; --allow-crimes
+                # lets model types differ (each tensor's shapes are still checked)
+                lined_up = (key == "vocab_size" and self.vocabulary is not None) or (
+                    key == "model_type" and self.allow_crimes)
+                if a != b and not lined_up:
+                    fix = INCOMPATIBLE_FIXES.get(key, "merged models must share one architecture")
                     raise MergeInputError(f"{key} differs: {a} in {self.models[0]} but {b} in {model}; {fix}")
 
     def _plan_outputs(self) -> tuple[list[OutputTensor], int]:

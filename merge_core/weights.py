@@ -124,6 +124,11 @@ def read_config(folder: Path) -> dict:
         raise MergeInputError(f"{path}: not valid JSON ({first}); fix or download it again") from None
 
 
+def config_dtype(config: dict):
+    """The dtype a config.json names (`dtype`, or transformers 4's `torch_dtype`), as written; None if none."""
+    return config.get("dtype", config.get("torch_dtype"))
+
+
 def _weight_files(folder: Path, allow_pickle: bool) -> list[Path]:
     index = folder / "model.safetensors.index.json"
     if index.is_file():

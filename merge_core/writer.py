@@ -20,6 +20,7 @@ from pathlib import Path
 import torch
 
 from merge_core.errors import MergeInputError
+from merge_core.weights import config_dtype
 
 # mergekit's `_copy_tokenizer` list, copied when the donor has tokenizer_config.json and tokenizer.json or .model.
 TOKENIZER_FILES = ("tokenizer_config.json", "special_tokens_map.json", "tokenizer.json", "tokenizer.model",
@@ -217,8 +218,8 @@ def output_config(plan) -> dict:
     chosen = plan.config.out_dtype or plan.config.dtype
     if chosen:
         config["dtype"] = chosen
-    elif original.get("dtype", original.get("torch_dtype")) is not None:
-        config["dtype"] = original.get("dtype", original.get("torch_dtype"))
+    elif config_dtype(original) is not None:
+        config["dtype"] = config_dtype(original)
     else:
         config.pop("dtype", None)
     return config
